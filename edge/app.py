@@ -1,0 +1,48 @@
+"""The edge: OpenAI's HTTP API in front of ARK's gRPC services. `create_app()` only composes parts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from edge.backends import ChatWorkers
+from edge.catalog import Catalog
+from edge.chat.router import router as chat_router
+from edge.chat.serving import ChatCompletions
+from edge.dependencies import EdgeState
+from edge.errors import install_error_handlers
+from edge.health import router as health_router
+from edge.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from edge.models.router import router as models_router
+from services.common.config import ArkConfig
+
+
+def create_app(config: ArkConfig) -> FastAPI:
+    if not config.auth.api_keys:
+        raise ValueError("auth.api_keys is empty: set ARK_API_KEY or configure a key")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, EdgeState]]:
+        workers = ChatWorkers(config.services.chat.workers)
+        catalog = Catalog(config)
+        try:
+            yield {"ark": EdgeState(config, catalog, ChatCompletions(catalog, workers, config.limits))}
+        finally:
+            await workers.close()
+
+    app = FastAPI(title="ARK", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(models_router)
+    app.include_router(chat_router)
+    # Outermost last: request id wraps everything, so even a 401 or 413 carries one.
+    app.add_middleware(AuthMiddleware, api_keys=config.auth.api_keys)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=config.limits.max_body_bytes,
+        upload_max_bytes=config.limits.max_audio_bytes + 1024 * 1024,
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app

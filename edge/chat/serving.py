@@ -1,0 +1,129 @@
+"""Serving logic for chat completions: one generation stream, rendered as a JSON body or as SSE chunks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ark.chat.v1 import chat_service_pb2 as pb
+from edge.backends import ChatStream, ChatWorkers
+from edge.catalog import Catalog
+from edge.chat import translate
+from edge.chat.schemas import ChatCompletionRequest
+from edge.compat import CHAT_COMPLETIONS, apply_policy
+from services.common.config import Capability, LimitsConfig
+from services.common.errors import ArkError, InternalError
+from services.common.grpc_errors import from_rpc_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated request, ready to run."""
+
+    id: str
+    created: int
+    model: str
+    request: pb.StreamGenerateChatCompletionRequest
+    ignored_params: list[str]
+    include_usage: bool
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ChatCompletions:
+    def __init__(self, catalog: Catalog, workers: ChatWorkers, limits: LimitsConfig) -> None:
+        self._catalog = catalog
+        self._workers = workers
+        self._limits = limits
+
+    def prepare(self, body: ChatCompletionRequest, *, request_id: str, api_key_hash: str) -> Prepared:
+        model = self._catalog.resolve(body.model, Capability.CHAT)
+        ignored = apply_policy(CHAT_COMPLETIONS, body)
+        request = translate.request_to_proto(
+            body, model_id=model.id, request_id=request_id, api_key_hash=api_key_hash, limits=self._limits
+        )
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model.id, request, ignored, include_usage)
+
+    async def complete(self, job: Prepared) -> dict[str, Any]:
+        """Run to the end and return a `chat.completion` object."""
+        call = await self._workers.open_stream(job.request)
+        text: list[str] = []
+        try:
+            async for message in call:
+                kind = message.WhichOneof("event")
+                if kind == "delta":
+                    text.append(message.delta.text)
+                elif kind == "finished":
+                    return self._completion(job, "".join(text), message.finished)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+        raise InternalError("The chat worker ended the stream without finishing.")
+
+    def _completion(self, job: Prepared, text: str, finished: pb.GenerationFinished) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "object": "chat.completion",
+            "created": job.created,
+            "model": job.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+                    "logprobs": None,
+                    "finish_reason": translate.FINISH_REASONS.get(finished.finish_reason, "stop"),
+                }
+            ],
+            "usage": translate.usage_to_json(finished.usage),
+            "service_tier": "default",
+            "system_fingerprint": None,
+        }
+
+    async def open_stream(self, job: Prepared) -> AsyncIterator[bytes]:
+        """Start generating now (errors before the first token are raised here); returns the SSE body."""
+        return self._sse_events(job, await self._workers.open_stream(job.request))
+
+    async def _sse_events(self, job: Prepared, call: ChatStream) -> AsyncIterator[bytes]:
+        base = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+        if job.include_usage:
+            base["usage"] = None
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return _sse({**base, "choices": [choice]})
+
+        try:
+            yield chunk({"role": "assistant", "content": "", "refusal": None})
+            async for message in call:
+                kind = message.WhichOneof("event")
+                if kind == "delta":
+                    if message.delta.text:
+                        yield chunk({"content": message.delta.text})
+                elif kind == "finished":
+                    finished = message.finished
+                    yield chunk({}, translate.FINISH_REASONS.get(finished.finish_reason, "stop"))
+                    if job.include_usage:
+                        yield _sse({**base, "choices": [], "usage": translate.usage_to_json(finished.usage)})
+                    yield b"data: [DONE]\n\n"
+                    return
+            raise InternalError("The chat worker ended the stream without finishing.")
+        except grpc.RpcError as exc:
+            yield _sse(from_rpc_error(exc).to_dict())
+        except ArkError as exc:
+            yield _sse(exc.to_dict())
+        finally:
+            # Runs on client disconnect too (the task is cancelled): cancelling the call aborts generation.
+            call.cancel()

@@ -1,0 +1,96 @@
+"""How ARK treats every field of OpenAI's request schemas: the one table, in code.
+
+Each field is exactly one of:
+- SUPPORTED: honoured;
+- IGNORED: accepted and has no effect (a hint such as `user`); named in the `x-ark-ignored-params` response header;
+- REJECTED: would change the result but cannot be honoured; 400 `unsupported_parameter` unless the value is one
+  that means "off" (e.g. `n: 1`, `logprobs: false`), which is accepted because it asks for nothing ARK lacks.
+Fields that are neither OpenAI's nor ARK's are refused by the request schemas (`extra="forbid"`), as OpenAI does.
+`docs/api.md` is checked against this table by the test suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+
+from services.common.errors import UnsupportedParameterError
+
+
+class Policy(StrEnum):
+    SUPPORTED = "supported"
+    IGNORED = "ignored"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    policy: Policy
+    note: str
+    # Values of a REJECTED field that ask for nothing and are therefore accepted.
+    harmless: tuple[Any, ...] = (None,)
+
+
+S, IGN, R = Policy.SUPPORTED, Policy.IGNORED, Policy.REJECTED
+
+CHAT_COMPLETIONS: dict[str, Param] = {
+    "messages": Param(S, "text content; `image_url`, `input_audio` and `file` parts are rejected"),
+    "model": Param(S, "a configured model id or alias"),
+    "modalities": Param(R, "only text output", (None, ["text"])),
+    "verbosity": Param(IGN, "open models have no verbosity control"),
+    "reasoning_effort": Param(IGN, "the default models do not reason"),
+    "max_completion_tokens": Param(S, "same as max_tokens"),
+    "frequency_penalty": Param(S, "-2..2"),
+    "presence_penalty": Param(S, "-2..2"),
+    "web_search_options": Param(R, "no web search"),
+    "top_logprobs": Param(R, "not yet implemented", (None, 0)),
+    "response_format": Param(R, "only `text` for now", (None, {"type": "text"})),
+    "audio": Param(R, "no audio output"),
+    "store": Param(IGN, "ARK stores no completions", (None, False, True)),
+    "stream": Param(S, "server-sent events"),
+    "stop": Param(S, "up to the configured number of sequences"),
+    "logit_bias": Param(R, "not yet implemented", (None, {})),
+    "logprobs": Param(R, "not yet implemented", (None, False)),
+    "max_tokens": Param(S, "1..limits.max_tokens, and within the context window"),
+    "n": Param(R, "one choice per request for now", (None, 1)),
+    "prediction": Param(IGN, "a latency hint; output is unchanged"),
+    "seed": Param(S, "same seed, same output on the same worker"),
+    "stream_options": Param(S, "`include_usage`; `include_obfuscation` is ignored"),
+    "tools": Param(R, "not yet implemented", (None, [])),
+    "tool_choice": Param(R, "not yet implemented", (None, "none", "auto")),
+    "parallel_tool_calls": Param(IGN, "without tools it has no effect"),
+    "function_call": Param(R, "deprecated by OpenAI; use tools", (None, "none", "auto")),
+    "functions": Param(R, "deprecated by OpenAI; use tools", (None, [])),
+    "metadata": Param(IGN, "ARK stores no completions"),
+    "temperature": Param(S, "0..2"),
+    "top_p": Param(S, "0..1"),
+    "user": Param(IGN, "end-user id hint"),
+    "safety_identifier": Param(IGN, "end-user id hint"),
+    "prompt_cache_key": Param(IGN, "ARK caches by session and prefix"),
+    "prompt_cache_retention": Param(IGN, "ARK caches by session and prefix"),
+    "prompt_cache_options": Param(IGN, "ARK caches by session and prefix"),
+    "service_tier": Param(IGN, "one tier"),
+    "moderation": Param(IGN, "no moderation layer"),
+}
+
+
+def apply_policy(table: dict[str, Param], body: BaseModel) -> list[str]:
+    """Raise for a rejected field set to a value that matters; return the ignored fields the client sent."""
+    ignored = []
+    for name in body.model_fields_set:
+        param = table.get(name)
+        if param is None:
+            continue
+        value = getattr(body, name)
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_none=True)
+        if param.policy is Policy.REJECTED and value not in param.harmless:
+            raise UnsupportedParameterError(
+                f"ARK does not support '{name}' ({param.note}); remove it from the request.", param=name
+            )
+        if param.policy is Policy.IGNORED and value is not None:
+            ignored.append(name)
+    return sorted(ignored)

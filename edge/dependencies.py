@@ -1,0 +1,63 @@
+"""Typed access to the edge's lifespan state and the per-request context, as FastAPI dependencies."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
+
+from edge.catalog import Catalog
+from edge.chat.serving import ChatCompletions
+from edge.errors import validation_error
+from services.common.config import ArkConfig
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeState:
+    """Everything the routers need, built once in the lifespan."""
+
+    config: ArkConfig
+    catalog: Catalog
+    chat: ChatCompletions
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    request_id: str
+    api_key_hash: str
+
+
+def get_state(request: Request) -> EdgeState:
+    return request.state.ark
+
+
+def get_context(request: Request) -> RequestContext:
+    return RequestContext(request.state.request_id, getattr(request.state, "api_key_hash", ""))
+
+
+def get_chat(request: Request) -> ChatCompletions:
+    return request.state.ark.chat
+
+
+State = Annotated[EdgeState, Depends(get_state)]
+Ctx = Annotated[RequestContext, Depends(get_context)]
+Chat = Annotated[ChatCompletions, Depends(get_chat)]
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def json_body(model: type[Body]) -> Any:
+    """Parse the body as JSON whatever its Content-Type (curl -d sends form encoding; OpenAI accepts it)."""
+
+    async def parse(request: Request) -> Body:
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise validation_error(exc.errors()) from None
+
+    dependency: Callable[[Request], Awaitable[Body]] = parse
+    return Depends(dependency)

@@ -1,0 +1,233 @@
+"""Chat on CPU with llama.cpp (llama-cpp-python), using the model's own chat template from the GGUF metadata.
+
+One llama.cpp context runs one generation at a time in a dedicated thread (the library is not thread-safe); other
+requests wait their turn in a bounded FIFO queue. Tokens travel from that thread to the event loop as they are
+sampled, and an abort flag checked before every token stops generation within one token of a cancellation.
+
+The context's KV cache is reused across requests when the new prompt shares a prefix with what the context last
+held (llama-cpp-python compares token ids), but never across API keys: one tenant's cache never serves another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from services.chat.domain import (
+    Delta,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    Message,
+    Sampling,
+    Started,
+    Timings,
+    Usage,
+)
+from services.chat.engines.base import ChatEngine, EngineStatus
+from services.chat.text import StopMatcher, Utf8Stream
+from services.common.admission import Admission
+from services.common.config import ModelConfig, resolve_model_path
+from services.common.errors import ArkError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_SETTINGS: dict[str, Any] = {"n_ctx": 8192, "n_threads": 2, "n_batch": 512}
+
+
+def _prefix_length(a: Any, b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class LlamaCppEngine(ChatEngine):
+    """One GGUF model in one llama.cpp context."""
+
+    def __init__(self, model: ModelConfig, *, max_queue: int) -> None:
+        settings = {**_DEFAULT_SETTINGS, **model.settings}
+        unknown = set(settings) - {"n_ctx", "n_threads", "n_batch", "n_threads_batch"}
+        if unknown:
+            raise ArkError(f"models[{model.id}].settings: unknown llama_cpp settings {sorted(unknown)}")
+        self.model_id = model.id
+        path = resolve_model_path(model.path)
+        log.info("loading %s from %s", model.id, path)
+        self._llama = llama_cpp.Llama(model_path=str(path), verbose=False, **settings)
+        self._n_ctx = self._llama.n_ctx()
+        template = self._llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ArkError(f"model {model.id}: the GGUF file carries no chat template")
+        vocab_model = self._llama._model
+        eos_id, bos_id = self._llama.token_eos(), self._llama.token_bos()
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=vocab_model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=vocab_model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+        self._is_eog: Callable[[int], bool] = lambda tok: bool(llama_cpp.llama_vocab_is_eog(vocab_model.vocab, tok))
+        self._admission = Admission(slots=1, max_queue=max_queue)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{model.id}")
+        self._cache_owner = ""  # api-key hash whose tokens the context currently holds
+
+    # -- prompt ---------------------------------------------------------------------------------------------------
+
+    def tokenize_prompt(self, messages: tuple[Message, ...]) -> list[int]:
+        """Render the messages with the model's chat template and tokenize them."""
+        rendered = self._formatter(messages=[_to_template_message(m) for m in messages])
+        return self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        t_queued = time.perf_counter()
+        async with self._admission.slot():
+            t_admitted = time.perf_counter()
+            tokens = self.tokenize_prompt(request.messages)
+            budget = self._token_budget(len(tokens), request.sampling.max_tokens)
+            if self._cache_owner != request.api_key_hash:
+                self._llama.reset()  # no KV reuse across API keys
+                self._cache_owner = request.api_key_hash
+            cached = min(_prefix_length(self._llama._input_ids, tokens), len(tokens) - 1)
+            yield Started(prompt_tokens=len(tokens), cached_tokens=cached)
+
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+            abort = threading.Event()
+
+            def post(item: GenerationEvent | BaseException) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+
+            job = loop.run_in_executor(self._thread, self._run, tokens, budget, request.sampling, abort, post)
+            try:
+                while True:
+                    item = await events.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, Finished):
+                        t_end = time.perf_counter()
+                        timings = Timings(
+                            time_to_first_token_seconds=item.timings.time_to_first_token_seconds - t_admitted,
+                            decode_seconds=t_end - item.timings.time_to_first_token_seconds,
+                            queue_seconds=t_admitted - t_queued,
+                        )
+                        yield Finished(
+                            item.finish_reason,
+                            Usage(len(tokens), item.usage.completion_tokens, cached),
+                            timings,
+                        )
+                        return
+                    yield item
+            finally:
+                abort.set()
+                # The context stays ours until the thread has really stopped touching it.
+                await asyncio.shield(job)
+
+    def _token_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        room = self._n_ctx - prompt_tokens
+        if room <= 0:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self._n_ctx} tokens. However, your messages resulted in "
+                f"{prompt_tokens} tokens. Please reduce the length of the messages.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and max_tokens > room:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self._n_ctx} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                f"completion). Please reduce the length of the messages or completion.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return room if max_tokens is None else max_tokens
+
+    def _run(
+        self,
+        tokens: list[int],
+        budget: int,
+        sampling: Sampling,
+        abort: threading.Event,
+        post: Callable[[GenerationEvent | BaseException], None],
+    ) -> None:
+        """Generation loop, on the engine thread."""
+        try:
+            llama = self._llama
+            llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32) - 1)
+            utf8 = Utf8Stream()
+            stops = StopMatcher(sampling.stop)
+            finish = FinishReason.LENGTH
+            generated = 0
+            t_first = 0.0
+            for token in llama.generate(
+                tokens,
+                temp=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k or 0,
+                min_p=sampling.min_p or 0.0,
+                repeat_penalty=sampling.repetition_penalty or 1.0,
+                frequency_penalty=sampling.frequency_penalty,
+                presence_penalty=sampling.presence_penalty,
+            ):
+                if abort.is_set():
+                    return
+                if not t_first:
+                    t_first = time.perf_counter()
+                if self._is_eog(token):
+                    finish = FinishReason.STOP
+                    break
+                generated += 1
+                text = stops.push(utf8.push(llama.detokenize([token])))
+                if text or not stops.stopped:
+                    post(Delta(text, (token,)))
+                if stops.stopped:
+                    finish = FinishReason.STOP
+                    break
+                if generated >= budget:
+                    break
+            tail = stops.push(utf8.flush()) if not stops.stopped else ""
+            tail += stops.flush() if not stops.stopped else ""
+            if tail:
+                post(Delta(tail, ()))
+            post(Finished(finish, Usage(len(tokens), generated, 0), Timings(t_first or time.perf_counter(), 0, 0)))
+        except BaseException as exc:  # delivered to the consumer, which raises it in the event loop
+            post(exc)
+
+    # -- sessions and status --------------------------------------------------------------------------------------
+
+    async def drop_session(self, session_id: str) -> bool:
+        return False
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(session_capacity=1, resident_sessions=0, queued_requests=self._admission.queued)
+
+    async def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self._llama.close()
+
+
+def _to_template_message(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": str(message.role), "content": message.content}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function_name, "arguments": c.arguments_json}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out

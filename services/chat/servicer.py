@@ -1,0 +1,147 @@
+"""gRPC glue for ChatService: protos in, domain calls, protos out. No logic of its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from ark.chat.v1 import chat_service_pb2 as pb
+from ark.chat.v1 import chat_service_pb2_grpc as pb_grpc
+from services.chat.domain import (
+    Delta,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    Role,
+    Sampling,
+    Started,
+    ToolCall,
+)
+from services.chat.engines.base import ChatEngine
+from services.common.errors import InvalidRequestError, ModelNotFoundError
+from services.common.server import Service
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+_ROLES = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_DEVELOPER: Role.DEVELOPER,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+    FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
+}
+
+
+def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> GenerationRequest:
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.role not in _ROLES:
+            raise InvalidRequestError(f"messages[{i}].role is not set", param=f"messages[{i}].role")
+        calls = tuple(ToolCall(c.id, c.function_name, c.arguments_json) for c in m.tool_calls)
+        messages.append(Message(_ROLES[m.role], m.content, m.name, calls, m.tool_call_id))
+    if not messages:
+        raise InvalidRequestError("messages must not be empty", param="messages")
+    s = req.sampling
+    sampling = Sampling(
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        logit_bias=dict(s.logit_bias),
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        min_p=s.min_p if s.HasField("min_p") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+    )
+    return GenerationRequest(
+        request_id=req.request_id,
+        model=req.model,
+        messages=tuple(messages),
+        sampling=sampling,
+        session_id=req.session.session_id,
+        api_key_hash=req.session.api_key_hash,
+    )
+
+
+class ChatServicer(pb_grpc.ChatServiceServicer):
+    def __init__(self, engines: dict[str, ChatEngine]) -> None:
+        self._engines = engines
+
+    def _engine(self, model: str) -> ChatEngine:
+        engine = self._engines.get(model)
+        if engine is None:
+            raise ModelNotFoundError(model)
+        return engine
+
+    async def StreamGenerateChatCompletion(
+        self, request: pb.StreamGenerateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateChatCompletionResponse]:
+        engine = self._engine(request.model)
+        events = engine.generate(request_from_proto(request))
+        try:
+            async for event in events:
+                yield _event_to_proto(event)
+        finally:
+            # A client disconnect arrives here as CancelledError: closing the generator aborts generation.
+            await events.aclose()
+
+    async def DeleteSessionState(
+        self, request: pb.DeleteSessionStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteSessionStateResponse:
+        existed = False
+        for engine in self._engines.values():
+            existed |= await engine.drop_session(request.session_id)
+        return pb.DeleteSessionStateResponse(existed=existed)
+
+    async def GetWorkerStatus(
+        self, request: pb.GetWorkerStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetWorkerStatusResponse:
+        statuses = [e.status() for e in self._engines.values()]
+        return pb.GetWorkerStatusResponse(
+            models=list(self._engines),
+            session_capacity=sum(s.session_capacity for s in statuses),
+            resident_sessions=sum(s.resident_sessions for s in statuses),
+            queued_requests=sum(s.queued_requests for s in statuses),
+        )
+
+
+def _event_to_proto(event: Started | Delta | Finished) -> pb.StreamGenerateChatCompletionResponse:
+    if isinstance(event, Delta):
+        return pb.StreamGenerateChatCompletionResponse(
+            delta=pb.GenerationDelta(text=event.text, token_ids=event.token_ids)
+        )
+    if isinstance(event, Started):
+        return pb.StreamGenerateChatCompletionResponse(
+            started=pb.GenerationStarted(prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens)
+        )
+    return pb.StreamGenerateChatCompletionResponse(
+        finished=pb.GenerationFinished(
+            finish_reason=_FINISH[event.finish_reason],
+            usage=pb.Usage(
+                prompt_tokens=event.usage.prompt_tokens,
+                completion_tokens=event.usage.completion_tokens,
+                cached_tokens=event.usage.cached_tokens,
+            ),
+            timings=pb.Timings(
+                time_to_first_token_seconds=event.timings.time_to_first_token_seconds,
+                decode_seconds=event.timings.decode_seconds,
+                queue_seconds=event.timings.queue_seconds,
+            ),
+        )
+    )
+
+
+def chat_service(engines: dict[str, ChatEngine]) -> Service:
+    return Service(SERVICE_NAME, ChatServicer(engines), pb_grpc.add_ChatServiceServicer_to_server)

@@ -1,0 +1,221 @@
+"""ARK's configuration: one YAML file, overridable by path and by environment variables.
+
+`load_config()` reads `deploy/ark.yaml` (or `$ARK_CONFIG`, or an explicit path), applies environment overrides and
+validates everything up front, so a bad value stops start-up with a message naming the field instead of failing on
+the first request.
+
+Environment overrides: `ARK__SECTION__FIELD=value` sets any scalar (`ARK__LIMITS__MAX_TOKENS=512`); the shortcuts
+`ARK_API_KEY` (the accepted key) and `ARK_PORT` (the public port) cover the two settings people change most.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "deploy" / "ark.yaml"
+ENV_PREFIX = "ARK__"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Capability(StrEnum):
+    CHAT = "chat"
+    EMBEDDINGS = "embeddings"
+    TRANSCRIPTION = "transcription"
+
+
+class EngineKind(StrEnum):
+    LLAMA_CPP = "llama_cpp"
+    SENTENCE_TRANSFORMERS = "sentence_transformers"
+    FASTER_WHISPER = "faster_whisper"
+    TENSORRT_LLM = "tensorrt_llm"
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Turn `package:<python package>/<relative path>` or a filesystem path into an existing path.
+
+    The `package:` form finds a file shipped inside an installed Python package without importing it (the
+    packaged models' own modules may pull in dependencies ARK does not need).
+    """
+    if spec.startswith("package:"):
+        package, _, rel = spec.removeprefix("package:").partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(f"python package {package!r} is not installed (run `make install`)")
+        path = Path(next(iter(found.submodule_search_locations))) / rel
+    else:
+        path = Path(spec).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model path {spec!r} does not exist ({path})")
+    return path
+
+
+class ModelConfig(_Strict):
+    """One served model."""
+
+    id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")]
+    capability: Capability
+    engine: EngineKind
+    path: str = Field(min_length=1, description="filesystem path or package:<pkg>/<file>")
+    aliases: list[str] = []
+    owned_by: str = "ark"
+    # Engine-specific settings (threads, context size, …), validated by the engine that reads them.
+    settings: dict[str, Any] = {}
+
+
+class SessionsConfig(_Strict):
+    """Stateful session policy (the session contract in ARCHITECTURE.md)."""
+
+    enabled: bool = True
+    idle_timeout_seconds: Annotated[int, Field(gt=0, le=86400)] = 600
+    max_age_seconds: Annotated[int, Field(gt=0, le=86400)] = 86400
+    max_per_api_key: Annotated[int, Field(gt=0)] = 64
+    max_total: Annotated[int, Field(gt=0)] = 1024
+
+
+class LimitsConfig(_Strict):
+    """Request limits; each exceeded limit is a 400 or 413 naming it."""
+
+    max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    max_messages: Annotated[int, Field(gt=0)] = 512
+    max_tokens: Annotated[int, Field(gt=0)] = 4096
+    max_stop_sequences: Annotated[int, Field(gt=0)] = 4
+    max_n: Annotated[int, Field(gt=0)] = 8
+    max_audio_bytes: Annotated[int, Field(gt=0)] = 25 * 1024 * 1024
+    max_audio_seconds: Annotated[float, Field(gt=0)] = 1800.0
+    max_embedding_inputs: Annotated[int, Field(gt=0)] = 2048
+    max_embedding_tokens: Annotated[int, Field(gt=0)] = 300_000
+
+
+class ChatServiceConfig(_Strict):
+    """Chat workers: each address is one worker process."""
+
+    workers: Annotated[list[str], Field(min_length=1)] = ["127.0.0.1:50051"]
+    # Requests waiting for a slot on one worker before new ones get RESOURCE_EXHAUSTED (HTTP 429).
+    max_queue: Annotated[int, Field(ge=0)] = 64
+
+
+class ServiceAddress(_Strict):
+    address: str
+
+
+class ServicesConfig(_Strict):
+    registry: ServiceAddress = ServiceAddress(address="127.0.0.1:50050")
+    chat: ChatServiceConfig = ChatServiceConfig()
+    embeddings: ServiceAddress = ServiceAddress(address="127.0.0.1:50061")
+    transcription: ServiceAddress = ServiceAddress(address="127.0.0.1:50071")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _addresses_have_ports(cls, value: Any) -> Any:
+        addresses = value.workers if isinstance(value, ChatServiceConfig) else [value.address]
+        for address in addresses:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"address {address!r} must be host:port")
+        return value
+
+
+class EdgeConfig(_Strict):
+    """The HTTP edge (FastAPI)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # Marks the session cookie `Secure`; set when clients reach ARK over TLS.
+    tls: bool = False
+
+
+class AuthConfig(_Strict):
+    """Accepted API keys. Empty means: generate a development key at start-up (the launcher prints it)."""
+
+    api_keys: list[Annotated[str, Field(min_length=8)]] = []
+
+
+class ArkConfig(_Strict):
+    """The whole configuration."""
+
+    models: Annotated[list[ModelConfig], Field(min_length=1)]
+    auth: AuthConfig = AuthConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    services: ServicesConfig = ServicesConfig()
+    edge: EdgeConfig = EdgeConfig()
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> ArkConfig:
+        seen: dict[str, str] = {}
+        for i, model in enumerate(self.models):
+            for name in (model.id, *model.aliases):
+                if name in seen:
+                    raise ValueError(f"models.{i}: name {name!r} is already used by model {seen[name]!r}")
+                seen[name] = model.id
+        return self
+
+    def models_for(self, capability: Capability) -> list[ModelConfig]:
+        return [m for m in self.models if m.capability is capability]
+
+
+def api_key_hash(key: str) -> str:
+    """Stable, non-reversible identity of an API key (sessions and caches are bound to it)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _set_path(tree: dict, path: list[str], value: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment override {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = yaml.safe_load(value) if value else value
+
+
+def _apply_env(raw: dict, env: Mapping[str, str]) -> dict:
+    for name, value in sorted(env.items()):
+        if name.startswith(ENV_PREFIX):
+            _set_path(raw, [p.lower() for p in name.removeprefix(ENV_PREFIX).split("__")], value)
+    if env.get("ARK_API_KEY"):
+        raw.setdefault("auth", {})["api_keys"] = [env["ARK_API_KEY"]]
+    if env.get("ARK_PORT"):
+        raw.setdefault("edge", {})["port"] = env["ARK_PORT"]
+    return raw
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {field}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ArkConfig:
+    """Read, override and validate the configuration; raises ConfigError naming the bad field."""
+    env = os.environ if env is None else env
+    source = Path(path or env.get("ARK_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration {source} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"configuration {source} must be a mapping")
+    try:
+        return ArkConfig.model_validate(_apply_env(raw, env))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(source), exc)) from None

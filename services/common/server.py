@@ -1,0 +1,105 @@
+"""Bootstrap shared by every ARK gRPC service: one server with health, reflection, error mapping and limits.
+
+`create_server()` returns the server and the port it bound (port 0 picks a free one, which the tests use);
+`serve()` runs it until SIGTERM/SIGINT, first flipping health to NOT_SERVING so that load balancers stop sending
+new work, then letting in-flight calls finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.interceptors import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+# Audio uploads reach the transcription service in one message; 32 MiB covers OpenAI's 25 MB limit plus framing.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Detect a vanished edge within ~40 s even on an idle connection, so its aborted streams free their slots.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # The edge pings idle channels every 30 s (see CHANNEL_OPTIONS); accept that rather than GOAWAY it.
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Keep the edge's idle channels warm and notice a dead worker quickly instead of on the next request.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Reconnect fast after a worker restart: the default backoff can reach two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class Service:
+    """A servicer with the hook that registers it and the full service name (for health and reflection)."""
+
+    def __init__(self, name: str, servicer: object, register: Callable[[object, grpc.aio.Server], None]) -> None:
+        self.name = name
+        self.servicer = servicer
+        self.register = register
+
+
+def create_server(services: Iterable[Service], address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Build a server for `services` bound to `address` (`host:0` for a free port)."""
+    services = list(services)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in services:
+        service.register(service.servicer, server)
+    names = [s.name for s in services]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return server, port, health_servicer
+
+
+async def mark_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str]) -> None:
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def serve(
+    services: list[Service],
+    address: str,
+    *,
+    grace_seconds: float = 10.0,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain: NOT_SERVING first, stop accepting, finish in-flight calls."""
+    server, port, health_servicer = create_server(services, address)
+    await server.start()
+    await mark_serving(health_servicer, [s.name for s in services])
+    log.info("serving %s on port %d", ", ".join(s.name for s in services), port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (grace %.0f s)", grace_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_seconds)
+    if on_stop is not None:
+        await on_stop()
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
