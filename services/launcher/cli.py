@@ -7,6 +7,7 @@ prints the base URL and an example, and on Ctrl-C or SIGTERM stops every child a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import secrets
 import signal
@@ -14,16 +15,29 @@ import sys
 import threading
 from pathlib import Path
 
-from services.common.config import ArkConfig, ConfigError, load_config
+from services.common.config import ArkConfig, Capability, ConfigError, load_config
 from services.launcher.processes import Child, Stack, python_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Single-process services: (capability, name, module); started when the configuration has models for them.
+SERVICES = [
+    (Capability.EMBEDDINGS, "embeddings", "services.embeddings"),
+    (Capability.TRANSCRIPTION, "transcription", "services.transcription"),
+]
+
+
 def build_stack(config: ArkConfig, config_path: str | None, log_dir: Path) -> list[Child]:
-    """The processes for `config`, in start order."""
+    """The processes for `config`, in start order (every service before the edge)."""
     config_args = ["--config", config_path] if config_path else []
-    children = [
+    children = []
+    for capability, name, module in SERVICES:
+        if config.models_for(capability) and importlib.util.find_spec(module) is not None:
+            address = getattr(config.services, name).address
+            argv = python_module(module, *config_args, "--address", address)
+            children.append(Child(name, argv, address, "grpc", log_dir / f"{name}.log"))
+    children += [
         Child(
             f"chat worker {i + 1}",
             python_module("services.chat", *config_args, "--address", address),

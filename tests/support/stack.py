@@ -1,0 +1,106 @@
+"""Start the real stack (`ark up`, separate processes on free loopback ports) for end-to-end tests.
+
+The stack is started exactly as a user starts it, with configuration overridden by environment variables only,
+and stopped with SIGTERM; stopping checks that every port it used is free again.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.launcher.processes import port_in_use
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningStack:
+    base_url: str
+    api_key: str
+    process: subprocess.Popen
+    log_dir: Path
+    addresses: dict[str, str]
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def root_url(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM the launcher, wait, and return its exit code; raises if a port stays bound."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        deadline = time.monotonic() + 5
+        busy = [a for a in self.addresses.values() if port_in_use(a)]
+        while busy and time.monotonic() < deadline:
+            time.sleep(0.1)
+            busy = [a for a in self.addresses.values() if port_in_use(a)]
+        if busy:
+            raise AssertionError(f"ports still bound after stop: {busy}")
+        return code
+
+
+def start_stack(
+    log_dir: Path, *, chat_workers: int = 1, extra_env: dict[str, str] | None = None, timeout: float = 900
+) -> RunningStack:
+    """Run `python -m services.launcher up` with every port moved to a free one; wait until it is ready."""
+    api_key = f"sk-test-{secrets.token_hex(8)}"
+    addresses = {f"chat-{i + 1}": f"127.0.0.1:{free_port()}" for i in range(chat_workers)}
+    addresses |= {name: f"127.0.0.1:{free_port()}" for name in ("edge", "registry", "embeddings", "transcription")}
+    workers = ",".join(v for k, v in addresses.items() if k.startswith("chat-"))
+    env = {
+        **os.environ,
+        "ARK_API_KEY": api_key,
+        "ARK_PORT": addresses["edge"].rpartition(":")[2],
+        "ARK__SERVICES__CHAT__WORKERS": f"[{workers}]",
+        "ARK__SERVICES__REGISTRY__ADDRESS": addresses["registry"],
+        "ARK__SERVICES__EMBEDDINGS__ADDRESS": addresses["embeddings"],
+        "ARK__SERVICES__TRANSCRIPTION__ADDRESS": addresses["transcription"],
+        **(extra_env or {}),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.launcher", "up", "--log-dir", str(log_dir)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    ready = threading.Event()
+    base_url: list[str] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("ARK_BASE_URL="):
+                base_url.append(line.strip().partition("=")[2])
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout) or not base_url:
+        process.kill()
+        raise RuntimeError("the stack did not start:\n" + "".join(output[-40:]))
+    return RunningStack(base_url[0], api_key, process, log_dir, addresses, output)
