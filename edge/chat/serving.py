@@ -32,6 +32,7 @@ class Prepared:
     id: str
     created: int
     model: str
+    fingerprint: str
     request: pb.StreamGenerateChatCompletionRequest
     ignored_params: list[str]
     include_usage: bool
@@ -54,7 +55,15 @@ class ChatCompletions:
             body, model_id=model.id, request_id=request_id, api_key_hash=api_key_hash, limits=self._limits
         )
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-        return Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model.id, request, ignored, include_usage)
+        return Prepared(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=model.id,
+            fingerprint=translate.fingerprint(model),
+            request=request,
+            ignored_params=ignored,
+            include_usage=include_usage,
+        )
 
     async def complete(self, job: Prepared) -> dict[str, Any]:
         """Run to the end and return a `chat.completion` object."""
@@ -89,7 +98,7 @@ class ChatCompletions:
             ],
             "usage": translate.usage_to_json(finished.usage),
             "service_tier": "default",
-            "system_fingerprint": None,
+            "system_fingerprint": job.fingerprint,
         }
 
     async def open_stream(self, job: Prepared) -> AsyncIterator[bytes]:
@@ -97,7 +106,13 @@ class ChatCompletions:
         return self._sse_events(job, await self._workers.open_stream(job.request))
 
     async def _sse_events(self, job: Prepared, call: ChatStream) -> AsyncIterator[bytes]:
-        base = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+        base = {
+            "id": job.id,
+            "object": "chat.completion.chunk",
+            "created": job.created,
+            "model": job.model,
+            "system_fingerprint": job.fingerprint,
+        }
         if job.include_usage:
             base["usage"] = None
 

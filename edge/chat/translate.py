@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from ark.chat.v1 import chat_service_pb2 as pb
 from edge.chat.schemas import ChatCompletionRequest, ChatMessageIn
-from services.common.config import LimitsConfig
+from services.common.config import LimitsConfig, ModelConfig
 from services.common.errors import InvalidRequestError, UnsupportedParameterError
 
 _ROLES = {
@@ -130,3 +131,9 @@ def usage_to_json(usage: pb.Usage) -> dict[str, Any]:
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
+
+
+def fingerprint(model: ModelConfig) -> str:
+    """OpenAI's `system_fingerprint`: changes when the serving configuration (model file, engine, settings) does."""
+    identity = f"{model.id}|{model.engine}|{model.path}|{sorted(model.settings.items())}"
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:10]
