@@ -94,3 +94,15 @@ def apply_policy(table: dict[str, Param], body: BaseModel) -> list[str]:
         if param.policy is Policy.IGNORED and value is not None:
             ignored.append(name)
     return sorted(ignored)
+
+
+def markdown_table(table: dict[str, Param]) -> str:
+    """The table as docs/api.md shows it (a test keeps the document and the code identical)."""
+    rows = ["| parameter | ARK | notes |", "| --- | --- | --- |"]
+    rows += [f"| `{name}` | {param.policy} | {param.note} |" for name, param in sorted(table.items())]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    for name, table in [("chat completions", CHAT_COMPLETIONS)]:
+        print(f"### {name}\n\n{markdown_table(table)}\n")

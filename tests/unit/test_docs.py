@@ -1,0 +1,11 @@
+"""docs/api.md tells the truth about the parameter table in code."""
+
+from pathlib import Path
+
+from edge.compat import CHAT_COMPLETIONS, markdown_table
+
+API_MD = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+
+
+def test_api_reference_contains_the_chat_parameter_table():
+    assert markdown_table(CHAT_COMPLETIONS) in API_MD.read_text()
