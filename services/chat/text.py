@@ -32,7 +32,10 @@ class StopMatcher:
         self.stopped = False
 
     def push(self, text: str) -> str:
-        """Feed new text; returns what can be released now. After a match, `stopped` is True."""
+        """Feed new text; returns what can be released now. After a match, `stopped` is True and nothing more is
+        released."""
+        if self.stopped:
+            return ""
         if not self._stops:
             return text
         self._pending += text
