@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from edge.backends import ChatWorkers
+from edge.backends import ChatWorkers, SessionRegistryClient
 from edge.catalog import Catalog
 from edge.chat.router import router as chat_router
 from edge.chat.serving import ChatCompletions
@@ -16,6 +16,8 @@ from edge.errors import install_error_handlers
 from edge.health import router as health_router
 from edge.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from edge.models.router import router as models_router
+from edge.sessions.placement import SessionPlacer
+from edge.sessions.router import router as sessions_router
 from services.common.config import ArkConfig
 
 
@@ -26,17 +28,33 @@ def create_app(config: ArkConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, EdgeState]]:
         workers = ChatWorkers(config.services.chat.workers)
+        registry = (
+            SessionRegistryClient(config.services.registry.address, config.sessions.registry_timeout_seconds)
+            if config.sessions.enabled
+            else None
+        )
+        sessions = SessionPlacer(registry, config.sessions)
         catalog = Catalog(config)
         try:
-            yield {"ark": EdgeState(config, catalog, ChatCompletions(catalog, workers, config.limits))}
+            yield {
+                "ark": EdgeState(
+                    config=config,
+                    catalog=catalog,
+                    chat=ChatCompletions(catalog, workers, sessions, config.limits),
+                    sessions=sessions,
+                )
+            }
         finally:
             await workers.close()
+            if registry is not None:
+                await registry.close()
 
     app = FastAPI(title="ARK", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(models_router)
     app.include_router(chat_router)
+    app.include_router(sessions_router)
     # Outermost last: request id wraps everything, so even a 401 or 413 carries one.
     app.add_middleware(AuthMiddleware, api_keys=config.auth.api_keys)
     app.add_middleware(

@@ -9,6 +9,8 @@ import grpc
 
 from ark.chat.v1 import chat_service_pb2 as chat_pb
 from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
+from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
+from ark.sessions.v1 import session_registry_service_pb2_grpc as sessions_grpc
 from services.common.errors import UnavailableError
 from services.common.grpc_errors import from_rpc_error
 from services.common.server import CHANNEL_OPTIONS
@@ -30,33 +32,89 @@ class ChatStream:
         self._call.cancel()
 
 
+class WorkerUnavailableError(UnavailableError):
+    """The one worker a session is pinned to cannot be reached (the caller re-places the session)."""
+
+
 class ChatWorkers:
-    """The chat workers, tried round-robin; a worker that is down is skipped before any byte reaches the client."""
+    """The chat workers. Stateless requests go round-robin, skipping a worker that is down; a session's requests go
+    to its worker. Either way, failures surface before any byte reaches the client."""
 
     def __init__(self, addresses: list[str]) -> None:
-        self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
-        self._stubs = [chat_grpc.ChatServiceStub(c) for c in self._channels]
-        self._next = itertools.cycle(range(len(self._stubs)))
+        self._addresses = list(addresses)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._next = itertools.cycle(range(len(self._addresses)))
 
-    async def open_stream(self, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
-        """Start a generation and wait for its `started` event, so errors surface before the HTTP response."""
-        start = next(self._next)
-        last: grpc.RpcError | None = None
-        for i in range(len(self._stubs)):
-            call = self._stubs[(start + i) % len(self._stubs)].StreamGenerateChatCompletion(request)
+    def _stub(self, address: str) -> chat_grpc.ChatServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return chat_grpc.ChatServiceStub(channel)
+
+    async def open_stream(
+        self, request: chat_pb.StreamGenerateChatCompletionRequest, *, address: str | None = None
+    ) -> ChatStream:
+        """Start a generation and wait for its `started` event, so errors surface before the HTTP response.
+
+        With `address`, only that worker is tried and WorkerUnavailableError says it is gone.
+        """
+        if address is not None:
             try:
-                first = await call.read()
+                return await self._start(address, request)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    last = exc
-                    continue
+                    raise WorkerUnavailableError(f"chat worker {address} is unavailable") from None
                 raise from_rpc_error(exc) from None
-            if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
-                call.cancel()
-                raise UnavailableError("The chat worker closed the stream before starting.")
-            return ChatStream(call, first.started)
+        start = next(self._next)
+        last: grpc.RpcError | None = None
+        for i in range(len(self._addresses)):
+            try:
+                return await self._start(self._addresses[(start + i) % len(self._addresses)], request)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(exc) from None
+                last = exc
         raise from_rpc_error(last) if last else UnavailableError("No chat worker is configured.")
 
+    async def _start(self, address: str, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
+        call = self._stub(address).StreamGenerateChatCompletion(request)
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
+            call.cancel()
+            raise UnavailableError("The chat worker closed the stream before starting.")
+        return ChatStream(call, first.started)
+
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._channels.values():
             await channel.close()
+
+
+class SessionRegistryClient:
+    """The edge's view of the session registry. Every call is bounded by a short timeout: session infrastructure
+    failing must never fail a request (the caller serves it statelessly)."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = sessions_grpc.SessionRegistryServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def create(self, api_key_hash: str, model: str) -> sessions_pb.Session:
+        request = sessions_pb.CreateSessionRequest(api_key_hash=api_key_hash, model=model)
+        return await self._stub.CreateSession(request, timeout=self._timeout)
+
+    async def get(self, session_id: str, api_key_hash: str) -> sessions_pb.Session:
+        request = sessions_pb.GetSessionRequest(id=session_id, api_key_hash=api_key_hash)
+        return await self._stub.GetSession(request, timeout=self._timeout)
+
+    async def replace(self, session_id: str, api_key_hash: str, failed_worker: str) -> sessions_pb.Session:
+        request = sessions_pb.ReplaceSessionRequest(
+            id=session_id, api_key_hash=api_key_hash, failed_worker_name=failed_worker
+        )
+        return await self._stub.ReplaceSession(request, timeout=self._timeout)
+
+    async def delete(self, session_id: str, api_key_hash: str) -> None:
+        request = sessions_pb.DeleteSessionRequest(id=session_id, api_key_hash=api_key_hash)
+        await self._stub.DeleteSession(request, timeout=self._timeout * 4)
+
+    async def close(self) -> None:
+        await self._channel.close()

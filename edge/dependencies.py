@@ -6,12 +6,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Cookie, Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from edge.catalog import Catalog
 from edge.chat.serving import ChatCompletions
 from edge.errors import validation_error
+from edge.sessions.cookies import COOKIE_NAME
+from edge.sessions.placement import SessionPlacer
 from services.common.config import ArkConfig
 
 
@@ -22,6 +24,7 @@ class EdgeState:
     config: ArkConfig
     catalog: Catalog
     chat: ChatCompletions
+    sessions: SessionPlacer
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,7 @@ def get_chat(request: Request) -> ChatCompletions:
 State = Annotated[EdgeState, Depends(get_state)]
 Ctx = Annotated[RequestContext, Depends(get_context)]
 Chat = Annotated[ChatCompletions, Depends(get_chat)]
+SessionCookie = Annotated[str | None, Cookie(alias=COOKIE_NAME)]
 
 
 Body = TypeVar("Body", bound=BaseModel)

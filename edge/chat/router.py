@@ -8,19 +8,26 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from edge.chat.schemas import ChatCompletionRequest
-from edge.dependencies import Chat, Ctx, json_body
+from edge.dependencies import Chat, Ctx, SessionCookie, State, json_body
+from edge.sessions.headers import session_headers
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: Annotated[ChatCompletionRequest, json_body(ChatCompletionRequest)], ctx: Ctx, chat: Chat
+    body: Annotated[ChatCompletionRequest, json_body(ChatCompletionRequest)],
+    ctx: Ctx,
+    chat: Chat,
+    state: State,
+    session_cookie: SessionCookie = None,
 ) -> Response:
     job = chat.prepare(body, request_id=ctx.request_id, api_key_hash=ctx.api_key_hash)
-    headers = {"x-ark-ignored-params": ",".join(job.ignored_params)} if job.ignored_params else {}
+    running = await chat.start(job, session_cookie)
+    headers = session_headers(running.session, secure=state.config.edge.tls)
+    if job.ignored_params:
+        headers["x-ark-ignored-params"] = ",".join(job.ignored_params)
     if body.stream:
-        events = await chat.open_stream(job)
         headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    return JSONResponse(await chat.complete(job), headers=headers)
+        return StreamingResponse(chat.sse_events(job, running), media_type="text/event-stream", headers=headers)
+    return JSONResponse(await chat.complete(job, running), headers=headers)

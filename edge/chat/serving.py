@@ -13,11 +13,12 @@ from typing import Any
 import grpc
 
 from ark.chat.v1 import chat_service_pb2 as pb
-from edge.backends import ChatStream, ChatWorkers
+from edge.backends import ChatStream, ChatWorkers, WorkerUnavailableError
 from edge.catalog import Catalog
 from edge.chat import translate
 from edge.chat.schemas import ChatCompletionRequest
 from edge.compat import CHAT_COMPLETIONS, apply_policy
+from edge.sessions.placement import Placement, SessionPlacer
 from services.common.config import Capability, LimitsConfig
 from services.common.errors import ArkError, InternalError
 from services.common.grpc_errors import from_rpc_error
@@ -38,14 +39,23 @@ class Prepared:
     include_usage: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A generation that has started on a worker, and the session it runs in (None: stateless)."""
+
+    stream: ChatStream
+    session: Placement | None
+
+
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 class ChatCompletions:
-    def __init__(self, catalog: Catalog, workers: ChatWorkers, limits: LimitsConfig) -> None:
+    def __init__(self, catalog: Catalog, workers: ChatWorkers, sessions: SessionPlacer, limits: LimitsConfig) -> None:
         self._catalog = catalog
         self._workers = workers
+        self._sessions = sessions
         self._limits = limits
 
     def prepare(self, body: ChatCompletionRequest, *, request_id: str, api_key_hash: str) -> Prepared:
@@ -65,9 +75,30 @@ class ChatCompletions:
             include_usage=include_usage,
         )
 
-    async def complete(self, job: Prepared) -> dict[str, Any]:
+    async def start(self, job: Prepared, session_cookie: str | None) -> Running:
+        """Place the request (session or not) and start generating; errors before the first token raise here."""
+        api_key_hash = job.request.session.api_key_hash
+        placement = await self._sessions.place(session_cookie, api_key_hash, job.model)
+        if placement is None:
+            return Running(await self._workers.open_stream(job.request), None)
+        try:
+            return Running(await self._open_in_session(job, placement), placement)
+        except WorkerUnavailableError:
+            # The pinned worker is gone: re-place before any byte is sent; the new worker recomputes.
+            placement = await self._sessions.replace(placement, api_key_hash)
+            if placement is None:
+                job.request.session.session_id = ""
+                return Running(await self._workers.open_stream(job.request), None)
+            return Running(await self._open_in_session(job, placement), placement)
+
+    async def _open_in_session(self, job: Prepared, placement: Placement) -> ChatStream:
+        job.request.session.session_id = placement.session_id
+        job.request.session.idle_timeout_seconds = self._sessions.policy.idle_timeout_seconds
+        return await self._workers.open_stream(job.request, address=placement.worker_address)
+
+    async def complete(self, job: Prepared, running: Running) -> dict[str, Any]:
         """Run to the end and return a `chat.completion` object."""
-        call = await self._workers.open_stream(job.request)
+        call = running.stream
         text: list[str] = []
         try:
             async for message in call:
@@ -101,11 +132,9 @@ class ChatCompletions:
             "system_fingerprint": job.fingerprint,
         }
 
-    async def open_stream(self, job: Prepared) -> AsyncIterator[bytes]:
-        """Start generating now (errors before the first token are raised here); returns the SSE body."""
-        return self._sse_events(job, await self._workers.open_stream(job.request))
-
-    async def _sse_events(self, job: Prepared, call: ChatStream) -> AsyncIterator[bytes]:
+    async def sse_events(self, job: Prepared, running: Running) -> AsyncIterator[bytes]:
+        """The SSE body of a started generation."""
+        call = running.stream
         base = {
             "id": job.id,
             "object": "chat.completion.chunk",

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from services.chat.engines import create_engine
+from services.chat.registration import keep_lease
 from services.chat.servicer import chat_service
 from services.common.config import Capability, load_config
 from services.common.server import configure_logging, serve
@@ -23,7 +24,15 @@ async def main() -> None:
         m.id: create_engine(m, max_queue=config.services.chat.max_queue) for m in config.models_for(Capability.CHAT)
     }
 
+    lease = None
+    if config.sessions.enabled:
+        lease = asyncio.create_task(
+            keep_lease(config.services.registry.address, address, engines, config.sessions.worker_lease_seconds)
+        )
+
     async def close_engines() -> None:
+        if lease is not None:
+            lease.cancel()
         for engine in engines.values():
             await engine.close()
 

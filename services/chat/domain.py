@@ -67,6 +67,7 @@ class GenerationRequest:
     sampling: Sampling = Sampling()
     session_id: str = ""
     api_key_hash: str = ""
+    idle_timeout: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,7 @@ def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> Generatio
         sampling=sampling,
         session_id=req.session.session_id,
         api_key_hash=req.session.api_key_hash,
+        idle_timeout=float(req.session.idle_timeout_seconds),
     )
 
 

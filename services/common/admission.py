@@ -32,24 +32,30 @@ class Admission:
         return self._free == 0
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the duration of the block; waits in FIFO order."""
-        await self._acquire()
+    async def slot(self, *, priority: bool = False) -> AsyncIterator[None]:
+        """Hold one slot for the duration of the block; waits in FIFO order.
+
+        `priority` is for short housekeeping (dropping a session's state): it goes first and is never refused.
+        """
+        await self._acquire(priority)
         try:
             yield
         finally:
             self._release()
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, priority: bool = False) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
-        if len(self._waiters) >= self._max_queue:
+        if not priority and len(self._waiters) >= self._max_queue:
             raise OverloadedError(
                 f"The server is busy: {len(self._waiters)} requests are already queued for this model. Retry shortly."
             )
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if priority:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             await waiter
         except asyncio.CancelledError:

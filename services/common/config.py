@@ -86,6 +86,11 @@ class SessionsConfig(_Strict):
     max_age_seconds: Annotated[int, Field(gt=0, le=86400)] = 86400
     max_per_api_key: Annotated[int, Field(gt=0)] = 64
     max_total: Annotated[int, Field(gt=0)] = 1024
+    # Chat workers renew their registration this often (a third of it); a worker silent for longer gets no new
+    # sessions, and requests for its sessions are re-placed.
+    worker_lease_seconds: Annotated[float, Field(gt=0)] = 6.0
+    # How long the edge waits for the registry before serving a request statelessly.
+    registry_timeout_seconds: Annotated[float, Field(gt=0)] = 0.5
 
 
 class LimitsConfig(_Strict):

@@ -32,6 +32,10 @@ def build_stack(config: ArkConfig, config_path: str | None, log_dir: Path) -> li
     """The processes for `config`, in start order (every service before the edge)."""
     config_args = ["--config", config_path] if config_path else []
     children = []
+    if config.sessions.enabled:  # first: chat workers register with it as they start
+        address = config.services.registry.address
+        argv = python_module("services.sessions", *config_args, "--address", address)
+        children.append(Child("session registry", argv, address, "grpc", log_dir / "registry.log"))
     for capability, name, module in SERVICES:
         if config.models_for(capability) and importlib.util.find_spec(module) is not None:
             address = getattr(config.services, name).address

@@ -37,6 +37,10 @@ class ChatEngine(ABC):
     async def drop_session(self, session_id: str) -> bool:
         """Free the resident state of a session; True if there was any."""
 
+    def expire_idle(self) -> int:
+        """Drop resident session state idle past its timeout; returns how many sessions were dropped."""
+        return 0
+
     @abstractmethod
     def status(self) -> EngineStatus:
         """Capacity and load, for placement and metrics."""

@@ -15,7 +15,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,7 +35,9 @@ from services.chat.domain import (
     Usage,
 )
 from services.chat.engines.base import ChatEngine, EngineStatus
+from services.chat.session_pool import Resident, SessionPool
 from services.chat.text import StopMatcher, Utf8Stream
+from services.chat.transcript import Transcript, continue_tokens
 from services.common.admission import Admission
 from services.common.config import ModelConfig, resolve_model_path
 from services.common.errors import ArkError, InvalidRequestError
@@ -43,6 +45,20 @@ from services.common.errors import ArkError, InvalidRequestError
 log = logging.getLogger(__name__)
 
 _DEFAULT_SETTINGS: dict[str, Any] = {"n_ctx": 8192, "n_threads": 2, "n_batch": 512}
+# Memory for resident sessions' KV caches; each resident session holds one context of n_ctx tokens.
+_DEFAULT_SESSION_BUDGET_MB = 800
+_LLAMA_SETTINGS = {"n_ctx", "n_threads", "n_batch", "n_threads_batch"}
+
+
+def _kv_bytes(llama: llama_cpp.Llama) -> int:
+    """KV-cache bytes of one context (f16 keys and values for every layer and position)."""
+    meta = llama.metadata
+    arch = meta.get("general.architecture", "llama")
+    layers = int(meta[f"{arch}.block_count"])
+    embd = int(meta[f"{arch}.embedding_length"])
+    heads = int(meta[f"{arch}.attention.head_count"])
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    return 2 * layers * llama.n_ctx() * (embd // heads) * kv_heads * 2
 
 
 def _prefix_length(a: Any, b: list[int]) -> int:
@@ -59,24 +75,33 @@ class LlamaCppEngine(ChatEngine):
 
     def __init__(self, model: ModelConfig, *, max_queue: int) -> None:
         settings = {**_DEFAULT_SETTINGS, **model.settings}
-        unknown = set(settings) - {"n_ctx", "n_threads", "n_batch", "n_threads_batch"}
+        budget_mb = float(settings.pop("session_kv_budget_mb", _DEFAULT_SESSION_BUDGET_MB))
+        unknown = set(settings) - _LLAMA_SETTINGS
         if unknown:
             raise ArkError(f"models[{model.id}].settings: unknown llama_cpp settings {sorted(unknown)}")
         self.model_id = model.id
         path = resolve_model_path(model.path)
         log.info("loading %s from %s", model.id, path)
+        # The weights are memory-mapped once and shared; each further context costs its KV cache and buffers.
         self._llama = llama_cpp.Llama(model_path=str(path), verbose=False, **settings)
         self._n_ctx = self._llama.n_ctx()
+        slots = max(1, int(budget_mb * 1024 * 1024 // _kv_bytes(self._llama)))
+        log.info("%s: %d resident session contexts (%.0f MB KV budget)", model.id, slots, budget_mb)
+        self._pool: SessionPool[llama_cpp.Llama] = SessionPool(
+            [llama_cpp.Llama(model_path=str(path), verbose=False, **settings) for _ in range(slots)],
+            reset=lambda ctx: ctx.reset(),
+        )
         template = self._llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ArkError(f"model {model.id}: the GGUF file carries no chat template")
         vocab_model = self._llama._model
         eos_id, bos_id = self._llama.token_eos(), self._llama.token_bos()
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=vocab_model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=vocab_model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
+        eos = vocab_model.token_get_text(eos_id) if eos_id != -1 else ""
+        bos = vocab_model.token_get_text(bos_id) if bos_id != -1 else ""
+        self._eos_id = eos_id
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
+        self._formatter_closed = Jinja2ChatFormatter(
+            template=template, eos_token=eos, bos_token=bos, add_generation_prompt=False, stop_token_ids=[eos_id]
         )
         self._is_eog: Callable[[int], bool] = lambda tok: bool(llama_cpp.llama_vocab_is_eog(vocab_model.vocab, tok))
         self._admission = Admission(slots=1, max_queue=max_queue)
@@ -85,10 +110,34 @@ class LlamaCppEngine(ChatEngine):
 
     # -- prompt ---------------------------------------------------------------------------------------------------
 
-    def tokenize_prompt(self, messages: tuple[Message, ...]) -> list[int]:
+    def render(self, messages: Sequence[Message], *, open_turn: bool = True) -> str:
+        """The messages through the model's chat template, ending with the assistant's turn opened (or not)."""
+        formatter = self._formatter if open_turn else self._formatter_closed
+        return formatter(messages=[_to_template_message(m) for m in messages]).prompt
+
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def tokenize_prompt(self, messages: Sequence[Message]) -> list[int]:
         """Render the messages with the model's chat template and tokenize them."""
         rendered = self._formatter(messages=[_to_template_message(m) for m in messages])
-        return self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        return self.tokenize(rendered.prompt, add_bos=not rendered.added_special)
+
+    def _session_prompt(self, resident: Resident, messages: Sequence[Message]) -> tuple[str, list[int]]:
+        """The prompt text and tokens, continuing the session's raw tokens when the messages extend its transcript."""
+        text = self.render(messages)
+        if resident.transcript is not None:
+            tokens = continue_tokens(
+                resident.transcript,
+                messages,
+                render_open=self.render,
+                render_closed=lambda m: self.render(m, open_turn=False),
+                tokenize=self.tokenize,
+                eog_token=self._eos_id,
+            )
+            if tokens is not None:
+                return text, tokens
+        return text, self.tokenize_prompt(messages)
 
     # -- generation -----------------------------------------------------------------------------------------------
 
@@ -96,13 +145,24 @@ class LlamaCppEngine(ChatEngine):
         t_queued = time.perf_counter()
         async with self._admission.slot():
             t_admitted = time.perf_counter()
-            tokens = self.tokenize_prompt(request.messages)
+            resident = None
+            if request.session_id:
+                self._pool.expire_idle()
+                resident = self._pool.checkout(request.session_id, request.api_key_hash, request.idle_timeout)
+                llama = resident.context
+                prompt_text, tokens = self._session_prompt(resident, request.messages)
+                resident.transcript = None  # until this turn completes
+            else:
+                llama = self._llama
+                prompt_text, tokens = "", self.tokenize_prompt(request.messages)
+                if self._cache_owner != request.api_key_hash:
+                    llama.reset()  # no KV reuse across API keys
+                    self._cache_owner = request.api_key_hash
             budget = self._token_budget(len(tokens), request.sampling.max_tokens)
-            if self._cache_owner != request.api_key_hash:
-                self._llama.reset()  # no KV reuse across API keys
-                self._cache_owner = request.api_key_hash
-            cached = min(_prefix_length(self._llama._input_ids, tokens), len(tokens) - 1)
+            cached = min(_prefix_length(llama._input_ids, tokens), len(tokens) - 1)
             yield Started(prompt_tokens=len(tokens), cached_tokens=cached)
+            raw: list[int] = []
+            reply: list[str] = []
 
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
@@ -111,7 +171,9 @@ class LlamaCppEngine(ChatEngine):
             def post(item: GenerationEvent | BaseException) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-            job = loop.run_in_executor(self._thread, self._run, tokens, budget, request.sampling, abort, post)
+            job = loop.run_in_executor(
+                self._thread, self._run, llama, tokens, budget, request.sampling, abort, post, raw
+            )
             try:
                 while True:
                     item = await events.get()
@@ -124,12 +186,22 @@ class LlamaCppEngine(ChatEngine):
                             decode_seconds=t_end - item.timings.time_to_first_token_seconds,
                             queue_seconds=t_admitted - t_queued,
                         )
+                        if resident is not None:
+                            resident.transcript = Transcript(
+                                messages=request.messages,
+                                prompt_text=prompt_text,
+                                prompt_tokens=tuple(tokens),
+                                generated=tuple(raw),
+                                reply="".join(reply),
+                                ended_with_eog=bool(raw) and self._is_eog(raw[-1]),
+                            )
                         yield Finished(
                             item.finish_reason,
                             Usage(len(tokens), item.usage.completion_tokens, cached),
                             timings,
                         )
                         return
+                    reply.append(item.text)
                     yield item
             finally:
                 abort.set()
@@ -157,15 +229,16 @@ class LlamaCppEngine(ChatEngine):
 
     def _run(
         self,
+        llama: llama_cpp.Llama,
         tokens: list[int],
         budget: int,
         sampling: Sampling,
         abort: threading.Event,
         post: Callable[[GenerationEvent | BaseException], None],
+        raw: list[int],
     ) -> None:
-        """Generation loop, on the engine thread."""
+        """Generation loop, on the engine thread. `raw` receives every sampled token, end-of-turn included."""
         try:
-            llama = self._llama
             llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32) - 1)
             utf8 = Utf8Stream()
             stops = StopMatcher(sampling.stop)
@@ -186,6 +259,7 @@ class LlamaCppEngine(ChatEngine):
                     return
                 if not t_first:
                     t_first = time.perf_counter()
+                raw.append(token)
                 if self._is_eog(token):
                     finish = FinishReason.STOP
                     break
@@ -209,10 +283,21 @@ class LlamaCppEngine(ChatEngine):
     # -- sessions and status --------------------------------------------------------------------------------------
 
     async def drop_session(self, session_id: str) -> bool:
-        return False
+        # Under the admission slot: never reset a context a generation is using.
+        async with self._admission.slot(priority=True):
+            return self._pool.drop(session_id)
+
+    def expire_idle(self) -> int:
+        if self._admission.busy:
+            return 0  # the next request expires them
+        return len(self._pool.expire_idle())
 
     def status(self) -> EngineStatus:
-        return EngineStatus(session_capacity=1, resident_sessions=0, queued_requests=self._admission.queued)
+        return EngineStatus(
+            session_capacity=self._pool.capacity,
+            resident_sessions=self._pool.resident,
+            queued_requests=self._admission.queued,
+        )
 
     async def close(self) -> None:
         self._thread.shutdown(wait=True)

@@ -1,0 +1,29 @@
+"""The `ark_session_id` cookie, exactly as the session contract specifies it."""
+
+from __future__ import annotations
+
+import uuid
+
+COOKIE_NAME = "ark_session_id"
+MAX_AGE_SECONDS = 86400
+
+
+def parse_session_id(value: str | None) -> str | None:
+    """The session id if `value` is a canonical uuid4, else None (malformed ids are never looked up)."""
+    if not value or len(value) != 36:
+        return None
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return str(parsed) if parsed.version == 4 and str(parsed) == value.lower() else None
+
+
+def set_cookie(session_id: str, *, secure: bool) -> str:
+    value = f"{COOKIE_NAME}={session_id}; Max-Age={MAX_AGE_SECONDS}; Path=/; SameSite=lax; HttpOnly"
+    return value + "; Secure" if secure else value
+
+
+def expire_cookie(*, secure: bool) -> str:
+    value = f"{COOKIE_NAME}=; Max-Age=0; Path=/; SameSite=lax; HttpOnly"
+    return value + "; Secure" if secure else value

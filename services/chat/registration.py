@@ -1,0 +1,52 @@
+"""A chat worker's lease with the session registry: register, renew, and drop what the registry says to drop.
+
+Renewing every third of the lease means two missed renewals still leave the worker placed; a worker that dies
+stops renewing, and the registry stops placing sessions on it within one lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from ark.sessions.v1 import session_registry_service_pb2 as pb
+from ark.sessions.v1 import session_registry_service_pb2_grpc as pb_grpc
+from services.chat.engines.base import ChatEngine
+from services.common.server import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+async def keep_lease(registry_address: str, address: str, engines: dict[str, ChatEngine], lease_seconds: float) -> None:
+    """Run until cancelled; failures are logged and retried (the worker serves statelessly meanwhile)."""
+    async with grpc.aio.insecure_channel(registry_address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.SessionRegistryServiceStub(channel)
+        registered = False
+        while True:
+            for engine in engines.values():
+                engine.expire_idle()
+            statuses = [e.status() for e in engines.values()]
+            worker = pb.Worker(
+                name=address,
+                address=address,
+                models=list(engines),
+                session_capacity=sum(s.session_capacity for s in statuses),
+            )
+            try:
+                reply = await stub.RenewWorkerLease(
+                    pb.RenewWorkerLeaseRequest(worker=worker, lease_seconds=int(max(1, lease_seconds))),
+                    timeout=lease_seconds / 3,
+                )
+                if not registered:
+                    log.info("registered with the session registry at %s", registry_address)
+                    registered = True
+                for session_id in reply.dropped_session_ids:
+                    for engine in engines.values():
+                        await engine.drop_session(session_id)
+            except grpc.RpcError as exc:
+                if registered:
+                    log.warning("session registry unreachable (%s); retrying", exc.code().name)
+                registered = False
+            await asyncio.sleep(lease_seconds / 3)

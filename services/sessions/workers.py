@@ -1,0 +1,35 @@
+"""The registry's calls to chat workers: telling one to drop a session's state."""
+
+from __future__ import annotations
+
+import grpc
+
+from ark.chat.v1 import chat_service_pb2 as chat_pb
+from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
+from services.common.server import CHANNEL_OPTIONS
+
+
+class WorkerClients:
+    """One channel per worker address, opened on first use."""
+
+    def __init__(self, timeout: float = 2.0) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._timeout = timeout
+
+    async def drop_state(self, address: str, session_id: str) -> bool:
+        """True when the worker acknowledged; False when it could not be reached (it will learn at renewal)."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = chat_grpc.ChatServiceStub(channel)
+        try:
+            await stub.DeleteSessionState(
+                chat_pb.DeleteSessionStateRequest(session_id=session_id), timeout=self._timeout
+            )
+        except grpc.RpcError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
