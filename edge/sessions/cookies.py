@@ -16,7 +16,7 @@ def parse_session_id(value: str | None) -> str | None:
         parsed = uuid.UUID(value)
     except ValueError:
         return None
-    return str(parsed) if parsed.version == 4 and str(parsed) == value.lower() else None
+    return value if parsed.version == 4 and str(parsed) == value else None
 
 
 def set_cookie(session_id: str, *, secure: bool) -> str:

@@ -1,0 +1,16 @@
+import uuid
+
+from edge.sessions.cookies import expire_cookie, parse_session_id, set_cookie
+
+
+def test_only_canonical_uuid4_is_accepted():
+    good = str(uuid.uuid4())
+    assert parse_session_id(good) == good
+    for bad in [None, "", "abc", str(uuid.uuid1()), good.upper(), good + "x", "{" + good[:-2] + "}"]:
+        assert parse_session_id(bad) is None
+
+
+def test_cookie_attributes_follow_the_contract():
+    assert set_cookie("s", secure=False) == "ark_session_id=s; Max-Age=86400; Path=/; SameSite=lax; HttpOnly"
+    assert set_cookie("s", secure=True).endswith("; HttpOnly; Secure")
+    assert "Max-Age=0" in expire_cookie(secure=False)
