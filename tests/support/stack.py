@@ -28,14 +28,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pid_serving(address: str) -> int | None:
+    """The pid of the stack process started with `--address <address>` (read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--address" in argv and address.encode() in argv:
+            return int(entry.name)
+    return None
+
+
 @dataclass
 class RunningStack:
     base_url: str
     api_key: str
+    other_api_key: str
     process: subprocess.Popen
     log_dir: Path
     addresses: dict[str, str]
     output: list[str] = field(default_factory=list)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process of the stack (`chat-1`, `registry`, …), as a crash would."""
+        pid = pid_serving(self.addresses[name])
+        assert pid is not None, f"no process serves {name}"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while port_in_use(self.addresses[name]) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     @property
     def root_url(self) -> str:
@@ -61,16 +85,16 @@ class RunningStack:
 
 
 def start_stack(
-    log_dir: Path, *, chat_workers: int = 1, extra_env: dict[str, str] | None = None, timeout: float = 900
+    log_dir: Path, *, chat_workers: int = 2, extra_env: dict[str, str] | None = None, timeout: float = 900
 ) -> RunningStack:
     """Run `python -m services.launcher up` with every port moved to a free one; wait until it is ready."""
-    api_key = f"sk-test-{secrets.token_hex(8)}"
+    api_key, other_api_key = f"sk-test-{secrets.token_hex(8)}", f"sk-other-{secrets.token_hex(8)}"
     addresses = {f"chat-{i + 1}": f"127.0.0.1:{free_port()}" for i in range(chat_workers)}
     addresses |= {name: f"127.0.0.1:{free_port()}" for name in ("edge", "registry", "embeddings", "transcription")}
     workers = ",".join(v for k, v in addresses.items() if k.startswith("chat-"))
     env = {
         **os.environ,
-        "ARK_API_KEY": api_key,
+        "ARK__AUTH__API_KEYS": f"[{api_key}, {other_api_key}]",
         "ARK_PORT": addresses["edge"].rpartition(":")[2],
         "ARK__SERVICES__CHAT__WORKERS": f"[{workers}]",
         "ARK__SERVICES__REGISTRY__ADDRESS": addresses["registry"],
@@ -78,6 +102,7 @@ def start_stack(
         "ARK__SERVICES__TRANSCRIPTION__ADDRESS": addresses["transcription"],
         **(extra_env or {}),
     }
+    env.pop("ARK_API_KEY", None)  # the keys above, whatever the developer's shell says
     process = subprocess.Popen(
         [sys.executable, "-m", "services.launcher", "up", "--log-dir", str(log_dir)],
         cwd=ROOT,
@@ -103,4 +128,4 @@ def start_stack(
     if not ready.wait(timeout) or not base_url:
         process.kill()
         raise RuntimeError("the stack did not start:\n" + "".join(output[-40:]))
-    return RunningStack(base_url[0], api_key, process, log_dir, addresses, output)
+    return RunningStack(base_url[0], api_key, other_api_key, process, log_dir, addresses, output)
