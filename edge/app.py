@@ -7,11 +7,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from edge.backends import ChatWorkers, SessionRegistryClient
+from edge.backends import ChatWorkers, EmbeddingsBackend, SessionRegistryClient
 from edge.catalog import Catalog
 from edge.chat.router import router as chat_router
 from edge.chat.serving import ChatCompletions
 from edge.dependencies import EdgeState
+from edge.embeddings.router import router as embeddings_router
+from edge.embeddings.serving import Embeddings
 from edge.errors import install_error_handlers
 from edge.health import router as health_router
 from edge.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -28,6 +30,7 @@ def create_app(config: ArkConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, EdgeState]]:
         workers = ChatWorkers(config.services.chat.workers)
+        embeddings_backend = EmbeddingsBackend(config.services.embeddings.address)
         registry = (
             SessionRegistryClient(config.services.registry.address, config.sessions.registry_timeout_seconds)
             if config.sessions.enabled
@@ -41,11 +44,13 @@ def create_app(config: ArkConfig) -> FastAPI:
                     config=config,
                     catalog=catalog,
                     chat=ChatCompletions(catalog, workers, sessions, config.limits),
+                    embeddings=Embeddings(catalog, embeddings_backend, config.limits),
                     sessions=sessions,
                 )
             }
         finally:
             await workers.close()
+            await embeddings_backend.close()
             if registry is not None:
                 await registry.close()
 
@@ -54,6 +59,7 @@ def create_app(config: ArkConfig) -> FastAPI:
     app.include_router(health_router)
     app.include_router(models_router)
     app.include_router(chat_router)
+    app.include_router(embeddings_router)
     app.include_router(sessions_router)
     # Outermost last: request id wraps everything, so even a 401 or 413 carries one.
     app.add_middleware(AuthMiddleware, api_keys=config.auth.api_keys)

@@ -9,6 +9,8 @@ import grpc
 
 from ark.chat.v1 import chat_service_pb2 as chat_pb
 from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
+from ark.embeddings.v1 import embeddings_service_pb2 as embeddings_pb
+from ark.embeddings.v1 import embeddings_service_pb2_grpc as embeddings_grpc
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as sessions_grpc
 from services.common.errors import UnavailableError
@@ -115,6 +117,23 @@ class SessionRegistryClient:
     async def delete(self, session_id: str, api_key_hash: str) -> None:
         request = sessions_pb.DeleteSessionRequest(id=session_id, api_key_hash=api_key_hash)
         await self._stub.DeleteSession(request, timeout=self._timeout * 4)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class EmbeddingsBackend:
+    """The embeddings service: one address, which batches concurrent requests itself."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = embeddings_grpc.EmbeddingsServiceStub(self._channel)
+
+    async def embed(self, request: embeddings_pb.EmbedRequest) -> embeddings_pb.EmbedResponse:
+        try:
+            return await self._stub.Embed(request)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     async def close(self) -> None:
         await self._channel.close()

@@ -76,6 +76,22 @@ CHAT_COMPLETIONS: dict[str, Param] = {
     "moderation": Param(IGN, "no moderation layer"),
 }
 
+EMBEDDINGS: dict[str, Param] = {
+    "input": Param(
+        S,
+        "a string, strings, token ids or token-id arrays; limits.max_embedding_inputs inputs, "
+        "limits.max_embedding_tokens tokens, and the model's maximum sequence length per input (no truncation)",
+    ),
+    "model": Param(S, "a configured embeddings model id or alias"),
+    "encoding_format": Param(S, "`float` or `base64` (little-endian float32, as OpenAI)"),
+    "dimensions": Param(
+        S,
+        "models configured with `supports_dimensions` only, else 400 `unsupported_parameter` (the model's own size "
+        "is accepted)",
+    ),
+    "user": Param(IGN, "end-user id hint"),
+}
+
 
 def apply_policy(table: dict[str, Param], body: BaseModel) -> list[str]:
     """Raise for a rejected field set to a value that matters; return the ignored fields the client sent."""
@@ -104,5 +120,5 @@ def markdown_table(table: dict[str, Param]) -> str:
 
 
 if __name__ == "__main__":
-    for name, table in [("chat completions", CHAT_COMPLETIONS)]:
+    for name, table in [("chat completions", CHAT_COMPLETIONS), ("embeddings", EMBEDDINGS)]:
         print(f"### {name}\n\n{markdown_table(table)}\n")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from edge.catalog import Catalog
 from edge.chat.serving import ChatCompletions
+from edge.embeddings.serving import Embeddings
 from edge.errors import validation_error
 from edge.sessions.cookies import COOKIE_NAME
 from edge.sessions.placement import SessionPlacer
@@ -24,6 +25,7 @@ class EdgeState:
     config: ArkConfig
     catalog: Catalog
     chat: ChatCompletions
+    embeddings: Embeddings
     sessions: SessionPlacer
 
 
@@ -45,9 +47,14 @@ def get_chat(request: Request) -> ChatCompletions:
     return request.state.ark.chat
 
 
+def get_embeddings(request: Request) -> Embeddings:
+    return request.state.ark.embeddings
+
+
 State = Annotated[EdgeState, Depends(get_state)]
 Ctx = Annotated[RequestContext, Depends(get_context)]
 Chat = Annotated[ChatCompletions, Depends(get_chat)]
+EmbeddingsDep = Annotated[Embeddings, Depends(get_embeddings)]
 SessionCookie = Annotated[str | None, Cookie(alias=COOKIE_NAME)]
 
 

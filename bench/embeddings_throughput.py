@@ -1,0 +1,123 @@
+"""Embeddings throughput through ARK versus sentence-transformers in-process, side by side in one run.
+
+The same 32 single sentences, three ways, interleaved round by round so that machine noise hits all alike:
+  in-process batched   SentenceTransformer.encode(32 sentences) in this process (its default batch size, 32);
+  ARK, concurrent      32 concurrent single-sentence POST /v1/embeddings through the whole stack (HTTP → edge →
+                       gRPC → embeddings service), which the service's dynamic batching merges into shared batches;
+  ARK, sequential      the same 32 requests one at a time, i.e. what ARK does without any batching to exploit.
+Requests ask for `encoding_format: base64`, as the official Python client does by default. Reports the median
+throughput of each and the ratio the embeddings issue sets a goal for:
+    ARK concurrent >= 0.8x in-process batched.
+
+    .venv/bin/python -m bench.embeddings_throughput [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+from services.common.config import Capability, load_config, resolve_model_path
+from tests.support.stack import start_stack
+
+SUBJECTS = ["The old lighthouse keeper", "A small robot", "Our neighbour's cat", "The city council", "A violinist"]
+ACTIONS = [
+    "watched the storm roll in",
+    "repaired the broken clock in the square",
+    "argued about the budget for the new library until well after midnight",
+    "found a map",
+    "planted tomatoes along the river bank where the ferry used to stop every morning",
+    "sang quietly",
+    "wrote a long letter to an old friend who had moved abroad",
+]
+CODAS = ["", " yesterday", " before the winter festival began", " while everyone else was asleep"]
+
+
+def sentences(n: int = 32) -> list[str]:
+    """n distinct single sentences of varied length (about 6 to 30 tokens), as real traffic has."""
+    return [
+        f"{SUBJECTS[i % len(SUBJECTS)]} {ACTIONS[(i * 3) % len(ACTIONS)]}{CODAS[(i // 2) % len(CODAS)]} (#{i})."
+        for i in range(n)
+    ]
+
+
+def in_process_batched(model: SentenceTransformer, texts: list[str]) -> float:
+    start = time.perf_counter()
+    model.encode(texts, batch_size=32)
+    return time.perf_counter() - start
+
+
+async def post(http: httpx.AsyncClient, text: str) -> np.ndarray:
+    body = {"model": "text-embedding-3-small", "input": text, "encoding_format": "base64"}
+    response = await http.post("/embeddings", json=body)
+    response.raise_for_status()
+    return np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
+
+
+async def ark_concurrent(http: httpx.AsyncClient, texts: list[str]) -> float:
+    start = time.perf_counter()
+    await asyncio.gather(*(post(http, t) for t in texts))
+    return time.perf_counter() - start
+
+
+async def ark_sequential(http: httpx.AsyncClient, texts: list[str]) -> float:
+    start = time.perf_counter()
+    for t in texts:
+        await post(http, t)
+    return time.perf_counter() - start
+
+
+async def run(base_url: str, key: str, model: SentenceTransformer, rounds: int) -> dict[str, list[float]]:
+    texts = sentences()
+    headers = {"authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=120) as http:
+        # Warm-up, and a check that ARK returns what the model computes.
+        reference = model.encode(texts, batch_size=32)
+        served = await asyncio.gather(*(post(http, t) for t in texts))
+        worst = min(float(a @ b) for a, b in zip(served, reference, strict=True))
+        assert worst > 0.9999, f"ARK's vectors differ from sentence-transformers' (cosine {worst})"
+        await ark_sequential(http, texts[:4])
+        seconds: dict[str, list[float]] = {"in-process batched": [], "ARK, 32 concurrent": [], "ARK, sequential": []}
+        for _ in range(rounds):
+            seconds["in-process batched"].append(in_process_batched(model, texts))
+            seconds["ARK, 32 concurrent"].append(await ark_concurrent(http, texts))
+            seconds["ARK, sequential"].append(await ark_sequential(http, texts))
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+
+    config = load_config(env={}).models_for(Capability.EMBEDDINGS)[0]
+    model = SentenceTransformer(str(resolve_model_path(config.path)), device="cpu", local_files_only=True)
+    stack = start_stack(Path(tempfile.mkdtemp(prefix="ark-bench-")))
+    try:
+        seconds = asyncio.run(run(stack.base_url, stack.api_key, model, args.rounds))
+    finally:
+        stack.stop()
+
+    n = len(sentences())
+    rate = {side: n / statistics.median(values) for side, values in seconds.items()}
+    print(f"\nEmbeddings throughput, {config.id}, {n} single sentences, {args.rounds} rounds (median)")
+    print(f"{'':22} {'ms per 32':>10} {'sentences/s':>12}")
+    for side, values in seconds.items():
+        print(f"{side:22} {statistics.median(values) * 1000:10.1f} {rate[side]:12.1f}")
+    concurrent = rate["ARK, 32 concurrent"]
+    print(f"\nARK concurrent / in-process batched: {concurrent / rate['in-process batched']:.2f}x   (goal >= 0.8x)")
+    print(f"ARK concurrent / ARK sequential:     {concurrent / rate['ARK, sequential']:.2f}x   (what batching buys)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""POST /v1/embeddings: schemas, pure translation to EmbeddingsService, serving logic and the router."""

@@ -1,0 +1,120 @@
+"""Pure translation between OpenAI's embeddings JSON and EmbeddingsService protos (no I/O, unit-tested).
+
+The edge checks what needs no model: the shape of `input`, empty strings and arrays, the number of inputs.
+The service checks what needs the model: the vocabulary, sequence lengths, the total token count, `dimensions`.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+
+from ark.embeddings.v1 import embeddings_service_pb2 as pb
+from edge.embeddings.schemas import EmbeddingRequest
+from services.common.config import LimitsConfig
+from services.common.errors import InvalidRequestError
+
+# Token ids travel as int32; anything outside cannot be a token of any model.
+_INT32_MAX = 2**31 - 1
+_SHAPES = "a string, an array of strings, an array of token ids, or an array of token-id arrays"
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # bool is an int subclass, and JSON `true` is not a token id
+
+
+def _token_ids(value: list[Any], param: str) -> pb.EmbeddingInput:
+    if not value:
+        raise InvalidRequestError(f"Invalid value for '{param}': empty token array.", param=param, code="empty_array")
+    for j, token in enumerate(value):
+        if not _is_int(token):
+            raise InvalidRequestError(
+                f"Invalid type for '{param}[{j}]': token ids are integers.", param=f"{param}[{j}]", code="invalid_type"
+            )
+        if not 0 <= token <= _INT32_MAX:
+            raise InvalidRequestError(
+                f"Invalid value for '{param}[{j}]': {token} is not a token id.",
+                param=f"{param}[{j}]",
+                code="invalid_value",
+            )
+    return pb.EmbeddingInput(token_ids=pb.TokenIds(ids=value))
+
+
+def _text(value: str, param: str) -> pb.EmbeddingInput:
+    if not value:
+        raise InvalidRequestError(
+            f"Invalid value for '{param}': the string must not be empty.", param=param, code="empty_string"
+        )
+    return pb.EmbeddingInput(text=value)
+
+
+def parse_input(value: Any, limits: LimitsConfig) -> list[pb.EmbeddingInput]:
+    """The inputs of `input`, whichever of OpenAI's four shapes it has."""
+    if isinstance(value, str):
+        return [_text(value, "input")]
+    if not isinstance(value, list):
+        raise InvalidRequestError(f"Invalid type for 'input': expected {_SHAPES}.", param="input", code="invalid_type")
+    if not value:
+        raise InvalidRequestError(
+            "Invalid value for 'input': the array must not be empty.", param="input", code="empty_array"
+        )
+    if _is_int(value[0]):
+        # One input given as token ids; its length is the model's business (the service refuses an over-long one).
+        return [_token_ids(value, "input")]
+    if len(value) > limits.max_embedding_inputs:
+        raise InvalidRequestError(
+            f"Invalid 'input': array too long. Expected an array with maximum length {limits.max_embedding_inputs}, "
+            f"but got an array with length {len(value)} instead.",
+            param="input",
+            code="array_above_max_length",
+        )
+    kind = type(value[0])
+    inputs = []
+    for i, item in enumerate(value):
+        param = f"input[{i}]"
+        if kind is str and isinstance(item, str):
+            inputs.append(_text(item, param))
+        elif kind is list and isinstance(item, list):
+            inputs.append(_token_ids(item, param))
+        else:
+            raise InvalidRequestError(
+                f"Invalid type for '{param}': expected {_SHAPES}, without mixing them.",
+                param=param,
+                code="invalid_type",
+            )
+    return inputs
+
+
+def request_to_proto(
+    body: EmbeddingRequest, *, model_id: str, request_id: str, limits: LimitsConfig
+) -> pb.EmbedRequest:
+    """Build the gRPC request; raises InvalidRequestError for what the schema alone cannot check."""
+    request = pb.EmbedRequest(request_id=request_id, model=model_id, inputs=parse_input(body.input, limits))
+    if body.dimensions is not None:
+        if body.dimensions > _INT32_MAX:
+            raise InvalidRequestError(
+                f"Invalid value for 'dimensions': {body.dimensions}.", param="dimensions", code="invalid_value"
+            )
+        request.dimensions = body.dimensions
+    return request
+
+
+def _vector(raw: bytes, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(raw).decode("ascii")  # OpenAI's base64: little-endian float32 bytes, as they are
+    return np.frombuffer(raw, dtype="<f4").tolist()
+
+
+def response_to_json(response: pb.EmbedResponse, *, model: str, encoding_format: str) -> dict[str, Any]:
+    """A CreateEmbeddingResponse."""
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": e.index, "embedding": _vector(e.float32_le, encoding_format)}
+            for e in response.embeddings
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": response.prompt_tokens, "total_tokens": response.prompt_tokens},
+    }

@@ -1,0 +1,1 @@
+"""The embeddings service: ark.embeddings.v1.EmbeddingsService, with dynamic batching across concurrent requests."""

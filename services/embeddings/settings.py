@@ -1,0 +1,47 @@
+"""The `settings` of an embeddings model in the configuration, typed and checked once at start-up.
+
+They live in the model's `settings` mapping (not in `ArkConfig`) because they belong to one model: a small CPU
+model and a large GPU one want different batch bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.common.config import ConfigError, ModelConfig
+
+
+class EmbeddingsSettings(BaseModel):
+    """Batching, threading and output options of one embeddings model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # How long the first queued input waits for others to join its batch. Bounds the delay a lone request pays.
+    batch_window_ms: Annotated[float, Field(ge=0, le=100)] = 3.0
+    # Inputs encoded in one forward pass.
+    max_batch_size: Annotated[int, Field(ge=1)] = 64
+    # Padded tokens (inputs x longest input) in one forward pass: bounds memory and per-batch latency.
+    max_batch_tokens: Annotated[int, Field(ge=1)] = 16384
+    # Inputs waiting for the encoder before new requests get 429: a bounded queue instead of unbounded latency.
+    max_queued_inputs: Annotated[int, Field(ge=1)] = 8192
+    # Intra-op threads of torch on CPU; unset keeps torch's default (one per core).
+    torch_threads: Annotated[int, Field(ge=1)] | None = None
+    # Whether `dimensions` may shorten vectors (Matryoshka-trained models only; MiniLM is not).
+    supports_dimensions: bool = False
+    # TensorRT-LLM only: the Hugging Face folder holding the tokenizer (the engine folder holds none).
+    tokenizer_path: str | None = None
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> EmbeddingsSettings:
+        """Parse `model.settings`; a bad value stops start-up with a message naming the field."""
+        try:
+            return cls.model_validate(model.settings)
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"models[{model.id}].settings: {fields}") from None
+
+    @property
+    def batch_window_seconds(self) -> float:
+        return self.batch_window_ms / 1000

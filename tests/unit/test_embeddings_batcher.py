@@ -1,0 +1,187 @@
+"""Dynamic batching across concurrent requests, against a fake encoder that records the batches it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from services.common.errors import OverloadedError, UnavailableError
+from services.embeddings.batcher import Batcher
+
+
+class FakeEncoder:
+    """Returns, for each sequence, the sequence itself; can be held mid-batch to simulate a busy model."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, ...]]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.started = threading.Event()
+        self.fail_next = False
+
+    def __call__(self, batch: list[Sequence[int]]) -> list[tuple[int, ...]]:
+        self.batches.append([tuple(seq) for seq in batch])
+        self.started.set()
+        self.release.wait(timeout=10)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("encoder failure")
+        return [tuple(seq) for seq in batch]
+
+    def hold(self) -> None:
+        self.release.clear()
+        self.started.clear()
+
+
+def make(encoder: FakeEncoder, **overrides) -> Batcher:
+    bounds = {"window_seconds": 0.02, "max_batch_size": 64, "max_batch_tokens": 100_000, "max_queued": 1000}
+    return Batcher(encoder, **(bounds | overrides))
+
+
+async def wait_until_encoding(encoder: FakeEncoder) -> None:
+    await asyncio.to_thread(encoder.started.wait, 5)
+
+
+async def test_concurrent_requests_within_the_window_share_one_batch():
+    encoder = FakeEncoder()
+    batcher = make(encoder)
+    results = await asyncio.gather(*(batcher.submit([[i, i]]) for i in range(20)))
+    assert results == [[(i, i)] for i in range(20)]
+    assert len(encoder.batches) == 1 and len(encoder.batches[0]) == 20
+    await batcher.close()
+
+
+async def test_a_lone_request_is_encoded_alone_after_the_window():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=0.01)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await batcher.submit([[1, 2, 3]]) == [(1, 2, 3)]
+    assert encoder.batches == [[(1, 2, 3)]]
+    assert loop.time() - start < 1.0  # the window, not a wait for a full batch
+    await batcher.close()
+
+
+async def test_results_come_back_in_request_order_though_queued_shortest_first():
+    encoder = FakeEncoder()
+    batcher = make(encoder)
+    sequences = [[1] * 5, [2], [3] * 3, [4] * 2]
+    assert await batcher.submit(sequences) == [tuple(s) for s in sequences]
+    assert [len(s) for s in encoder.batches[0]] == [1, 2, 3, 5]
+    await batcher.close()
+
+
+async def test_batch_size_is_bounded():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_batch_size=4)
+    await asyncio.gather(*(batcher.submit([[i]]) for i in range(10)))
+    assert [len(b) for b in encoder.batches] == [4, 4, 2]
+    await batcher.close()
+
+
+async def test_padded_tokens_per_batch_are_bounded_and_an_oversized_sequence_runs_alone():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_batch_tokens=20)
+    sequences = [[1] * 5] * 6 + [[2] * 30]
+    await batcher.submit(sequences)
+    for batch in encoder.batches:
+        assert len(batch) == 1 or len(batch) * max(map(len, batch)) <= 20
+    assert [len(b) for b in encoder.batches] == [4, 2, 1]
+    await batcher.close()
+
+
+async def test_requests_arriving_while_the_encoder_is_busy_form_the_next_batch():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=0.001)
+    encoder.hold()
+    first = asyncio.create_task(batcher.submit([[0]]))
+    await wait_until_encoding(encoder)
+    later = [asyncio.create_task(batcher.submit([[i]])) for i in range(1, 9)]
+    await asyncio.sleep(0.05)  # far past the window: they wait for the encoder, not for the window
+    encoder.release.set()
+    await asyncio.gather(first, *later)
+    assert [len(b) for b in encoder.batches] == [1, 8]
+    await batcher.close()
+
+
+async def test_a_small_request_does_not_wait_behind_all_of_a_large_one():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_batch_size=8)
+    encoder.hold()
+    blocker = asyncio.create_task(batcher.submit([[0]]))
+    await wait_until_encoding(encoder)
+    large = asyncio.create_task(batcher.submit([[1]] * 40))
+    await asyncio.sleep(0)
+    small = asyncio.create_task(batcher.submit([[2]]))
+    await asyncio.sleep(0.05)
+    encoder.release.set()
+    await asyncio.gather(blocker, large, small)
+    batch_of_small = next(i for i, b in enumerate(encoder.batches) if (2,) in b)
+    assert batch_of_small == 1  # the first batch after the blocker, not the sixth
+    assert sum(len(b) for b in encoder.batches) == 42
+    await batcher.close()
+
+
+async def test_a_cancelled_request_is_not_encoded():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=0.001)
+    encoder.hold()
+    blocker = asyncio.create_task(batcher.submit([[0]]))
+    await wait_until_encoding(encoder)
+    abandoned = asyncio.create_task(batcher.submit([[7]] * 5))
+    kept = asyncio.create_task(batcher.submit([[8]]))
+    await asyncio.sleep(0.01)
+    abandoned.cancel()
+    encoder.release.set()
+    assert await kept == [(8,)]
+    await blocker
+    assert all((7,) not in batch for batch in encoder.batches)
+    assert batcher.queued == 0
+    await batcher.close()
+
+
+async def test_a_full_queue_refuses_new_requests():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_queued=4, window_seconds=0.001)
+    encoder.hold()
+    blocker = asyncio.create_task(batcher.submit([[0]]))
+    await wait_until_encoding(encoder)
+    waiting = asyncio.create_task(batcher.submit([[1]] * 3))
+    await asyncio.sleep(0)
+    with pytest.raises(OverloadedError):
+        await batcher.submit([[2]] * 2)
+    encoder.release.set()
+    await asyncio.gather(blocker, waiting)
+    await batcher.close()
+
+
+async def test_an_encoder_failure_fails_that_batch_only():
+    encoder = FakeEncoder()
+    batcher = make(encoder)
+    encoder.fail_next = True
+    with pytest.raises(RuntimeError, match="encoder failure"):
+        await batcher.submit([[1]])
+    assert await batcher.submit([[2]]) == [(2,)]
+    await batcher.close()
+
+
+async def test_close_fails_what_is_still_queued_and_refuses_new_requests():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=0.001)
+    encoder.hold()
+    running = asyncio.create_task(batcher.submit([[0]]))
+    await wait_until_encoding(encoder)
+    queued = asyncio.create_task(batcher.submit([[1]]))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0.01)
+    encoder.release.set()
+    await closing
+    assert await running == [(0,)]  # the batch in the encoder still completes
+    with pytest.raises(UnavailableError):
+        await queued
+    with pytest.raises(UnavailableError):
+        await batcher.submit([[2]])
