@@ -61,6 +61,7 @@ format: $(VENV)/.installed ## Rewrite files with ruff
 
 bench: protos ## Run the benchmarks (side by side with in-process references)
 	$(BIN)/python -m bench.chat_latency
+	$(BIN)/python -m bench.transcription_latency
 	$(BIN)/python -m bench.embeddings_throughput
 
 clean: ## Remove generated stubs and caches (keeps .venv)

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from edge.backends import ChatWorkers, EmbeddingsBackend, SessionRegistryClient
+from edge.backends import ChatWorkers, EmbeddingsBackend, SessionRegistryClient, TranscriptionBackend
 from edge.catalog import Catalog
 from edge.chat.router import router as chat_router
 from edge.chat.serving import ChatCompletions
@@ -20,6 +20,8 @@ from edge.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddle
 from edge.models.router import router as models_router
 from edge.sessions.placement import SessionPlacer
 from edge.sessions.router import router as sessions_router
+from edge.transcriptions.router import router as transcriptions_router
+from edge.transcriptions.serving import Transcriptions
 from services.common.config import ArkConfig
 
 
@@ -31,6 +33,7 @@ def create_app(config: ArkConfig) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, EdgeState]]:
         workers = ChatWorkers(config.services.chat.workers)
         embeddings_backend = EmbeddingsBackend(config.services.embeddings.address)
+        transcription_backend = TranscriptionBackend(config.services.transcription.address)
         registry = (
             SessionRegistryClient(config.services.registry.address, config.sessions.registry_timeout_seconds)
             if config.sessions.enabled
@@ -46,11 +49,13 @@ def create_app(config: ArkConfig) -> FastAPI:
                     chat=ChatCompletions(catalog, workers, sessions, config.limits),
                     embeddings=Embeddings(catalog, embeddings_backend, config.limits),
                     sessions=sessions,
+                    transcriptions=Transcriptions(catalog, transcription_backend),
                 )
             }
         finally:
             await workers.close()
             await embeddings_backend.close()
+            await transcription_backend.close()
             if registry is not None:
                 await registry.close()
 
@@ -61,6 +66,7 @@ def create_app(config: ArkConfig) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(embeddings_router)
     app.include_router(sessions_router)
+    app.include_router(transcriptions_router)
     # Outermost last: request id wraps everything, so even a 401 or 413 carries one.
     app.add_middleware(AuthMiddleware, api_keys=config.auth.api_keys)
     app.add_middleware(

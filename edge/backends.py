@@ -13,6 +13,8 @@ from ark.embeddings.v1 import embeddings_service_pb2 as embeddings_pb
 from ark.embeddings.v1 import embeddings_service_pb2_grpc as embeddings_grpc
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as sessions_grpc
+from ark.transcription.v1 import transcription_service_pb2 as transcription_pb
+from ark.transcription.v1 import transcription_service_pb2_grpc as transcription_grpc
 from services.common.errors import UnavailableError
 from services.common.grpc_errors import from_rpc_error
 from services.common.server import CHANNEL_OPTIONS
@@ -134,6 +136,50 @@ class EmbeddingsBackend:
             return await self._stub.Embed(request)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class TranscriptionStream:
+    """A started transcription: its `started` event, then segments and `finished` (read with `read()`)."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, started: transcription_pb.TranscriptionStarted) -> None:
+        self._call = call
+        self.started = started
+
+    async def __aiter__(self) -> AsyncIterator[transcription_pb.StreamTranscribeResponse]:
+        while (message := await self._call.read()) is not grpc.aio.EOF:
+            yield message
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class TranscriptionBackend:
+    """The transcription service: one address; uploads travel in one message (CHANNEL_OPTIONS lifts gRPC's 4 MiB)."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = transcription_grpc.TranscriptionServiceStub(self._channel)
+
+    async def transcribe(self, request: transcription_pb.TranscribeRequest) -> transcription_pb.TranscribeResponse:
+        try:
+            return await self._stub.Transcribe(request)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def open_stream(self, request: transcription_pb.StreamTranscribeRequest) -> TranscriptionStream:
+        """Start transcribing and wait for `started`, so that a bad file is an HTTP error, not a broken stream."""
+        call = self._stub.StreamTranscribe(request)
+        try:
+            first = await call.read()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
+            call.cancel()
+            raise UnavailableError("The transcription service closed the stream before starting.")
+        return TranscriptionStream(call, first.started)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -92,6 +92,29 @@ EMBEDDINGS: dict[str, Param] = {
     "user": Param(IGN, "end-user id hint"),
 }
 
+TRANSCRIPTIONS: dict[str, Param] = {
+    "file": Param(
+        S,
+        "flac, m4a, mp3, mp4, mpeg, mpga, oga, ogg, wav, webm (recognised by content, not by name); up to "
+        "limits.max_audio_bytes (413 beyond) and limits.max_audio_seconds",
+    ),
+    "model": Param(S, "a configured transcription model id or alias (`whisper-1`, `gpt-4o-transcribe`, …)"),
+    "language": Param(S, "ISO-639-1; a language the model cannot transcribe is refused (tiny.en: English only)"),
+    "languages": Param(S, "each must be a language the model transcribes; a single one acts as `language`"),
+    "keywords": Param(S, "biases decoding towards these words (Whisper hotwords)"),
+    "prompt": Param(S, "conditions the decoder on this text (style, vocabulary)"),
+    "response_format": Param(
+        S, "`json`, `text`, `srt`, `vtt`, `verbose_json`; `diarized_json` is refused (no diarization)"
+    ),
+    "temperature": Param(S, "0..1; 0 or unset: Whisper's temperature fallback schedule"),
+    "include": Param(R, "token log probabilities are not available", (None, [])),
+    "timestamp_granularities": Param(S, "`segment` and `word` (`word` needs `verbose_json`)"),
+    "stream": Param(S, "`transcript.text.delta` events (one per segment), then `transcript.text.done` with usage"),
+    "chunking_strategy": Param(S, "`auto` or `server_vad`: silence is cut out first by voice activity detection"),
+    "known_speaker_names": Param(R, "no speaker diarization", (None, [])),
+    "known_speaker_references": Param(R, "no speaker diarization", (None, [])),
+}
+
 
 def apply_policy(table: dict[str, Param], body: BaseModel) -> list[str]:
     """Raise for a rejected field set to a value that matters; return the ignored fields the client sent."""
@@ -120,5 +143,9 @@ def markdown_table(table: dict[str, Param]) -> str:
 
 
 if __name__ == "__main__":
-    for name, table in [("chat completions", CHAT_COMPLETIONS), ("embeddings", EMBEDDINGS)]:
+    for name, table in [
+        ("chat completions", CHAT_COMPLETIONS),
+        ("embeddings", EMBEDDINGS),
+        ("transcriptions", TRANSCRIPTIONS),
+    ]:
         print(f"### {name}\n\n{markdown_table(table)}\n")

@@ -15,6 +15,7 @@ from edge.embeddings.serving import Embeddings
 from edge.errors import validation_error
 from edge.sessions.cookies import COOKIE_NAME
 from edge.sessions.placement import SessionPlacer
+from edge.transcriptions.serving import Transcriptions
 from services.common.config import ArkConfig
 
 
@@ -27,6 +28,7 @@ class EdgeState:
     chat: ChatCompletions
     embeddings: Embeddings
     sessions: SessionPlacer
+    transcriptions: Transcriptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +53,15 @@ def get_embeddings(request: Request) -> Embeddings:
     return request.state.ark.embeddings
 
 
+def get_transcriptions(request: Request) -> Transcriptions:
+    return request.state.ark.transcriptions
+
+
 State = Annotated[EdgeState, Depends(get_state)]
 Ctx = Annotated[RequestContext, Depends(get_context)]
 Chat = Annotated[ChatCompletions, Depends(get_chat)]
 EmbeddingsDep = Annotated[Embeddings, Depends(get_embeddings)]
+TranscriptionsDep = Annotated[Transcriptions, Depends(get_transcriptions)]
 SessionCookie = Annotated[str | None, Cookie(alias=COOKIE_NAME)]
 
 
