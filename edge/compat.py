@@ -46,22 +46,22 @@ CHAT_COMPLETIONS: dict[str, Param] = {
     "frequency_penalty": Param(S, "-2..2"),
     "presence_penalty": Param(S, "-2..2"),
     "web_search_options": Param(R, "no web search"),
-    "top_logprobs": Param(R, "not yet implemented", (None, 0)),
-    "response_format": Param(R, "only `text` for now", (None, {"type": "text"})),
+    "top_logprobs": Param(S, "0..20, with logprobs; streamed too"),
+    "response_format": Param(S, "`text`, `json_object`, `json_schema`, enforced by grammar-constrained decoding"),
     "audio": Param(R, "no audio output"),
     "store": Param(IGN, "ARK stores no completions", (None, False, True)),
     "stream": Param(S, "server-sent events"),
     "stop": Param(S, "up to the configured number of sequences"),
-    "logit_bias": Param(R, "not yet implemented", (None, {})),
-    "logprobs": Param(R, "not yet implemented", (None, False)),
+    "logit_bias": Param(S, "token ids of the model's own vocabulary, -100..100"),
+    "logprobs": Param(S, "log probabilities of the model's distribution; streamed too"),
     "max_tokens": Param(S, "1..limits.max_tokens, and within the context window"),
-    "n": Param(R, "one choice per request for now", (None, 1)),
+    "n": Param(S, "1..limits.max_n; the prompt is computed once"),
     "prediction": Param(IGN, "a latency hint; output is unchanged"),
     "seed": Param(S, "same seed, same output on the same worker"),
     "stream_options": Param(S, "`include_usage`; `include_obfuscation` is ignored"),
-    "tools": Param(R, "not yet implemented", (None, [])),
-    "tool_choice": Param(R, "not yet implemented", (None, "none", "auto")),
-    "parallel_tool_calls": Param(IGN, "without tools it has no effect"),
+    "tools": Param(S, "`function` tools; arguments are grammar-constrained to the function's schema"),
+    "tool_choice": Param(S, "`auto`, `none`, `required`, or a named function"),
+    "parallel_tool_calls": Param(S, "accepted; ARK makes at most one call per turn"),
     "function_call": Param(R, "deprecated by OpenAI; use tools", (None, "none", "auto")),
     "functions": Param(R, "deprecated by OpenAI; use tools", (None, [])),
     "metadata": Param(IGN, "ARK stores no completions"),
@@ -114,6 +114,27 @@ TRANSCRIPTIONS: dict[str, Param] = {
     "known_speaker_names": Param(R, "no speaker diarization", (None, [])),
     "known_speaker_references": Param(R, "no speaker diarization", (None, [])),
 }
+
+
+# ARK-only request fields for chat completions (top level; the openai SDK sends them through `extra_body`).
+CHAT_EXTENSIONS: dict[str, str] = {
+    "top_k": "sample among the k most likely tokens (0 = off)",
+    "min_p": "drop tokens below this probability relative to the most likely one (0..1)",
+    "repetition_penalty": "multiplicative penalty on recently repeated tokens (1.0 = off)",
+    "session": "`auto` (default: use the `ark_session_id` cookie), `none` (stateless, no cookie) or `new` "
+    "(start a new session even if a cookie is presented)",
+    "stream_keepalive_seconds": "while the prompt is processed, send an SSE comment (`: keep-alive`) this often "
+    "(default 10; 0 = off)",
+    "stream_usage_every_chunk": "every chunk carries `usage` so far, not only the last one",
+    "ark_metadata": "the response (or the last chunk) carries `ark`: cached tokens, session state and timings",
+}
+
+
+def extensions_table(extensions: dict[str, str]) -> str:
+    """ARK's extension parameters as docs/api.md shows them."""
+    rows = ["| parameter | meaning |", "| --- | --- |"]
+    rows += [f"| `{name}` | {note} |" for name, note in extensions.items()]
+    return "\n".join(rows)
 
 
 def apply_policy(table: dict[str, Param], body: BaseModel) -> list[str]:

@@ -90,7 +90,11 @@ class ChatCompletionRequest(_Request):
     prompt_cache_options: dict[str, Any] | None = None
     service_tier: str | None = None
     moderation: Any = None
-    # ARK extensions (sent by the openai SDK through `extra_body`).
+    # ARK extensions (sent by the openai SDK through `extra_body`); documented in docs/api.md.
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    session: Literal["auto", "none", "new"] | None = None
+    stream_keepalive_seconds: Annotated[float, Field(ge=0, le=300)] | None = None
+    stream_usage_every_chunk: bool | None = None
+    ark_metadata: bool | None = None

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -25,6 +26,8 @@ from services.common.grpc_errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 
+DEFAULT_KEEPALIVE_SECONDS = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
@@ -37,6 +40,10 @@ class Prepared:
     request: pb.StreamGenerateChatCompletionRequest
     ignored_params: list[str]
     include_usage: bool
+    usage_every_chunk: bool
+    ark_metadata: bool
+    keepalive_seconds: float
+    session_mode: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +54,41 @@ class Running:
     session: Placement | None
 
 
+@dataclass
+class _Choice:
+    """One choice being assembled from the stream."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    call_id: str = ""
+    call_name: str = ""
+    call_arguments: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.text) if not self.call_id else None,
+            "refusal": None,
+            "annotations": [],
+        }
+        if self.call_id:
+            message["tool_calls"] = [
+                {
+                    "id": self.call_id,
+                    "type": "function",
+                    "function": {"name": self.call_name, "arguments": "".join(self.call_arguments)},
+                }
+            ]
+        return message
+
+
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _finish(finished: pb.GenerationFinished) -> str:
+    return translate.FINISH_REASONS.get(finished.finish_reason, "stop")
 
 
 class ChatCompletions:
@@ -65,6 +105,7 @@ class ChatCompletions:
             body, model_id=model.id, request_id=request_id, api_key_hash=api_key_hash, limits=self._limits
         )
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        keepalive = body.stream_keepalive_seconds
         return Prepared(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -72,13 +113,20 @@ class ChatCompletions:
             fingerprint=translate.fingerprint(model),
             request=request,
             ignored_params=ignored,
-            include_usage=include_usage,
+            include_usage=include_usage or bool(body.stream_usage_every_chunk),
+            usage_every_chunk=bool(body.stream_usage_every_chunk),
+            ark_metadata=bool(body.ark_metadata),
+            keepalive_seconds=DEFAULT_KEEPALIVE_SECONDS if keepalive is None else keepalive,
+            session_mode=body.session or "auto",
         )
 
     async def start(self, job: Prepared, session_cookie: str | None) -> Running:
         """Place the request (session or not) and start generating; errors before the first token raise here."""
         api_key_hash = job.request.session.api_key_hash
-        placement = await self._sessions.place(session_cookie, api_key_hash, job.model)
+        placement = None
+        if job.session_mode != "none":
+            cookie = None if job.session_mode == "new" else session_cookie
+            placement = await self._sessions.place(cookie, api_key_hash, job.model)
         if placement is None:
             return Running(await self._workers.open_stream(job.request), None)
         try:
@@ -96,41 +144,71 @@ class ChatCompletions:
         job.request.session.idle_timeout_seconds = self._sessions.policy.idle_timeout_seconds
         return await self._workers.open_stream(job.request, address=placement.worker_address)
 
+    def _ark(self, running: Running, finished: pb.GenerationFinished) -> dict[str, Any]:
+        """ARK's metadata extension: what was reused, where, and how long it took."""
+        session = None if running.session is None else ("new" if running.session.is_new else "resumed")
+        t = finished.timings
+        return {
+            "cached_tokens": finished.usage.cached_tokens,
+            "session": session,
+            "timings": {
+                "queue_seconds": round(t.queue_seconds, 6),
+                "time_to_first_token_seconds": round(t.time_to_first_token_seconds, 6),
+                "decode_seconds": round(t.decode_seconds, 6),
+            },
+        }
+
     async def complete(self, job: Prepared, running: Running) -> dict[str, Any]:
         """Run to the end and return a `chat.completion` object."""
-        call = running.stream
-        text: list[str] = []
+        choices: dict[int, _Choice] = {}
         try:
-            async for message in call:
+            async for message in running.stream:
                 kind = message.WhichOneof("event")
                 if kind == "delta":
-                    text.append(message.delta.text)
+                    d = message.delta
+                    choice = choices.setdefault(d.choice_index, _Choice())
+                    choice.text.append(d.text)
+                    choice.logprobs += translate.logprobs_to_json(d.logprobs)
+                    for call in d.tool_calls:
+                        choice.call_id = choice.call_id or call.id
+                        choice.call_name = choice.call_name or call.function_name
+                        choice.call_arguments.append(call.arguments_delta)
                 elif kind == "finished":
-                    return self._completion(job, "".join(text), message.finished)
+                    f = message.finished
+                    choices.setdefault(f.choice_index, _Choice()).finish_reason = _finish(f)
+                    if not f.more_choices:
+                        return self._completion(job, running, choices, f)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:
-            call.cancel()
+            running.stream.cancel()
         raise InternalError("The chat worker ended the stream without finishing.")
 
-    def _completion(self, job: Prepared, text: str, finished: pb.GenerationFinished) -> dict[str, Any]:
-        return {
+    def _completion(
+        self, job: Prepared, running: Running, choices: dict[int, _Choice], last: pb.GenerationFinished
+    ) -> dict[str, Any]:
+        logprobs_wanted = job.request.sampling.logprobs
+        body: dict[str, Any] = {
             "id": job.id,
             "object": "chat.completion",
             "created": job.created,
             "model": job.model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
-                    "logprobs": None,
-                    "finish_reason": translate.FINISH_REASONS.get(finished.finish_reason, "stop"),
+                    "index": i,
+                    "message": c.message(),
+                    "logprobs": {"content": c.logprobs, "refusal": None} if logprobs_wanted else None,
+                    "finish_reason": c.finish_reason or "stop",
                 }
+                for i, c in sorted(choices.items())
             ],
-            "usage": translate.usage_to_json(finished.usage),
+            "usage": translate.usage_to_json(last.usage),
             "service_tier": "default",
             "system_fingerprint": job.fingerprint,
         }
+        if job.ark_metadata:
+            body["ark"] = self._ark(running, last)
+        return body
 
     async def sse_events(self, job: Prepared, running: Running) -> AsyncIterator[bytes]:
         """The SSE body of a started generation."""
@@ -144,23 +222,77 @@ class ChatCompletions:
         }
         if job.include_usage:
             base["usage"] = None
+        logprobs_wanted = job.request.sampling.logprobs
+        prompt_tokens = call.started.prompt_tokens
+        cached_tokens = call.started.cached_tokens
+        generated = 0
+        opened: set[int] = set()
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return _sse({**base, "choices": [choice]})
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            payload = {**base, "choices": [choice]}
+            if job.usage_every_chunk:
+                payload["usage"] = translate.usage_to_json(
+                    pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, cached_tokens=cached_tokens)
+                )
+            return _sse(payload)
+
+        def open_choice(index: int) -> bytes | None:
+            if index in opened:
+                return None
+            opened.add(index)
+            return chunk(index, {"role": "assistant", "content": "", "refusal": None})
 
         try:
-            yield chunk({"role": "assistant", "content": "", "refusal": None})
-            async for message in call:
+            yield open_choice(0)
+            async for message in self._with_keepalive(call, job.keepalive_seconds):
+                if message is None:
+                    yield b": keep-alive\n\n"
+                    continue
                 kind = message.WhichOneof("event")
                 if kind == "delta":
-                    if message.delta.text:
-                        yield chunk({"content": message.delta.text})
+                    d = message.delta
+                    generated += len(d.token_ids)
+                    if (first := open_choice(d.choice_index)) is not None:
+                        yield first
+                    logprobs = (
+                        {"content": translate.logprobs_to_json(d.logprobs), "refusal": None}
+                        if logprobs_wanted and d.logprobs
+                        else None
+                    )
+                    if d.tool_calls:
+                        calls = []
+                        for c in d.tool_calls:
+                            call_delta: dict[str, Any] = {"index": c.index}
+                            if c.id:
+                                call_delta |= {
+                                    "id": c.id,
+                                    "type": "function",
+                                    "function": {"name": c.function_name, "arguments": c.arguments_delta},
+                                }
+                            else:
+                                call_delta["function"] = {"arguments": c.arguments_delta}
+                            calls.append(call_delta)
+                        yield chunk(d.choice_index, {"tool_calls": calls}, logprobs=logprobs)
+                    elif d.text or logprobs:
+                        yield chunk(d.choice_index, {"content": d.text}, logprobs=logprobs)
                 elif kind == "finished":
-                    finished = message.finished
-                    yield chunk({}, translate.FINISH_REASONS.get(finished.finish_reason, "stop"))
+                    f = message.finished
+                    generated = f.usage.completion_tokens
+                    last = chunk(f.choice_index, {}, _finish(f))
+                    if f.more_choices:
+                        yield last
+                        continue
+                    if job.ark_metadata and not job.include_usage:
+                        payload = json.loads(last[6:])
+                        payload["ark"] = self._ark(running, f)
+                        last = _sse(payload)
+                    yield last
                     if job.include_usage:
-                        yield _sse({**base, "choices": [], "usage": translate.usage_to_json(finished.usage)})
+                        final = {**base, "choices": [], "usage": translate.usage_to_json(f.usage)}
+                        if job.ark_metadata:
+                            final["ark"] = self._ark(running, f)
+                        yield _sse(final)
                     yield b"data: [DONE]\n\n"
                     return
             raise InternalError("The chat worker ended the stream without finishing.")
@@ -171,3 +303,25 @@ class ChatCompletions:
         finally:
             # Runs on client disconnect too (the task is cancelled): cancelling the call aborts generation.
             call.cancel()
+
+    @staticmethod
+    async def _with_keepalive(
+        call: ChatStream, interval: float
+    ) -> AsyncIterator[pb.StreamGenerateChatCompletionResponse | None]:
+        """The stream's messages; None whenever `interval` passes with nothing to send before the first output
+        (a long prompt is being processed), so proxies and clients do not time the connection out."""
+        messages = aiter(call)
+        if interval > 0:
+            first = asyncio.ensure_future(anext(messages, None))
+            try:
+                while not (await asyncio.wait({first}, timeout=interval))[0]:
+                    yield None
+            finally:
+                if not first.done():
+                    first.cancel()
+            message = first.result()
+            if message is None:
+                return
+            yield message
+        async for message in messages:
+            yield message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from ark.chat.v1 import chat_service_pb2 as pb
@@ -113,14 +114,118 @@ def request_to_proto(
         value = getattr(body, field)
         if value is not None:
             setattr(sampling, field, value)
+    sampling.n = _n(body.n, limits)
+    sampling.logprobs, sampling.top_logprobs = _logprobs(body)
+    sampling.logit_bias.update(_logit_bias(body.logit_bias))
     request = pb.StreamGenerateChatCompletionRequest(
         request_id=request_id,
         model=model_id,
         messages=[message_to_proto(i, m) for i, m in enumerate(body.messages)],
         sampling=sampling,
+        response_format=_response_format(body.response_format),
+        tools=[_tool(i, t) for i, t in enumerate(body.tools or [])],
+        tool_choice=_tool_choice(body.tool_choice, bool(body.tools)),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )
     request.session.api_key_hash = api_key_hash
     return request
+
+
+def _n(n: int | None, limits: LimitsConfig) -> int:
+    if n is not None and n > limits.max_n:
+        raise InvalidRequestError(f"Invalid value for 'n': at most {limits.max_n} choices are allowed.", param="n")
+    return n or 1
+
+
+def _logprobs(body: ChatCompletionRequest) -> tuple[bool, int]:
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+    return bool(body.logprobs), body.top_logprobs or 0
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise InvalidRequestError(
+                f"Invalid value for 'logit_bias': key {key!r} is not a token id.", param="logit_bias"
+            )
+        if not -100 <= value <= 100:
+            raise InvalidRequestError(
+                f"Invalid value for 'logit_bias': bias {value} for token {key} is outside -100..100.",
+                param="logit_bias",
+            )
+        out[int(key)] = value
+    return out
+
+
+def _response_format(fmt: dict[str, Any] | None) -> pb.ResponseFormat:
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_TEXT)
+    if kind == "json_object":
+        return pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict) or not spec.get("name"):
+            raise InvalidRequestError(
+                "response_format.json_schema must be an object with 'name' and 'schema'.", param="response_format"
+            )
+        return pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            json_schema=json.dumps(spec.get("schema") or {}),
+            schema_name=str(spec["name"]),
+        )
+    raise InvalidRequestError(
+        f"Invalid value for 'response_format.type': {kind!r} (expected 'text', 'json_object' or 'json_schema').",
+        param="response_format.type",
+    )
+
+
+def _tool(i: int, tool: dict[str, Any]) -> pb.Tool:
+    if tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        raise UnsupportedParameterError(
+            f"Only tools of type 'function' are supported (tools[{i}] is {tool.get('type')!r}).", param=f"tools[{i}]"
+        )
+    function = tool["function"]
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"Missing required parameter: 'tools[{i}].function.name'.", param=f"tools[{i}]")
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    return pb.Tool(
+        name=name,
+        description=str(function.get("description") or ""),
+        parameters_json=json.dumps(parameters),
+        strict=bool(function.get("strict")),
+    )
+
+
+def _tool_choice(choice: str | dict[str, Any] | None, has_tools: bool) -> pb.ToolChoice:
+    if choice is None:
+        return pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO if has_tools else pb.TOOL_CHOICE_MODE_NONE)
+    modes = {
+        "auto": pb.TOOL_CHOICE_MODE_AUTO,
+        "none": pb.TOOL_CHOICE_MODE_NONE,
+        "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+    }
+    if isinstance(choice, str) and choice in modes:
+        if choice != "none" and not has_tools:
+            raise InvalidRequestError(f"tool_choice '{choice}' needs 'tools'.", param="tool_choice")
+        return pb.ToolChoice(mode=modes[choice])
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        if not has_tools:
+            raise InvalidRequestError("tool_choice names a function but no 'tools' were given.", param="tool_choice")
+        return pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function_name=str(choice["function"].get("name", "")))
+    raise InvalidRequestError(
+        "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or a function.", param="tool_choice"
+    )
+
+
+def logprobs_to_json(positions: Any) -> list[dict[str, Any]]:
+    def entry(e: pb.TokenLogprob) -> dict[str, Any]:
+        return {"token": e.token, "logprob": e.logprob, "bytes": list(e.token_bytes)}
+
+    return [{**entry(p.sampled), "top_logprobs": [entry(t) for t in p.top]} for p in positions]
 
 
 def usage_to_json(usage: pb.Usage) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from services.chat.engines import create_engine
 from services.chat.registration import keep_lease
 from services.chat.servicer import chat_service
 from services.common.config import Capability, load_config
+from services.common.metrics import register_chat_engines
 from services.common.server import configure_logging, serve
 
 
@@ -23,6 +24,7 @@ async def main() -> None:
     engines = {
         m.id: create_engine(m, max_queue=config.services.chat.max_queue) for m in config.models_for(Capability.CHAT)
     }
+    register_chat_engines(engines)  # queue depth and resident sessions, for Prometheus
 
     lease = None
     if config.sessions.enabled:
@@ -36,7 +38,8 @@ async def main() -> None:
         for engine in engines.values():
             await engine.close()
 
-    await serve([chat_service(engines)], address, on_stop=close_engines)
+    # A worker being removed (scale-down, rollout) lets its streams run as long as the edge's drain would.
+    await serve([chat_service(engines)], address, on_stop=close_engines, grace_seconds=config.edge.drain_grace_seconds)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,40 @@ class Sampling:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    n: int = 1
+
+
+class ResponseFormatType(StrEnum):
+    TEXT = "text"
+    JSON_OBJECT = "json_object"
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    type: ResponseFormatType = ResponseFormatType.TEXT
+    json_schema: str = ""  # JSON text
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    name: str
+    description: str
+    parameters_json: str  # JSON Schema of the arguments, as JSON text
+
+
+class ToolChoiceMode(StrEnum):
+    AUTO = "auto"
+    NONE = "none"
+    REQUIRED = "required"
+    FUNCTION = "function"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    function_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +99,9 @@ class GenerationRequest:
     model: str
     messages: tuple[Message, ...]
     sampling: Sampling = Sampling()
+    response_format: ResponseFormat = ResponseFormat()
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
     session_id: str = ""
     api_key_hash: str = ""
     idle_timeout: float = 0.0
@@ -93,11 +130,35 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    token_bytes: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PositionLogprobs:
+    sampled: TokenLogprob
+    top: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    index: int
+    id: str = ""
+    function_name: str = ""
+    arguments_delta: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """Output since the previous event."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[PositionLogprobs, ...] = ()
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    choice_index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +166,8 @@ class Finished:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    choice_index: int = 0
+    more_choices: bool = False
 
 
 GenerationEvent = Started | Delta | Finished

@@ -14,10 +14,16 @@ from services.chat.domain import (
     FinishReason,
     GenerationRequest,
     Message,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
     Sampling,
     Started,
+    TokenLogprob,
+    Tool,
     ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
 )
 from services.chat.engines.base import ChatEngine
 from services.common.errors import InvalidRequestError, ModelNotFoundError
@@ -31,6 +37,17 @@ _ROLES = {
     pb.ROLE_USER: Role.USER,
     pb.ROLE_ASSISTANT: Role.ASSISTANT,
     pb.ROLE_TOOL: Role.TOOL,
+}
+_FORMATS = {
+    pb.RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.TEXT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.JSON_OBJECT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.JSON_SCHEMA,
+}
+_TOOL_MODES = {
+    pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
+    pb.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    pb.TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode.FUNCTION,
 }
 _FINISH = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -64,12 +81,22 @@ def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> Generatio
         top_k=s.top_k if s.HasField("top_k") else None,
         min_p=s.min_p if s.HasField("min_p") else None,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+        n=max(1, s.n),
     )
+    fmt = req.response_format
+    tools = tuple(Tool(t.name, t.description, t.parameters_json) for t in req.tools)
     return GenerationRequest(
         request_id=req.request_id,
         model=req.model,
         messages=tuple(messages),
         sampling=sampling,
+        response_format=ResponseFormat(
+            _FORMATS.get(fmt.type, ResponseFormatType.TEXT), fmt.json_schema, fmt.schema_name
+        ),
+        tools=tools,
+        tool_choice=ToolChoice(
+            _TOOL_MODES.get(req.tool_choice.mode, ToolChoiceMode.AUTO), req.tool_choice.function_name
+        ),
         session_id=req.session.session_id,
         api_key_hash=req.session.api_key_hash,
         idle_timeout=float(req.session.idle_timeout_seconds),
@@ -121,7 +148,21 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
 def _event_to_proto(event: Started | Delta | Finished) -> pb.StreamGenerateChatCompletionResponse:
     if isinstance(event, Delta):
         return pb.StreamGenerateChatCompletionResponse(
-            delta=pb.GenerationDelta(text=event.text, token_ids=event.token_ids)
+            delta=pb.GenerationDelta(
+                choice_index=event.choice_index,
+                text=event.text,
+                token_ids=event.token_ids,
+                logprobs=[
+                    pb.PositionLogprobs(sampled=_logprob(p.sampled), top=[_logprob(t) for t in p.top])
+                    for p in event.logprobs
+                ],
+                tool_calls=[
+                    pb.ToolCallDelta(
+                        index=c.index, id=c.id, function_name=c.function_name, arguments_delta=c.arguments_delta
+                    )
+                    for c in event.tool_calls
+                ],
+            )
         )
     if isinstance(event, Started):
         return pb.StreamGenerateChatCompletionResponse(
@@ -129,6 +170,8 @@ def _event_to_proto(event: Started | Delta | Finished) -> pb.StreamGenerateChatC
         )
     return pb.StreamGenerateChatCompletionResponse(
         finished=pb.GenerationFinished(
+            choice_index=event.choice_index,
+            more_choices=event.more_choices,
             finish_reason=_FINISH[event.finish_reason],
             usage=pb.Usage(
                 prompt_tokens=event.usage.prompt_tokens,
@@ -142,6 +185,10 @@ def _event_to_proto(event: Started | Delta | Finished) -> pb.StreamGenerateChatC
             ),
         )
     )
+
+
+def _logprob(entry: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token=entry.token, logprob=entry.logprob, token_bytes=entry.token_bytes)
 
 
 def chat_service(engines: dict[str, ChatEngine]) -> Service:

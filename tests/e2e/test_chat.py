@@ -196,8 +196,8 @@ def test_bad_requests_are_400_with_param(stack, body, param):
 
 def test_unsupported_parameter_is_named(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="gpt-4o", messages=PARIS, n=3)
-    assert info.value.body["code"] == "unsupported_parameter" and info.value.body["param"] == "n"
+        client.chat.completions.create(model="gpt-4o", messages=PARIS, web_search_options={})
+    assert info.value.body["code"] == "unsupported_parameter" and info.value.body["param"] == "web_search_options"
 
 
 def test_ignored_parameters_are_reported(client):

@@ -1,10 +1,9 @@
 """The parameter table covers exactly OpenAI's request schema, and the request model accepts every field."""
 
 from edge.chat.schemas import ChatCompletionRequest
-from edge.compat import CHAT_COMPLETIONS
+from edge.compat import CHAT_COMPLETIONS, CHAT_EXTENSIONS
 from tests.support.openapi import load_spec, require_spec
 
-ARK_EXTENSIONS = {"top_k", "min_p", "repetition_penalty"}
 
 
 def schema_properties(name: str) -> set[str]:
@@ -29,4 +28,4 @@ def test_chat_table_covers_every_openai_field():
 
 
 def test_request_model_accepts_every_tabled_field_and_the_extensions():
-    assert set(ChatCompletionRequest.model_fields) == set(CHAT_COMPLETIONS) | ARK_EXTENSIONS
+    assert set(ChatCompletionRequest.model_fields) == set(CHAT_COMPLETIONS) | set(CHAT_EXTENSIONS)

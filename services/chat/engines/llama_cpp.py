@@ -11,17 +11,22 @@ held (llama-cpp-python compares token ids), but never across API keys: one tenan
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import LlamaGrammar
 
+from services.chat.constraints import Constraint, build_constraint
 from services.chat.domain import (
     Delta,
     Finished,
@@ -29,14 +34,20 @@ from services.chat.domain import (
     GenerationEvent,
     GenerationRequest,
     Message,
+    PositionLogprobs,
+    Role,
     Sampling,
     Started,
     Timings,
+    TokenLogprob,
+    ToolChoiceMode,
     Usage,
 )
 from services.chat.engines.base import ChatEngine, EngineStatus
+from services.chat.engines.llama_context import ArkLlama
 from services.chat.session_pool import Resident, SessionPool
 from services.chat.text import StopMatcher, Utf8Stream
+from services.chat.tools import ToolCallParser, tool_instructions
 from services.chat.transcript import Transcript, continue_tokens
 from services.common.admission import Admission
 from services.common.config import ModelConfig, resolve_model_path
@@ -83,12 +94,12 @@ class LlamaCppEngine(ChatEngine):
         path = resolve_model_path(model.path)
         log.info("loading %s from %s", model.id, path)
         # The weights are memory-mapped once and shared; each further context costs its KV cache and buffers.
-        self._llama = llama_cpp.Llama(model_path=str(path), verbose=False, **settings)
+        self._llama = ArkLlama(model_path=str(path), verbose=False, **settings)
         self._n_ctx = self._llama.n_ctx()
         slots = max(1, int(budget_mb * 1024 * 1024 // _kv_bytes(self._llama)))
         log.info("%s: %d resident session contexts (%.0f MB KV budget)", model.id, slots, budget_mb)
-        self._pool: SessionPool[llama_cpp.Llama] = SessionPool(
-            [llama_cpp.Llama(model_path=str(path), verbose=False, **settings) for _ in range(slots)],
+        self._pool: SessionPool[ArkLlama] = SessionPool(
+            [ArkLlama(model_path=str(path), verbose=False, **settings) for _ in range(slots)],
             reset=lambda ctx: ctx.reset(),
         )
         template = self._llama.metadata.get("tokenizer.chat_template")
@@ -104,6 +115,9 @@ class LlamaCppEngine(ChatEngine):
             template=template, eos_token=eos, bos_token=bos, add_generation_prompt=False, stop_token_ids=[eos_id]
         )
         self._is_eog: Callable[[int], bool] = lambda tok: bool(llama_cpp.llama_vocab_is_eog(vocab_model.vocab, tok))
+        self._vocab = vocab_model.vocab
+        self._n_vocab = self._llama.n_vocab()
+        self._checked_grammars: set[str] = set()
         self._admission = Admission(slots=1, max_queue=max_queue)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{model.id}")
         self._cache_owner = ""  # api-key hash whose tokens the context currently holds
@@ -143,6 +157,10 @@ class LlamaCppEngine(ChatEngine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         t_queued = time.perf_counter()
+        self._check_logit_bias(request.sampling.logit_bias)
+        constraint = build_constraint(request)
+        grammar = self._grammar(constraint)
+        messages = _with_tool_instructions(request)
         async with self._admission.slot():
             t_admitted = time.perf_counter()
             resident = None
@@ -150,63 +168,125 @@ class LlamaCppEngine(ChatEngine):
                 self._pool.expire_idle()
                 resident = self._pool.checkout(request.session_id, request.api_key_hash, request.idle_timeout)
                 llama = resident.context
-                prompt_text, tokens = self._session_prompt(resident, request.messages)
+                prompt_text, tokens = self._session_prompt(resident, messages)
                 resident.transcript = None  # until this turn completes
             else:
                 llama = self._llama
-                prompt_text, tokens = "", self.tokenize_prompt(request.messages)
+                prompt_text, tokens = "", self.tokenize_prompt(messages)
                 if self._cache_owner != request.api_key_hash:
                     llama.reset()  # no KV reuse across API keys
                     self._cache_owner = request.api_key_hash
             budget = self._token_budget(len(tokens), request.sampling.max_tokens)
             cached = min(_prefix_length(llama._input_ids, tokens), len(tokens) - 1)
             yield Started(prompt_tokens=len(tokens), cached_tokens=cached)
-            raw: list[int] = []
-            reply: list[str] = []
 
-            loop = asyncio.get_running_loop()
-            events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-            abort = threading.Event()
-
-            def post(item: GenerationEvent | BaseException) -> None:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-
-            job = loop.run_in_executor(
-                self._thread, self._run, llama, tokens, budget, request.sampling, abort, post, raw
-            )
-            try:
-                while True:
-                    item = await events.get()
-                    if isinstance(item, BaseException):
-                        raise item
+            n = max(1, request.sampling.n)
+            completion_tokens = 0
+            t_first = 0.0
+            for choice in range(n):
+                sampling = request.sampling
+                if choice and sampling.seed is not None:
+                    sampling = replace(sampling, seed=sampling.seed + choice)  # n choices, not n copies
+                raw: list[int] = []
+                reply: list[str] = []
+                parser = (
+                    ToolCallParser(expect_call=constraint.tool_call == "required")
+                    if constraint and constraint.tool_call
+                    else None
+                )
+                finish = FinishReason.STOP
+                async for item in self._stream(llama, tokens, budget, sampling, grammar, raw):
                     if isinstance(item, Finished):
-                        t_end = time.perf_counter()
-                        timings = Timings(
-                            time_to_first_token_seconds=item.timings.time_to_first_token_seconds - t_admitted,
-                            decode_seconds=t_end - item.timings.time_to_first_token_seconds,
-                            queue_seconds=t_admitted - t_queued,
-                        )
-                        if resident is not None:
-                            resident.transcript = Transcript(
-                                messages=request.messages,
-                                prompt_text=prompt_text,
-                                prompt_tokens=tuple(tokens),
-                                generated=tuple(raw),
-                                reply="".join(reply),
-                                ended_with_eog=bool(raw) and self._is_eog(raw[-1]),
-                            )
-                        yield Finished(
-                            item.finish_reason,
-                            Usage(len(tokens), item.usage.completion_tokens, cached),
-                            timings,
-                        )
-                        return
+                        finish = item.finish_reason
+                        completion_tokens += item.usage.completion_tokens
+                        t_first = t_first or item.timings.time_to_first_token_seconds
+                        break
+                    if parser is not None:
+                        text, calls = parser.push(item.text)
+                        item = replace(item, text=text, tool_calls=tuple(calls))
                     reply.append(item.text)
-                    yield item
-            finally:
-                abort.set()
-                # The context stays ours until the thread has really stopped touching it.
-                await asyncio.shield(job)
+                    yield replace(item, choice_index=choice)
+                if parser is not None:
+                    text, calls = parser.finish()
+                    if text or calls:
+                        reply.append(text)
+                        yield Delta(text, (), tool_calls=tuple(calls), choice_index=choice)
+                    if parser.made_call:
+                        finish = FinishReason.TOOL_CALLS
+                if resident is not None and choice == 0:
+                    resident.transcript = Transcript(
+                        messages=messages,
+                        prompt_text=prompt_text,
+                        prompt_tokens=tuple(tokens),
+                        generated=tuple(raw),
+                        reply="".join(reply),
+                        ended_with_eog=bool(raw) and self._is_eog(raw[-1]),
+                    )
+                t_end = time.perf_counter()
+                first = t_first or t_end
+                yield Finished(
+                    finish,
+                    Usage(len(tokens), completion_tokens, cached),
+                    Timings(first - t_admitted, t_end - first, t_admitted - t_queued),
+                    choice_index=choice,
+                    more_choices=choice < n - 1,
+                )
+
+    async def _stream(
+        self,
+        llama: ArkLlama,
+        tokens: list[int],
+        budget: int,
+        sampling: Sampling,
+        grammar: LlamaGrammar | None,
+        raw: list[int],
+    ) -> AsyncIterator[GenerationEvent]:
+        """One generation on the engine thread, its events handed to the event loop as they happen."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        abort = threading.Event()
+
+        def post(item: GenerationEvent | BaseException) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        job = loop.run_in_executor(self._thread, self._run, llama, tokens, budget, sampling, grammar, abort, post, raw)
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            abort.set()
+            # The context stays ours until the thread has really stopped touching it.
+            await asyncio.shield(job)
+
+    def _check_logit_bias(self, bias: dict[int, float]) -> None:
+        for token in bias:
+            if not 0 <= token < self._n_vocab:
+                raise InvalidRequestError(
+                    f"Invalid value for 'logit_bias': token id {token} is not in the vocabulary "
+                    f"(0..{self._n_vocab - 1}).",
+                    param="logit_bias",
+                )
+
+    def _grammar(self, constraint: Constraint | None) -> LlamaGrammar | None:
+        """The compiled grammar, checked once against the vocabulary (llama.cpp rejects what it cannot parse)."""
+        if constraint is None:
+            return None
+        if constraint.gbnf not in self._checked_grammars:
+            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, constraint.gbnf.encode(), b"root")
+            if not sampler:
+                raise InvalidRequestError(
+                    "ARK cannot compile the requested output constraint.",
+                    param="response_format",
+                    code="invalid_schema",
+                )
+            llama_cpp.llama_sampler_free(sampler)
+            self._checked_grammars.add(constraint.gbnf)
+        return LlamaGrammar.from_string(constraint.gbnf, verbose=False)
 
     def _token_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         room = self._n_ctx - prompt_tokens
@@ -229,17 +309,20 @@ class LlamaCppEngine(ChatEngine):
 
     def _run(
         self,
-        llama: llama_cpp.Llama,
+        llama: ArkLlama,
         tokens: list[int],
         budget: int,
         sampling: Sampling,
+        grammar: LlamaGrammar | None,
         abort: threading.Event,
         post: Callable[[GenerationEvent | BaseException], None],
         raw: list[int],
     ) -> None:
         """Generation loop, on the engine thread. `raw` receives every sampled token, end-of-turn included."""
         try:
-            llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32) - 1)
+            llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
+            llama.logit_bias = dict(sampling.logit_bias)
+            want_logprobs = sampling.logprobs
             utf8 = Utf8Stream()
             stops = StopMatcher(sampling.stop)
             finish = FinishReason.LENGTH
@@ -254,6 +337,7 @@ class LlamaCppEngine(ChatEngine):
                 repeat_penalty=sampling.repetition_penalty or 1.0,
                 frequency_penalty=sampling.frequency_penalty,
                 presence_penalty=sampling.presence_penalty,
+                grammar=grammar,
             ):
                 if abort.is_set():
                     return
@@ -264,9 +348,11 @@ class LlamaCppEngine(ChatEngine):
                     finish = FinishReason.STOP
                     break
                 generated += 1
-                text = stops.push(utf8.push(llama.detokenize([token])))
+                piece = llama.detokenize([token])
+                logprobs = (self._logprobs(llama, token, piece, sampling.top_logprobs),) if want_logprobs else ()
+                text = stops.push(utf8.push(piece))
                 if text or not stops.stopped:
-                    post(Delta(text, (token,)))
+                    post(Delta(text, (token,), logprobs))
                 if stops.stopped:
                     finish = FinishReason.STOP
                     break
@@ -279,6 +365,19 @@ class LlamaCppEngine(ChatEngine):
             post(Finished(finish, Usage(len(tokens), generated, 0), Timings(t_first or time.perf_counter(), 0, 0)))
         except BaseException as exc:  # delivered to the consumer, which raises it in the event loop
             post(exc)
+
+    def _logprobs(self, llama: ArkLlama, token: int, piece: bytes, top: int) -> PositionLogprobs:
+        """Log probabilities of the model's distribution at the position just sampled (before sampling knobs)."""
+        logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
+        shifted = logits - logits.max()
+        logz = float(np.log(np.exp(shifted).sum()))
+
+        def entry(tok: int, data: bytes) -> TokenLogprob:
+            return TokenLogprob(data.decode("utf-8", errors="replace"), float(shifted[tok]) - logz, data)
+
+        best = np.argpartition(-shifted, top)[:top] if top else []
+        ranked = sorted(best, key=lambda t: -shifted[t])
+        return PositionLogprobs(entry(token, piece), tuple(entry(int(t), llama.detokenize([int(t)])) for t in ranked))
 
     # -- sessions and status --------------------------------------------------------------------------------------
 
@@ -304,8 +403,26 @@ class LlamaCppEngine(ChatEngine):
         self._llama.close()
 
 
+def _with_tool_instructions(request: GenerationRequest) -> tuple[Message, ...]:
+    """The messages, with the tool-calling instructions added to (or as) the system message."""
+    if not request.tools or request.tool_choice.mode is ToolChoiceMode.NONE:
+        return request.messages
+    instructions = tool_instructions(request.tools)
+    first = request.messages[0]
+    if first.role in (Role.SYSTEM, Role.DEVELOPER):
+        return (replace(first, content=f"{first.content}\n\n{instructions}"), *request.messages[1:])
+    return (Message(Role.SYSTEM, instructions), *request.messages)
+
+
 def _to_template_message(message: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": str(message.role), "content": message.content}
+    content = message.content
+    if message.tool_calls and not content:
+        # Templates without tool support would drop the call: show the model its own call as it made it.
+        calls = [
+            {"name": c.function_name, "arguments": json.loads(c.arguments_json or "{}")} for c in message.tool_calls
+        ]
+        content = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+    out: dict[str, Any] = {"role": str(message.role), "content": content}
     if message.name:
         out["name"] = message.name
     if message.tool_calls:
