@@ -5,7 +5,6 @@ from edge.compat import CHAT_COMPLETIONS, CHAT_EXTENSIONS
 from tests.support.openapi import load_spec, require_spec
 
 
-
 def schema_properties(name: str) -> set[str]:
     schemas = load_spec()["components"]["schemas"]
     found: set[str] = set()

@@ -53,7 +53,7 @@ async def test_lapsed_lease_gets_no_sessions_and_no_worker_is_unavailable(env):
 
 
 async def test_unknown_foreign_and_expired_look_the_same(env):
-    registry, clock, drops, _ = env
+    registry, clock, _drops, _ = env
     session = await registry.create("owner", "m")
     errors = []
     for sid, key in [("no-such-id", "owner"), (session.id, "intruder")]:
@@ -89,7 +89,7 @@ async def test_idle_expiry_tells_the_worker(env):
 
 
 async def test_unreachable_worker_learns_drops_at_renewal(env):
-    registry, clock, drops, reachable = env
+    registry, _clock, _drops, reachable = env
     reachable["ok"] = False
     session = await registry.create("k", "m")
     await registry.delete(session.id, "k")
