@@ -2,13 +2,16 @@
 
 from pathlib import Path
 
-from edge.compat import CHAT_COMPLETIONS, CHAT_EXTENSIONS, extensions_table, markdown_table
+import pytest
+
+from edge.compat import CHAT_COMPLETIONS, CHAT_EXTENSIONS, EMBEDDINGS, TRANSCRIPTIONS, extensions_table, markdown_table
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
-def test_api_reference_contains_the_chat_parameter_table():
-    assert markdown_table(CHAT_COMPLETIONS) in API_MD.read_text()
+@pytest.mark.parametrize("table", [CHAT_COMPLETIONS, EMBEDDINGS, TRANSCRIPTIONS], ids=["chat", "embeddings", "audio"])
+def test_api_reference_contains_every_parameter_table(table):
+    assert markdown_table(table) in API_MD.read_text()
 
 
 def test_api_reference_contains_the_chat_extensions_table():
