@@ -21,6 +21,7 @@ from services.chat.domain import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    ResponseFormatType,
     Started,
     Timings,
     Usage,
@@ -29,7 +30,7 @@ from services.chat.engines.base import ChatEngine, EngineStatus
 from services.chat.engines.llama_cpp import _to_template_message
 from services.common.admission import Admission
 from services.common.config import ModelConfig, resolve_model_path
-from services.common.errors import InvalidRequestError, UnavailableError
+from services.common.errors import InvalidRequestError, UnavailableError, UnsupportedParameterError
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
@@ -64,9 +65,25 @@ class TensorRTLLMEngine(ChatEngine):
         messages = [_to_template_message(m) for m in request.messages]
         return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
+    def _guided(self, request: GenerationRequest) -> Any:
+        """JSON mode and JSON Schema through TensorRT-LLM's guided decoding (the llama.cpp engine uses GBNF)."""
+        from tensorrt_llm.sampling_params import GuidedDecodingParams
+
+        fmt = request.response_format
+        if fmt.type is ResponseFormatType.JSON_OBJECT:
+            return GuidedDecodingParams(json_object=True)
+        if fmt.type is ResponseFormatType.JSON_SCHEMA:
+            return GuidedDecodingParams(json=fmt.json_schema)
+        return None
+
     def _sampling(self, request: GenerationRequest, budget: int) -> Any:
         s = request.sampling
+        if request.tools:
+            raise UnsupportedParameterError("tools are not yet available on the tensorrt_llm engine", param="tools")
         return self._tllm.SamplingParams(
+            n=max(1, s.n),
+            logprobs=s.top_logprobs if s.logprobs else None,
+            guided_decoding=self._guided(request),
             max_tokens=budget,  # always explicit: TensorRT-LLM's default is 32
             temperature=s.temperature,
             top_p=s.top_p,
