@@ -108,18 +108,28 @@ async def test_concurrent_requests_all_succeed(async_client):
     assert all(r.choices[0].message.content for r in results)
 
 
-def test_client_disconnect_aborts_generation(client):
+def test_client_disconnect_aborts_generation(stack):
+    # One session (the cookie pins both requests to one worker). End-of-turn tokens are banned, so unaborted the
+    # first generation would hold that worker for all 3000 tokens; aborted, the next request starts at once.
+    client = openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, http_client=httpx.Client())
     stream = client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "Write a very long story."}], stream=True, max_tokens=3000
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Write a very long story."}],
+        stream=True,
+        max_tokens=3000,
+        logit_bias={"0": -100, "2": -100},
     )
     for i, _ in enumerate(stream):
         if i == 3:
             break
     stream.close()
-    # ~3000 tokens would hold the worker for tens of seconds; aborted, the next request starts at once.
+    assert client._client.cookies.get("ark_session_id")
     started = time.perf_counter()
-    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
-    assert time.perf_counter() - started < 10
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert raw.headers["x-ark-session"] == "resumed"
+    assert time.perf_counter() - started < 15
 
 
 def test_models_list_and_retrieve(client, stack):

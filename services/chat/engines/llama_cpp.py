@@ -10,7 +10,6 @@ held (llama-cpp-python compares token ids), but never across API keys: one tenan
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
@@ -52,6 +51,7 @@ from services.chat.transcript import Transcript, continue_tokens
 from services.common.admission import Admission
 from services.common.config import ModelConfig, resolve_model_path
 from services.common.errors import ArkError, InvalidRequestError
+from services.common.threaded import stream_from_thread
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class LlamaCppEngine(ChatEngine):
                     more_choices=choice < n - 1,
                 )
 
-    async def _stream(
+    def _stream(
         self,
         llama: ArkLlama,
         tokens: list[int],
@@ -242,26 +242,11 @@ class LlamaCppEngine(ChatEngine):
         raw: list[int],
     ) -> AsyncIterator[GenerationEvent]:
         """One generation on the engine thread, its events handed to the event loop as they happen."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        abort = threading.Event()
-
-        def post(item: GenerationEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        job = loop.run_in_executor(self._thread, self._run, llama, tokens, budget, sampling, grammar, abort, post, raw)
-        try:
-            while True:
-                item = await events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, Finished):
-                    return
-        finally:
-            abort.set()
-            # The context stays ours until the thread has really stopped touching it.
-            await asyncio.shield(job)
+        return stream_from_thread(
+            self._thread,
+            lambda post, abort: self._run(llama, tokens, budget, sampling, grammar, abort, post, raw),
+            is_last=lambda item: isinstance(item, Finished),
+        )
 
     def _check_logit_bias(self, bias: dict[int, float]) -> None:
         for token in bias:
@@ -319,52 +304,49 @@ class LlamaCppEngine(ChatEngine):
         raw: list[int],
     ) -> None:
         """Generation loop, on the engine thread. `raw` receives every sampled token, end-of-turn included."""
-        try:
-            llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
-            llama.logit_bias = dict(sampling.logit_bias)
-            want_logprobs = sampling.logprobs
-            utf8 = Utf8Stream()
-            stops = StopMatcher(sampling.stop)
-            finish = FinishReason.LENGTH
-            generated = 0
-            t_first = 0.0
-            for token in llama.generate(
-                tokens,
-                temp=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k or 0,
-                min_p=sampling.min_p or 0.0,
-                repeat_penalty=sampling.repetition_penalty or 1.0,
-                frequency_penalty=sampling.frequency_penalty,
-                presence_penalty=sampling.presence_penalty,
-                grammar=grammar,
-            ):
-                if abort.is_set():
-                    return
-                if not t_first:
-                    t_first = time.perf_counter()
-                raw.append(token)
-                if self._is_eog(token):
-                    finish = FinishReason.STOP
-                    break
-                generated += 1
-                piece = llama.detokenize([token])
-                logprobs = (self._logprobs(llama, token, piece, sampling.top_logprobs),) if want_logprobs else ()
-                text = stops.push(utf8.push(piece))
-                if text or not stops.stopped:
-                    post(Delta(text, (token,), logprobs))
-                if stops.stopped:
-                    finish = FinishReason.STOP
-                    break
-                if generated >= budget:
-                    break
-            tail = stops.push(utf8.flush()) if not stops.stopped else ""
-            tail += stops.flush() if not stops.stopped else ""
-            if tail:
-                post(Delta(tail, ()))
-            post(Finished(finish, Usage(len(tokens), generated, 0), Timings(t_first or time.perf_counter(), 0, 0)))
-        except BaseException as exc:  # delivered to the consumer, which raises it in the event loop
-            post(exc)
+        llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
+        llama.logit_bias = dict(sampling.logit_bias)
+        want_logprobs = sampling.logprobs
+        utf8 = Utf8Stream()
+        stops = StopMatcher(sampling.stop)
+        finish = FinishReason.LENGTH
+        generated = 0
+        t_first = 0.0
+        for token in llama.generate(
+            tokens,
+            temp=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or 0,
+            min_p=sampling.min_p or 0.0,
+            repeat_penalty=sampling.repetition_penalty or 1.0,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
+            grammar=grammar,
+        ):
+            if abort.is_set():
+                return
+            if not t_first:
+                t_first = time.perf_counter()
+            raw.append(token)
+            if self._is_eog(token):
+                finish = FinishReason.STOP
+                break
+            generated += 1
+            piece = llama.detokenize([token])
+            logprobs = (self._logprobs(llama, token, piece, sampling.top_logprobs),) if want_logprobs else ()
+            text = stops.push(utf8.push(piece))
+            if text or not stops.stopped:
+                post(Delta(text, (token,), logprobs))
+            if stops.stopped:
+                finish = FinishReason.STOP
+                break
+            if generated >= budget:
+                break
+        tail = stops.push(utf8.flush()) if not stops.stopped else ""
+        tail += stops.flush() if not stops.stopped else ""
+        if tail:
+            post(Delta(tail, ()))
+        post(Finished(finish, Usage(len(tokens), generated, 0), Timings(t_first or time.perf_counter(), 0, 0)))
 
     def _logprobs(self, llama: ArkLlama, token: int, piece: bytes, top: int) -> PositionLogprobs:
         """Log probabilities of the model's distribution at the position just sampled (before sampling knobs)."""

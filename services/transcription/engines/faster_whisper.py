@@ -9,7 +9,6 @@ reports only English), so no configuration can claim a language the weights do n
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.config import ModelConfig, resolve_model_path
 from services.common.errors import ArkError
+from services.common.threaded import stream_from_thread
 from services.transcription import domain
 from services.transcription.domain import AUDIO_TOKENS_PER_SECOND, DecodedAudio, DecodeOptions
 from services.transcription.engines.base import EngineCapabilities, EngineEvent, TranscriptionEngine
@@ -99,27 +99,12 @@ class FasterWhisperEngine(TranscriptionEngine):
         )
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"whisper-{model.id}")
 
-    async def transcribe(self, audio: DecodedAudio, options: DecodeOptions) -> AsyncIterator[EngineEvent]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
-        abort = threading.Event()
-
-        def post(item: EngineEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-        job = loop.run_in_executor(self._thread, self._run, audio, options, abort, post)
-        try:
-            while True:
-                item = await events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, domain.Usage):
-                    return
-        finally:
-            abort.set()
-            # The model stays ours until the thread has really stopped using it.
-            await asyncio.shield(job)
+    def transcribe(self, audio: DecodedAudio, options: DecodeOptions) -> AsyncIterator[EngineEvent]:
+        return stream_from_thread(
+            self._thread,
+            lambda post, abort: self._run(audio, options, abort, post),
+            is_last=lambda item: isinstance(item, domain.Usage),
+        )
 
     def _run(
         self,
@@ -129,27 +114,24 @@ class FasterWhisperEngine(TranscriptionEngine):
         post: Callable[[EngineEvent | BaseException], None],
     ) -> None:
         """Transcription loop, on the engine thread."""
-        try:
-            segments, info = self._model.transcribe(audio.samples, **transcribe_kwargs(self._settings, options))
-            post(domain.Started(language=info.language, duration_seconds=info.duration))
-            output_tokens = 0
-            for index, segment in enumerate(segments):
-                if abort.is_set():
-                    return
-                output_tokens += len(segment.tokens)
-                post(_segment(index, segment))
-            prompt_text = " ".join(filter(None, [options.prompt.strip(), *options.keywords]))
-            post(
-                domain.Usage(
-                    input_text_tokens=len(self._model.hf_tokenizer.encode(prompt_text, add_special_tokens=False).ids)
-                    if prompt_text
-                    else 0,
-                    input_audio_tokens=math.ceil(info.duration * AUDIO_TOKENS_PER_SECOND),
-                    output_tokens=output_tokens,
-                )
+        segments, info = self._model.transcribe(audio.samples, **transcribe_kwargs(self._settings, options))
+        post(domain.Started(language=info.language, duration_seconds=info.duration))
+        output_tokens = 0
+        for index, segment in enumerate(segments):
+            if abort.is_set():
+                return
+            output_tokens += len(segment.tokens)
+            post(_segment(index, segment))
+        prompt_text = " ".join(filter(None, [options.prompt.strip(), *options.keywords]))
+        post(
+            domain.Usage(
+                input_text_tokens=len(self._model.hf_tokenizer.encode(prompt_text, add_special_tokens=False).ids)
+                if prompt_text
+                else 0,
+                input_audio_tokens=math.ceil(info.duration * AUDIO_TOKENS_PER_SECOND),
+                output_tokens=output_tokens,
             )
-        except BaseException as exc:  # delivered to the request, which re-raises it on the event loop
-            post(exc)
+        )
 
     async def close(self) -> None:
         self._thread.shutdown(wait=True)
