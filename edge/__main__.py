@@ -1,4 +1,4 @@
-"""`python -m edge`: serve the HTTP API with uvicorn on the configured host and port."""
+"""`python -m edge`: serve the HTTP API with uvicorn on the configured host and port; SIGTERM drains first."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from edge.app import create_app
+from edge.drain import Drain, DrainingServer
 from services.common.config import load_config
 
 
@@ -17,16 +18,19 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)
-    uvicorn.run(
-        create_app(config),
+    drain = Drain(config.edge.drain_grace_seconds)
+    server_config = uvicorn.Config(
+        create_app(config, drain=drain),
         host=config.edge.host,
         port=config.edge.port,
         loop="uvloop",
         http="httptools",
         access_log=False,
         log_level="warning",
-        timeout_graceful_shutdown=10,
+        # The drain has already ended every stream by the time uvicorn shuts down.
+        timeout_graceful_shutdown=5,
     )
+    DrainingServer(server_config, drain).run()
 
 
 if __name__ == "__main__":

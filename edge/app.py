@@ -12,10 +12,12 @@ from edge.catalog import Catalog
 from edge.chat.router import router as chat_router
 from edge.chat.serving import ChatCompletions
 from edge.dependencies import EdgeState
+from edge.drain import Drain, DrainMiddleware
 from edge.embeddings.router import router as embeddings_router
 from edge.embeddings.serving import Embeddings
 from edge.errors import install_error_handlers
 from edge.health import router as health_router
+from edge.metrics import MetricsMiddleware
 from edge.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from edge.models.router import router as models_router
 from edge.sessions.placement import SessionPlacer
@@ -25,7 +27,8 @@ from edge.transcriptions.serving import Transcriptions
 from services.common.config import ArkConfig
 
 
-def create_app(config: ArkConfig) -> FastAPI:
+def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
+    """The edge app; `drain` is shared with the server that starts draining on SIGTERM (see edge/drain.py)."""
     if not config.auth.api_keys:
         raise ValueError("auth.api_keys is empty: set ARK_API_KEY or configure a key")
 
@@ -74,5 +77,8 @@ def create_app(config: ArkConfig) -> FastAPI:
         max_bytes=config.limits.max_body_bytes,
         upload_max_bytes=config.limits.max_audio_bytes + 1024 * 1024,
     )
+    # Draining refuses requests before auth or body checks; metrics see every answer, the drain's 503s included.
+    app.add_middleware(DrainMiddleware, drain=drain or Drain(config.edge.drain_grace_seconds))
+    app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -17,6 +17,7 @@ from ark.transcription.v1 import transcription_service_pb2 as transcription_pb
 from ark.transcription.v1 import transcription_service_pb2_grpc as transcription_grpc
 from services.common.errors import UnavailableError
 from services.common.grpc_errors import from_rpc_error
+from services.common.metrics import ChatStreamObserver
 from services.common.server import CHANNEL_OPTIONS
 
 
@@ -24,12 +25,20 @@ class ChatStream:
     """A started generation: its `started` event, then the remaining messages (read with `read()`, because
     grpc.aio forbids mixing `read()` and iteration on one call)."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, started: chat_pb.GenerationStarted) -> None:
+    def __init__(
+        self,
+        call: grpc.aio.UnaryStreamCall,
+        started: chat_pb.GenerationStarted,
+        observer: ChatStreamObserver | None = None,
+    ) -> None:
         self._call = call
         self.started = started
+        self._observer = observer
 
     async def __aiter__(self) -> AsyncIterator[chat_pb.StreamGenerateChatCompletionResponse]:
         while (message := await self._call.read()) is not grpc.aio.EOF:
+            if self._observer is not None:
+                self._observer.observe(message)  # time to first token, decode rate, token counts
             yield message
 
     def cancel(self) -> None:
@@ -81,12 +90,13 @@ class ChatWorkers:
         raise from_rpc_error(last) if last else UnavailableError("No chat worker is configured.")
 
     async def _start(self, address: str, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
+        observer = ChatStreamObserver(request.model)
         call = self._stub(address).StreamGenerateChatCompletion(request)
         first = await call.read()
         if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
             call.cancel()
             raise UnavailableError("The chat worker closed the stream before starting.")
-        return ChatStream(call, first.started)
+        return ChatStream(call, first.started, observer)
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -17,7 +17,8 @@ from services.common.config import api_key_hash
 from services.common.errors import AuthenticationError, RequestTooLargeError
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# Probes and the Prometheus scrape carry no API key.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 class RequestIdMiddleware:

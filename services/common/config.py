@@ -113,10 +113,20 @@ class ChatServiceConfig(_Strict):
     workers: Annotated[list[str], Field(min_length=1)] = ["127.0.0.1:50051"]
     # Requests waiting for a slot on one worker before new ones get RESOURCE_EXHAUSTED (HTTP 429).
     max_queue: Annotated[int, Field(ge=0)] = 64
+    # Prometheus port of each worker, in the order of `workers` (empty: no metrics endpoint).
+    metrics_ports: list[Annotated[int, Field(gt=0, le=65535)]] = []
+
+    @model_validator(mode="after")
+    def _one_metrics_port_per_worker(self) -> ChatServiceConfig:
+        if self.metrics_ports and len(self.metrics_ports) != len(self.workers):
+            raise ValueError(f"metrics_ports has {len(self.metrics_ports)} ports for {len(self.workers)} workers")
+        return self
 
 
 class ServiceAddress(_Strict):
     address: str
+    # Port of the service's Prometheus endpoint (None: no metrics endpoint).
+    metrics_port: Annotated[int, Field(gt=0, le=65535)] | None = None
 
 
 class ServicesConfig(_Strict):
@@ -137,12 +147,49 @@ class ServicesConfig(_Strict):
 
 
 class EdgeConfig(_Strict):
-    """The HTTP edge (FastAPI)."""
+    """The HTTP edge (FastAPI): behind Envoy, on an internal port that stays reachable for in-cluster clients."""
 
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    # Marks the session cookie `Secure`; set when clients reach ARK over TLS.
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    # Marks the session cookie `Secure`; set when clients reach ARK over TLS (implied by `envoy.tls`).
     tls: bool = False
+    # On SIGTERM, how long in-flight requests (long streams) may run on before they are ended with an error event.
+    drain_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+
+
+class RateLimitConfig(_Strict):
+    """Envoy's local rate limit on `/v1`: a token bucket per Envoy instance; past it, 429 with `Retry-After`."""
+
+    enabled: bool = True
+    # The bucket holds `burst` requests and regains `requests_per_fill` of them every `fill_interval_seconds`.
+    burst: Annotated[int, Field(gt=0)] = 2000
+    requests_per_fill: Annotated[int, Field(gt=0)] = 1000
+    fill_interval_seconds: Annotated[float, Field(ge=0.05, le=86400)] = 1.0
+
+
+class TlsConfig(_Strict):
+    """A certificate chain and key in PEM files, read by Envoy."""
+
+    cert_path: str = Field(min_length=1)
+    key_path: str = Field(min_length=1)
+
+
+class EnvoyConfig(_Strict):
+    """Envoy, the public front door: TLS, routing to the edge, local rate limit, access log, edge health checks."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # Envoy's admin interface (stats, /ready); keep it on loopback: it can also stop Envoy.
+    admin_host: str = "127.0.0.1"
+    admin_port: Annotated[int, Field(gt=0, le=65535)] = 9901
+    # Where Envoy reaches the edge (host:port); default: edge.host:edge.port, loopback if the edge binds all addresses.
+    edge_address: str | None = Field(default=None, pattern=r"^[^:\s]+:\d+$")
+    # A stream with no bytes either way for this long is reset; there is no total timeout (long generations).
+    idle_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    health_check_interval_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    tls: TlsConfig | None = None
 
 
 class AuthConfig(_Strict):
@@ -160,6 +207,15 @@ class ArkConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     services: ServicesConfig = ServicesConfig()
     edge: EdgeConfig = EdgeConfig()
+    envoy: EnvoyConfig = EnvoyConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_at_envoy_means_secure_cookies(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("envoy"), dict) and raw["envoy"].get("tls"):
+            edge = raw.get("edge") if isinstance(raw.get("edge"), dict) else {}
+            raw = {**raw, "edge": {**edge, "tls": True}}  # clients reach ARK over HTTPS
+        return raw
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> ArkConfig:
@@ -196,7 +252,10 @@ def _apply_env(raw: dict, env: Mapping[str, str]) -> dict:
     if env.get("ARK_API_KEY"):
         raw.setdefault("auth", {})["api_keys"] = [env["ARK_API_KEY"]]
     if env.get("ARK_PORT"):
-        raw.setdefault("edge", {})["port"] = env["ARK_PORT"]
+        # The public port: Envoy's, or the edge's when Envoy is switched off.
+        envoy = raw.get("envoy")
+        public = "edge" if isinstance(envoy, dict) and envoy.get("enabled") is False else "envoy"
+        raw.setdefault(public, {})["port"] = env["ARK_PORT"]
     return raw
 
 

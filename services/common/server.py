@@ -2,7 +2,8 @@
 
 `create_server()` returns the server and the port it bound (port 0 picks a free one, which the tests use);
 `serve()` runs it until SIGTERM/SIGINT, first flipping health to NOT_SERVING so that load balancers stop sending
-new work, then letting in-flight calls finish within the grace period.
+new work, then letting in-flight calls finish within the grace period. With a metrics port (`ARK_METRICS_PORT`, set
+by the launcher from the configuration) it also serves Prometheus metrics on that port.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import metrics
+from services.common.grpc_metrics import MetricsInterceptor
 from services.common.interceptors import ErrorInterceptor
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    # A name that resolves to several addresses (a Kubernetes headless Service over scaled-out chat workers) spreads
+    # calls over all of them; a single address behaves as before.
+    ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Keep the edge's idle channels warm and notice a dead worker quickly instead of on the next request.
@@ -59,7 +65,8 @@ class Service:
 def create_server(services: Iterable[Service], address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build a server for `services` bound to `address` (`host:0` for a free port)."""
     services = list(services)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+    # Metrics outermost: they record the status the error interceptor produced.
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
@@ -83,9 +90,16 @@ async def serve(
     *,
     grace_seconds: float = 10.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    metrics_port: int | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain: NOT_SERVING first, stop accepting, finish in-flight calls."""
+    """Run until SIGTERM or SIGINT, then drain: NOT_SERVING first, stop accepting, finish in-flight calls.
+
+    `metrics_port` defaults to `ARK_METRICS_PORT`; Prometheus metrics are served on the gRPC address's host.
+    """
     server, port, health_servicer = create_server(services, address)
+    metrics_port = metrics_port if metrics_port is not None else metrics.port_from_env()
+    host = address.rpartition(":")[0].strip("[]")
+    metrics_server = metrics.MetricsServer(host, metrics_port) if metrics_port else None
     await server.start()
     await mark_serving(health_servicer, [s.name for s in services])
     log.info("serving %s on port %d", ", ".join(s.name for s in services), port)
@@ -99,6 +113,8 @@ async def serve(
     await server.stop(grace_seconds)
     if on_stop is not None:
         await on_stop()
+    if metrics_server is not None:
+        metrics_server.close()
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from services.common.config import LimitsConfig
 from services.common.errors import InvalidRequestError, UnsupportedParameterError
+from services.common.metrics import observe_batch_sizes
 from services.embeddings.batcher import Batcher
 from services.embeddings.domain import EmbeddingInput, EmbeddingRequest, EmbeddingResult
 from services.embeddings.engines.base import EmbeddingsEngine
@@ -30,7 +31,7 @@ class Embedder:
         self._settings = settings
         self._limits = limits
         self._batcher = Batcher(
-            engine.encode,
+            observe_batch_sizes(engine.model_id, engine.encode),
             window_seconds=settings.batch_window_seconds,
             max_batch_size=min(settings.max_batch_size, engine.max_batch_size or settings.max_batch_size),
             max_batch_tokens=settings.max_batch_tokens,

@@ -1,7 +1,12 @@
 """`ark up`: run the whole stack locally (what `make run` calls).
 
-Starts each service as its own process (the same topology as in containers), waits for every health check,
-prints the base URL and an example, and on Ctrl-C or SIGTERM stops every child and frees every port.
+Starts each service as its own process (the same topology as in containers), Envoy in front as the public entry
+point, waits for every health check, prints the base URL and an example, and on Ctrl-C or SIGTERM drains the edge,
+stops every child and frees every port.
+
+Also `ark envoy` (generate Envoy's configuration, run Envoy and drain it on SIGTERM: the entry point of Envoy's
+container), `ark envoy-config` (print that configuration) and `ark probe` (a health check for container runtimes
+without a gRPC probe).
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ import threading
 from pathlib import Path
 
 from services.common.config import ArkConfig, Capability, ConfigError, load_config
-from services.launcher.processes import Child, Stack, python_module
+from services.common.metrics import METRICS_PORT_ENV
+from services.launcher.processes import Child, Stack, grpc_serving, http_ok, python_module, reachable
+
+# Envoy's modules are imported where they are used: its typed configuration takes a third of a second to import,
+# which `ark probe` (a container health check, run every few seconds) should not pay.
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,32 +37,95 @@ SERVICES = [
 ]
 
 
+def _grpc_child(name: str, argv: list[str], address: str, metrics_port: int | None, log_path: Path) -> Child:
+    """A gRPC service process, with its Prometheus port (if any) on the host of its gRPC address."""
+    if metrics_port is None:
+        return Child(name, argv, address, "grpc", log_path)
+    host = address.rpartition(":")[0]
+    return Child(
+        name,
+        argv,
+        address,
+        "grpc",
+        log_path,
+        env={METRICS_PORT_ENV: str(metrics_port)},
+        other_addresses=(f"{host}:{metrics_port}",),
+    )
+
+
 def build_stack(config: ArkConfig, config_path: str | None, log_dir: Path) -> list[Child]:
-    """The processes for `config`, in start order (every service before the edge)."""
+    """The processes for `config`, in start order (every service before the edge, the edge before Envoy).
+
+    Writes Envoy's generated configuration to `log_dir/envoy.yaml`.
+    """
     config_args = ["--config", config_path] if config_path else []
+    services = config.services
     children = []
     if config.sessions.enabled:  # first: chat workers register with it as they start
-        address = config.services.registry.address
+        address = services.registry.address
         argv = python_module("services.sessions", *config_args, "--address", address)
-        children.append(Child("session registry", argv, address, "grpc", log_dir / "registry.log"))
+        children.append(
+            _grpc_child("session registry", argv, address, services.registry.metrics_port, log_dir / "registry.log")
+        )
     for capability, name, module in SERVICES:
         if config.models_for(capability) and importlib.util.find_spec(module) is not None:
-            address = getattr(config.services, name).address
-            argv = python_module(module, *config_args, "--address", address)
-            children.append(Child(name, argv, address, "grpc", log_dir / f"{name}.log"))
+            service = getattr(services, name)
+            argv = python_module(module, *config_args, "--address", service.address)
+            children.append(_grpc_child(name, argv, service.address, service.metrics_port, log_dir / f"{name}.log"))
+    metrics_ports = services.chat.metrics_ports or [None] * len(services.chat.workers)
     children += [
-        Child(
+        _grpc_child(
             f"chat worker {i + 1}",
             python_module("services.chat", *config_args, "--address", address),
             address,
-            "grpc",
+            metrics_ports[i],
             log_dir / f"chat-{i + 1}.log",
         )
-        for i, address in enumerate(config.services.chat.workers)
+        for i, address in enumerate(services.chat.workers)
     ]
-    edge_address = f"{config.edge.host}:{config.edge.port}"
-    children.append(Child("edge", python_module("edge", *config_args), edge_address, "http", log_dir / "edge.log"))
+    children.append(
+        Child(
+            "edge",
+            python_module("edge", *config_args),
+            f"{config.edge.host}:{config.edge.port}",
+            "http",
+            log_dir / "edge.log",
+            # Stopped first, and given its whole drain.
+            stop_stage=0,
+            stop_timeout=config.edge.drain_grace_seconds + 15,
+        )
+    )
+    if config.envoy.enabled:
+        from services.launcher import envoy_config
+        from services.launcher.envoy_runner import envoy_command
+
+        envoy = config.envoy
+        log_dir.mkdir(parents=True, exist_ok=True)
+        envoy_yaml = log_dir / "envoy.yaml"
+        envoy_yaml.write_text(envoy_config.render(config))
+        admin = f"{envoy.admin_host}:{envoy.admin_port}"
+        children.append(
+            Child(
+                "envoy",
+                envoy_command(envoy_yaml),
+                f"{envoy.host}:{envoy.port}",
+                "http",
+                log_dir / "envoy.log",
+                other_addresses=(admin,),
+                health_url=f"http://{reachable(envoy.admin_host)}:{envoy.admin_port}/ready",
+                stop_stage=1,
+            )
+        )
     return children
+
+
+def public_base_url(config: ArkConfig) -> str:
+    """The URL clients use: Envoy's listener, or the edge's when Envoy is switched off."""
+    if config.envoy.enabled:
+        host, port, tls = config.envoy.host, config.envoy.port, config.envoy.tls is not None
+    else:
+        host, port, tls = config.edge.host, config.edge.port, config.edge.tls
+    return f"{'https' if tls else 'http'}://{reachable(host)}:{port}/v1"
 
 
 def _example(base_url: str, key: str, model: str) -> str:
@@ -85,7 +157,11 @@ def up(args: argparse.Namespace) -> int:
         return 2
     key = config.auth.api_keys[0]
     log_dir = Path(args.log_dir)
-    stack = Stack(build_stack(config, args.config, log_dir), env)
+    try:
+        stack = Stack(build_stack(config, args.config, log_dir), env)
+    except FileNotFoundError as exc:  # no Envoy binary
+        print(f"ark: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -96,9 +172,7 @@ def up(args: argparse.Namespace) -> int:
         print(f"ark: {exc}", file=sys.stderr, flush=True)
         stack.stop()
         return 1
-    host = "127.0.0.1" if config.edge.host in ("0.0.0.0", "") else config.edge.host
-    scheme = "https" if config.edge.tls else "http"
-    base_url = f"{scheme}://{host}:{config.edge.port}/v1"
+    base_url = public_base_url(config)
     chat_model = next((m for m in config.models if m.capability == "chat"), config.models[0])
     print(_example(base_url, key, chat_model.aliases[0] if chat_model.aliases else chat_model.id), flush=True)
     print(f"ARK_BASE_URL={base_url}", flush=True)
@@ -114,6 +188,11 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe(kind: str, target: str) -> int:
+    """0 if `target` is healthy: `grpc HOST:PORT` (gRPC health SERVING) or `http URL` (200)."""
+    return 0 if (grpc_serving(target) if kind == "grpc" else http_ok(target)) else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ark", description="ARK: an OpenAI-compatible inference API")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,12 +201,31 @@ def main(argv: list[str] | None = None) -> None:
     p_up.add_argument("--log-dir", default=str(ROOT / ".run" / "logs"), help="where child processes log")
     p_check = sub.add_parser("check-config", help="validate a configuration file and exit")
     p_check.add_argument("--config", default=os.environ.get("ARK_CONFIG"))
+    p_print = sub.add_parser("envoy-config", help="print the Envoy configuration generated from ARK's")
+    p_print.add_argument("--config", default=os.environ.get("ARK_CONFIG"))
+    p_envoy = sub.add_parser("envoy", help="generate Envoy's configuration, run Envoy, drain it on SIGTERM")
+    p_envoy.add_argument("--config", default=os.environ.get("ARK_CONFIG"))
+    p_envoy.add_argument("--envoy-config", default="/tmp/ark-envoy.yaml", help="where to write Envoy's configuration")
+    p_probe = sub.add_parser("probe", help="exit 0 if a service is healthy (container health checks)")
+    p_probe.add_argument("kind", choices=["grpc", "http"])
+    p_probe.add_argument("target", help="HOST:PORT for grpc, a URL for http")
     args = parser.parse_args(argv)
     if args.command == "up":
         sys.exit(up(args))
+    if args.command == "probe":
+        sys.exit(probe(args.kind, args.target))
     try:
-        load_config(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         print(f"ark: {exc}", file=sys.stderr)
         sys.exit(2)
-    print("configuration OK")
+    if args.command == "envoy-config":
+        from services.launcher.envoy_config import render
+
+        print(render(config), end="")
+    elif args.command == "envoy":
+        from services.launcher.envoy_runner import run_envoy
+
+        sys.exit(run_envoy(config, Path(args.envoy_config)))
+    else:
+        print("configuration OK")

@@ -26,13 +26,28 @@ class Child:
     kind: str  # "grpc" or "http"
     log_path: Path
     process: subprocess.Popen | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
+    other_addresses: tuple[str, ...] = ()  # further ports it listens on (metrics, admin)
+    health_url: str | None = None  # for "http": default http://<address>/health
+    # Stopping goes stage by stage (lowest first); a child gets `stop_timeout` seconds before SIGKILL.
+    stop_stage: int = 2
+    stop_timeout: float = 15.0
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return (self.address, *self.other_addresses)
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         # Own process group: a Ctrl-C reaches the launcher only, which then stops children in order.
         self.process = subprocess.Popen(
-            self.argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            self.argv,
+            env={**env, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
 
@@ -40,7 +55,9 @@ class Child:
         return None if self.process is None else self.process.poll()
 
     def healthy(self) -> bool:
-        return _grpc_serving(self.address) if self.kind == "grpc" else _http_ok(f"http://{self.address}/health")
+        if self.kind == "grpc":
+            return grpc_serving(self.address)
+        return http_ok(self.health_url or f"http://{self.address}/health")
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -49,7 +66,7 @@ class Child:
             return ""
 
 
-def _grpc_serving(address: str) -> bool:
+def grpc_serving(address: str) -> bool:
     try:
         with grpc.insecure_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
@@ -58,12 +75,17 @@ def _grpc_serving(address: str) -> bool:
         return False
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return response.status == 200
     except OSError:
         return False
+
+
+def reachable(host: str) -> str:
+    """An address to connect to for a listener bound to `host` (a wildcard means: this machine)."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def port_in_use(address: str) -> bool:
@@ -89,9 +111,9 @@ class Stack:
         self.env = {**os.environ, **(env or {})}
 
     def start(self, *, timeout: float = 600, progress=print) -> None:
-        busy = [c for c in self.children if port_in_use(c.address)]
+        busy = [(c, a) for c in self.children for a in c.addresses if port_in_use(a)]
         if busy:
-            names = ", ".join(f"{c.name} ({c.address})" for c in busy)
+            names = ", ".join(f"{c.name} ({a})" for c, a in busy)
             raise RuntimeError(f"port already in use: {names}. Is another ARK running? (stop it, or change ports)")
         for child in self.children:
             child.start(self.env)
@@ -114,17 +136,21 @@ class Stack:
                 raise RuntimeError(f"timed out waiting for {', '.join(c.name for c in pending)}")
             time.sleep(0.1)
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM every child (edge first, so it stops taking requests), then SIGKILL stragglers."""
-        for child in reversed(self.children):
-            if child.exited() is None and child.process is not None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in self.children:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+    def stop(self) -> None:
+        """SIGTERM the children stage by stage, each stage waited for before the next, SIGKILL past a child's timeout.
+
+        The edge goes first and drains: its streams still flow through Envoy and reach the workers, and new requests
+        still reach it and get a 503 with Retry-After. Then Envoy, then the services, together.
+        """
+        for stage in sorted({c.stop_stage for c in self.children}):
+            group = [c for c in reversed(self.children) if c.stop_stage == stage and c.process is not None]
+            for child in group:
+                if child.exited() is None:
+                    child.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            for child in group:
+                try:
+                    child.process.wait(timeout=max(0.1, child.stop_timeout - (time.monotonic() - started)))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()

@@ -1,7 +1,8 @@
 """Start the real stack (`ark up`, separate processes on free loopback ports) for end-to-end tests.
 
 The stack is started exactly as a user starts it, with configuration overridden by environment variables only,
-and stopped with SIGTERM; stopping checks that every port it used is free again.
+and stopped with SIGTERM; stopping checks that every port it used is free again. Clients go through Envoy (the
+base URL is Envoy's public listener); the edge, the metrics endpoints and Envoy's admin port are in `addresses`.
 """
 
 from __future__ import annotations
@@ -65,11 +66,20 @@ class RunningStack:
     def root_url(self) -> str:
         return self.base_url.removesuffix("/v1")
 
+    @property
+    def edge_url(self) -> str:
+        """The edge itself, behind Envoy (what in-cluster clients may use)."""
+        return f"http://{self.addresses['edge']}"
+
+    def metrics_url(self, name: str) -> str:
+        """Prometheus endpoint of `edge` or of a service (`registry`, `chat-1`, `embeddings`, …)."""
+        return f"{self.edge_url}/metrics" if name == "edge" else f"http://{self.addresses[f'{name}-metrics']}/metrics"
+
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 60) -> int:
         """SIGTERM the launcher, wait, and return its exit code; raises if a port stays bound."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -89,17 +99,30 @@ def start_stack(
 ) -> RunningStack:
     """Run `python -m services.launcher up` with every port moved to a free one; wait until it is ready."""
     api_key, other_api_key = f"sk-test-{secrets.token_hex(8)}", f"sk-other-{secrets.token_hex(8)}"
-    addresses = {f"chat-{i + 1}": f"127.0.0.1:{free_port()}" for i in range(chat_workers)}
-    addresses |= {name: f"127.0.0.1:{free_port()}" for name in ("edge", "registry", "embeddings", "transcription")}
-    workers = ",".join(v for k, v in addresses.items() if k.startswith("chat-"))
+    chat = [f"chat-{i + 1}" for i in range(chat_workers)]
+    services = ["registry", *chat, "embeddings", "transcription"]
+    names = [*services, *(f"{s}-metrics" for s in services), "edge", "envoy", "envoy-admin"]
+    ports: set[int] = set()
+    while len(ports) < len(names):  # distinct, even if the OS hands a port out twice
+        ports.add(free_port())
+    addresses = {name: f"127.0.0.1:{port}" for name, port in zip(names, sorted(ports), strict=True)}
+
+    def port(name: str) -> str:
+        return addresses[name].rpartition(":")[2]
+
     env = {
         **os.environ,
         "ARK__AUTH__API_KEYS": f"[{api_key}, {other_api_key}]",
-        "ARK_PORT": addresses["edge"].rpartition(":")[2],
-        "ARK__SERVICES__CHAT__WORKERS": f"[{workers}]",
-        "ARK__SERVICES__REGISTRY__ADDRESS": addresses["registry"],
-        "ARK__SERVICES__EMBEDDINGS__ADDRESS": addresses["embeddings"],
-        "ARK__SERVICES__TRANSCRIPTION__ADDRESS": addresses["transcription"],
+        "ARK_PORT": port("envoy"),  # the public port
+        "ARK__ENVOY__ADMIN_PORT": port("envoy-admin"),
+        "ARK__EDGE__PORT": port("edge"),
+        "ARK__SERVICES__CHAT__WORKERS": f"[{','.join(addresses[c] for c in chat)}]",
+        "ARK__SERVICES__CHAT__METRICS_PORTS": f"[{','.join(port(f'{c}-metrics') for c in chat)}]",
+        **{f"ARK__SERVICES__{s.upper()}__ADDRESS": addresses[s] for s in ("registry", "embeddings", "transcription")},
+        **{
+            f"ARK__SERVICES__{s.upper()}__METRICS_PORT": port(f"{s}-metrics")
+            for s in ("registry", "embeddings", "transcription")
+        },
         **(extra_env or {}),
     }
     env.pop("ARK_API_KEY", None)  # the keys above, whatever the developer's shell says

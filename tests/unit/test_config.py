@@ -24,7 +24,10 @@ def test_environment_overrides_nested_fields_and_shortcuts():
     config = load_config(DEFAULT_CONFIG_PATH, env=env)
     assert config.limits.max_tokens == 77
     assert config.auth.api_keys == ["sk-test-12345678"]
-    assert config.edge.port == 9123
+    assert config.envoy.port == 9123, "ARK_PORT is the public port: Envoy's"
+    assert config.edge.port == 8000
+    without_envoy = load_config(DEFAULT_CONFIG_PATH, env={"ARK__ENVOY__ENABLED": "false", "ARK_PORT": "9123"})
+    assert without_envoy.edge.port == 9123
 
 
 def test_invalid_value_names_the_field():

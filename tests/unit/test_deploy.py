@@ -1,0 +1,307 @@
+"""Deployment artefacts, validated without a container daemon or a cluster: the generated Envoy configuration by
+`envoy --mode validate`, deploy/compose.yaml against the Compose schema plus its topology, and the Kubernetes
+manifests structurally (probes, grace periods, selectors, the configuration they carry)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.common.config import ArkConfig, load_config
+from services.launcher.envoy_config import envoy_binary, render, to_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+KUBERNETES = DEPLOY / "kubernetes"
+KEY = {"ARK_API_KEY": "sk-test-12345678"}
+
+
+def envoy_validate(config: ArkConfig, tmp_path: Path) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render(config))
+    result = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def route(config: ArkConfig, name: str) -> dict[str, Any]:
+    listener = to_dict(config)["staticResources"]["listeners"][0]
+    manager = listener["filterChains"][0]["filters"][0]["typedConfig"]
+    return next(r for r in manager["routeConfig"]["virtualHosts"][0]["routes"] if r["name"] == name)
+
+
+# -- Envoy ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_default_envoy_config_validates(tmp_path):
+    envoy_validate(load_config(env={}), tmp_path)
+
+
+def test_envoy_config_with_tls_and_without_rate_limit_validates(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    subprocess.run(
+        [*openssl, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    env = {"ARK__ENVOY__TLS": f"{{cert_path: {cert}, key_path: {key}}}", "ARK__ENVOY__RATE_LIMIT__ENABLED": "false"}
+    config = load_config(env=env)
+    assert config.edge.tls, "TLS at Envoy makes session cookies Secure"
+    envoy_validate(config, tmp_path)
+    chain = to_dict(config)["staticResources"]["listeners"][0]["filterChains"][0]
+    assert chain["transportSocket"]["name"] == "envoy.transport_sockets.tls"
+    assert "typedPerFilterConfig" not in route(config, "api")
+
+
+def test_envoy_reaches_a_named_edge_through_dns(tmp_path):
+    config = load_config(env={"ARK__ENVOY__EDGE_ADDRESS": "edge:8000", "ARK__ENVOY__HOST": "0.0.0.0"})
+    cluster = to_dict(config)["staticResources"]["clusters"][0]
+    assert cluster["type"] == "STRICT_DNS"
+    assert cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"] == {
+        "address": "edge",
+        "portValue": 8000,
+    }
+    envoy_validate(config, tmp_path)
+
+
+def test_outlier_detection_keys_are_envoys_json_names():
+    """betterproto2 would write `consecutive5Xx`, which Envoy rejects as an unknown field."""
+    outlier = to_dict(load_config(env={}))["staticResources"]["clusters"][0]["outlierDetection"]
+    assert "consecutive5xx" in outlier and "consecutive5Xx" not in json.dumps(outlier)
+
+
+def test_streams_have_no_route_timeout_only_idle_timeouts():
+    config = load_config(env={"ARK__ENVOY__IDLE_TIMEOUT_SECONDS": "120"})
+    api = route(config, "api")
+    assert api["match"] == {"pathSeparatedPrefix": "/v1"}
+    assert api["route"]["timeout"] == "0s" and api["route"]["idleTimeout"] == "120s"
+    manager = to_dict(config)["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    assert manager["streamIdleTimeout"] == "120s"
+    assert manager["generateRequestId"] is False  # the edge's req_… id is the one clients see
+    assert "envoy.access_loggers.stdout" in json.dumps(manager["accessLog"])
+
+
+def test_the_rate_limit_answers_in_openais_envelope_with_retry_after():
+    env = {
+        "ARK__ENVOY__RATE_LIMIT__BURST": "5",
+        "ARK__ENVOY__RATE_LIMIT__REQUESTS_PER_FILL": "2",
+        "ARK__ENVOY__RATE_LIMIT__FILL_INTERVAL_SECONDS": "2.5",
+    }
+    config = load_config(env=env)
+    limit = route(config, "api")["typedPerFilterConfig"]["envoy.filters.http.local_ratelimit"]
+    assert limit["tokenBucket"] == {"maxTokens": 5, "tokensPerFill": 2, "fillInterval": "2.500s"}
+    assert limit["responseHeadersToAdd"] == [{"header": {"key": "retry-after", "value": "3"}}]
+    manager = to_dict(config)["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    mapper = manager["localReplyConfig"]["mappers"][0]
+    assert mapper["filter"]["statusCodeFilter"]["comparison"]["value"]["defaultValue"] == 429
+    assert mapper["bodyFormatOverride"]["jsonFormat"]["error"] == {
+        "message": "Rate limit reached for requests. Retry after the time in Retry-After.",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+
+
+# -- compose ----------------------------------------------------------------------------------------------------------
+
+SERVICES = {"envoy", "edge", "registry", "chat-1", "chat-2", "embeddings", "transcription"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as its process would see it, with compose's `${VAR:-default}` resolved."""
+    env = {}
+    for name, value in service["environment"].items():
+        value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+        env[name] = re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "sk-compose-12345678", value)
+    env["ARK_CONFIG"] = env["ARK_CONFIG"].replace("/app/deploy", str(DEPLOY))
+    return env
+
+
+def test_compose_file_follows_the_compose_schema(compose):
+    jsonschema = pytest.importorskip("jsonschema")
+    if not COMPOSE_SCHEMA.exists():
+        pytest.skip(f"the Compose schema is not at {COMPOSE_SCHEMA} (../shared/schemas/compose-spec.json)")
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, "\n".join(errors)
+    # The schema does catch mistakes: a misspelt key fails it.
+    broken = {**compose, "services": {**compose["services"], "edge": {**compose["services"]["edge"], "helthcheck": {}}}}
+    assert any(validator.iter_errors(broken))
+
+
+def test_compose_has_the_topology_of_make_run(compose):
+    services = compose["services"]
+    cpu = {name for name, s in services.items() if "gpu" not in s.get("profiles", [])}
+    assert cpu == SERVICES
+    assert services["envoy"]["ports"] == ["${ARK_PORT:-8080}:8080"], "Envoy owns the public port"
+    assert services["edge"]["ports"] == ["127.0.0.1:${ARK_EDGE_PORT:-8000}:8000"], "the edge stays reachable"
+    assert services["envoy"]["depends_on"]["edge"]["condition"] == "service_healthy"
+    for name, service in services.items():
+        assert service["healthcheck"]["test"][:3] == ["CMD", "ark", "probe"], name
+    assert (DEPLOY / ".env").read_text().count("COMPOSE_PROFILES=cpu") == 1
+
+
+def test_every_compose_service_gets_a_valid_configuration_and_envoy_validates(compose, tmp_path):
+    for name, service in compose["services"].items():
+        config = load_config(env=compose_env(service))
+        address = next((a for a in service["command"] if re.fullmatch(r"[\w.-]+:\d+", a)), None)
+        if address is not None:  # what a gRPC service listens on is where the others look for it
+            host, port = address.split(":")
+            configured = {
+                "registry": [config.services.registry.address],
+                "embeddings": [config.services.embeddings.address],
+                "transcription": [config.services.transcription.address],
+            }.get(name.removesuffix("-gpu"), config.services.chat.workers)
+            assert any(c.endswith(f":{port}") and (host in c or host == "0.0.0.0") for c in configured), name
+    envoy_validate(load_config(env=compose_env(compose["services"]["envoy"])), tmp_path)
+
+
+def test_compose_grace_periods_cover_the_drain(compose):
+    config = load_config(env=compose_env(compose["services"]["edge"]))
+    for name in ("envoy", "edge", "chat-1", "chat-2"):
+        grace = int(compose["services"][name]["stop_grace_period"].removesuffix("s"))
+        assert grace > config.edge.drain_grace_seconds, name
+
+
+def test_the_gpu_profile_selects_tensorrt_llm_engines(compose):
+    gpu = {name: s for name, s in compose["services"].items() if "gpu" in s.get("profiles", [])}
+    assert set(gpu) == {"chat-1-gpu", "chat-2-gpu", "embeddings-gpu", "transcription-gpu"}
+    for name, service in gpu.items():
+        assert service["networks"]["default"]["aliases"] == [name.removesuffix("-gpu")]
+        assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        config = load_config(env=compose_env(service))
+        assert {m.engine for m in config.models} == {"tensorrt_llm"}, name
+    gpu_env = dict(line.split("=", 1) for line in (DEPLOY / "gpu.env").read_text().splitlines() if "=" in line)
+    assert gpu_env["COMPOSE_PROFILES"] == "gpu" and gpu_env["ARK_CONFIG_FILE"] == "ark.gpu.yaml"
+    cpu_ids = {(m.id, tuple(m.aliases)) for m in load_config(env={}).models}
+    assert {(m.id, tuple(m.aliases)) for m in load_config(DEPLOY / "ark.gpu.yaml", env={}).models} == cpu_ids
+
+
+def test_the_dockerfile_installs_and_generates_stubs_with_the_makefile():
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert "make install" in dockerfile and "make protos" in dockerfile
+    ignored = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().split()
+    assert {".venv", "gen", ".run"} <= set(ignored)
+
+
+# -- Kubernetes -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    on_disk = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk, "every manifest is in kustomization.yaml"
+    docs = [d for name in sorted(listed) for d in yaml.safe_load_all((KUBERNETES / name).read_text()) if d]
+    for doc in docs:
+        assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc
+    return docs
+
+
+def of_kind(manifests: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in manifests if d["kind"] == kind}
+
+
+@pytest.fixture(scope="module")
+def cluster_config(manifests, tmp_path_factory) -> ArkConfig:
+    path = tmp_path_factory.mktemp("k8s") / "ark.yaml"
+    path.write_text(of_kind(manifests, "ConfigMap")["ark-config"]["data"]["ark.yaml"])
+    return load_config(path, env=KEY)
+
+
+def test_kubernetes_runs_every_component_with_probes(manifests):
+    deployments = of_kind(manifests, "Deployment")
+    assert set(deployments) == {
+        f"ark-{c}" for c in ("envoy", "edge", "registry", "chat", "embeddings", "transcription")
+    }
+    for name, deployment in deployments.items():
+        spec = deployment["spec"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert spec["selector"]["matchLabels"].items() <= labels.items(), name
+        for container in spec["template"]["spec"]["containers"]:
+            assert container["image"] and "readinessProbe" in container and "livenessProbe" in container, name
+            ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                check = container.get(probe, {})
+                if "grpc" in check:  # gRPC health, on the port the service listens on
+                    assert check["grpc"]["port"] == ports["grpc"], name
+                    assert f":{ports['grpc']}" in container["command"][-1], name
+                for kind in ("httpGet", "tcpSocket"):
+                    if kind in check:
+                        assert check[kind]["port"] in ports, name
+    edge = deployments["ark-edge"]["spec"]["template"]["spec"]["containers"][0]
+    assert (
+        edge["readinessProbe"]["httpGet"]["path"] == "/ready" and edge["livenessProbe"]["httpGet"]["path"] == "/health"
+    )
+
+
+def test_kubernetes_services_select_pods_and_ports_that_exist(manifests):
+    deployments = of_kind(manifests, "Deployment")
+    for name, service in of_kind(manifests, "Service").items():
+        matching = [
+            d
+            for d in deployments.values()
+            if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert matching, f"Service {name} selects no pods"
+        port_names = {
+            p["name"] for d in matching for c in d["spec"]["template"]["spec"]["containers"] for p in c["ports"]
+        }
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names, name
+
+
+def test_chat_workers_scale_horizontally_and_register_their_own_address(manifests):
+    chat = of_kind(manifests, "Deployment")["ark-chat"]
+    hpa = of_kind(manifests, "HorizontalPodAutoscaler")["ark-chat"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ark-chat"}
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    container = chat["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-1] == "$(POD_IP):50051"
+    pod_ip = next(e for e in container["env"] if e["name"] == "POD_IP")
+    assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    headless = of_kind(manifests, "Service")["ark-chat"]
+    assert headless["spec"]["clusterIP"] == "None"
+
+
+def test_kubernetes_grace_periods_cover_the_drain(manifests, cluster_config):
+    deployments = of_kind(manifests, "Deployment")
+    for name in ("ark-edge", "ark-envoy", "ark-chat"):
+        grace = deployments[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > cluster_config.edge.drain_grace_seconds + 5, name
+
+
+def test_the_cluster_configuration_loads_and_points_at_the_services(manifests, cluster_config, tmp_path):
+    services = of_kind(manifests, "Service")
+    addresses = [
+        cluster_config.services.registry.address,
+        *cluster_config.services.chat.workers,
+        cluster_config.services.embeddings.address,
+        cluster_config.services.transcription.address,
+        cluster_config.envoy.edge_address,
+    ]
+    for address in addresses:
+        host, port = address.split(":")
+        assert host in services, address
+        assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, address
+    assert [m.id for m in cluster_config.models] == [m.id for m in load_config(env={}).models]
+    envoy_validate(cluster_config, tmp_path)
