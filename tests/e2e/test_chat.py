@@ -44,15 +44,19 @@ def test_alias_and_model_id_give_the_same_answer(client):
 
 
 def test_max_tokens_bounds_the_completion(client):
+    endless = {"0": -100, "2": -100}  # end-of-turn tokens banned: only the budget can end these
     completion = client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "Count from one to one hundred."}], max_tokens=5
+        model="gpt-4o", messages=[{"role": "user", "content": "Count to 100."}], max_tokens=5, logit_bias=endless
     )
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == 5
     limited = client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "Count to 100."}], max_completion_tokens=3
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Count to 100."}],
+        max_completion_tokens=3,
+        logit_bias=endless,
     )
-    assert limited.usage.completion_tokens == 3
+    assert limited.usage.completion_tokens == 3 and limited.choices[0].finish_reason == "length"
 
 
 def test_stream_chunks_validate_and_carry_usage(client):
