@@ -70,6 +70,7 @@ def run_through_ark(http: httpx.Client, base_url: str, key: str, messages, max_t
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
+        "session": "none",  # stateless, like the in-process reference: the figure the issue sets a goal for
     }
     start = time.perf_counter()
     first = last = 0.0
