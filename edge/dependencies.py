@@ -41,7 +41,8 @@ def get_state(request: Request) -> EdgeState:
     return request.state.ark
 
 
-def get_context(request: Request) -> RequestContext:
+# `async def`, as it never blocks: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
+async def get_context(request: Request) -> RequestContext:
     return RequestContext(request.state.request_id, getattr(request.state, "api_key_hash", ""))
 
 
@@ -49,7 +50,7 @@ def get_chat(request: Request) -> ChatCompletions:
     return request.state.ark.chat
 
 
-def get_embeddings(request: Request) -> Embeddings:
+async def get_embeddings(request: Request) -> Embeddings:
     return request.state.ark.embeddings
 
 

@@ -4,11 +4,16 @@ One encoder forward pass over 32 sentences costs far less than 32 passes over on
 6 ms for one sentence, 50 ms for 32), so concurrent requests should share passes. One dispatcher task cuts
 batches from the waiting requests and hands them to the encoder:
 
-- a batch opens when a sequence is queued with the encoder idle, and closes after `window` seconds, or at once when
-  enough is waiting for a full batch (`max_batch_size` sequences, or `max_batch_tokens` padded tokens: count x
-  longest). The window bounds what a lone request pays for batching;
-- the encoder runs in one dedicated worker thread, so while it works the event loop keeps accepting requests and
-  the next batch fills up: under load, batches grow by themselves and the window adds no delay;
+- a batch opens when a sequence is queued and stays open while requests keep arriving: it closes once none has
+  arrived for `idle` seconds, or `window` seconds after it opened, or at once when enough is waiting for a full
+  batch (`max_batch_size` sequences, or `max_batch_tokens` padded tokens: count x longest). A lone request pays
+  only the idle gap (about a millisecond); a burst of concurrent requests becomes one batch instead of being cut
+  at an arbitrary instant, so the encoder then has the cores to itself rather than competing with the handling
+  of the burst's tail, and the engine can sort the whole burst by length;
+- the encoder runs in `encoders` dedicated worker threads (one batch each), so while they work the event loop
+  keeps accepting requests; a batch is cut only once an encoder is free, so under load batches grow by themselves
+  and the window adds no delay. Several encoders pay off on CPU: two single-threaded forward passes side by side
+  beat one pass using two threads, which stall at every synchronisation point when another process takes a core;
 - batches are cut round-robin across waiting requests (one sequence from each in turn, oldest request first), so
   a small request never waits behind all of a 2048-input one, only behind about one batch;
 - a request's sequences are queued shortest first, so batches cut from a large request hold sequences of similar
@@ -62,23 +67,30 @@ class Batcher:
         encode: Encoder,
         *,
         window_seconds: float,
+        idle_seconds: float | None = None,
         max_batch_size: int,
         max_batch_tokens: int,
         max_queued: int,
+        encoders: int = 1,
         name: str = "encoder",
     ) -> None:
-        if max_batch_size < 1 or max_batch_tokens < 1 or max_queued < 1 or window_seconds < 0:
-            raise ValueError("batch bounds must be positive and the window non-negative")
+        idle_seconds = window_seconds if idle_seconds is None else idle_seconds
+        if min(max_batch_size, max_batch_tokens, max_queued, encoders) < 1 or min(window_seconds, idle_seconds) < 0:
+            raise ValueError("batch bounds and encoders must be positive, the window and idle gap non-negative")
         self._encode = encode
         self._window = window_seconds
+        self._idle = idle_seconds
+        self._last_arrival = 0.0
         self._max_batch_size = max_batch_size
         self._max_batch_tokens = max_batch_tokens
         self._max_queued = max_queued
         self._requests: deque[_Request] = deque()  # requests with sequences still waiting, oldest first
         self._queued = 0  # sequences waiting, across those requests
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._free_encoders = asyncio.Semaphore(encoders)
+        self._executor = ThreadPoolExecutor(max_workers=encoders, thread_name_prefix=name)
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # batches in the encoders
         self._closed = False
 
     @property
@@ -107,6 +119,7 @@ class Batcher:
         )
         self._requests.append(request)
         self._queued += len(sequences)
+        self._last_arrival = request.queued_at
         self._arrived.set()
         if self._task is None:
             self._task = asyncio.create_task(self._dispatch(), name="embeddings-batcher")
@@ -114,11 +127,13 @@ class Batcher:
         return await request.future
 
     async def close(self) -> None:
-        """Stop dispatching, fail what is still waiting, and let the encoder thread finish its batch."""
+        """Stop dispatching, let the batches in the encoders finish and answer, fail what is still waiting."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._running:
+            await asyncio.wait(self._running)
         for request in self._requests:
             _fail(request, UnavailableError("The embeddings service is shutting down."))
         self._requests.clear()
@@ -133,29 +148,35 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            deadline = self._requests[0].queued_at + self._window
-            while not self._holds_full_batch() and (delay := deadline - loop.time()) > 0:
+            opened = self._requests[0].queued_at
+            while not self._holds_full_batch() and (delay := self._closes_at(opened) - loop.time()) > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), delay)
                 except TimeoutError:
                     break
+            # Cut only once an encoder is free: while all are busy, the batch keeps growing.
+            await self._free_encoders.acquire()
             self._drop_abandoned()
             batch = self._take_batch()
-            if batch:
-                await self._run(loop, batch)
+            if not batch:
+                self._free_encoders.release()
+                continue
+            task = asyncio.create_task(self._run(loop, batch))
+            self._running.add(task)
+            task.add_done_callback(self._encoder_freed)
+
+    def _closes_at(self, opened: float) -> float:
+        """When the batch that opened at `opened` closes: after the idle gap, at the latest after the window."""
+        return min(opened + self._window, self._last_arrival + self._idle)
+
+    def _encoder_freed(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._free_encoders.release()
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         running = loop.run_in_executor(self._executor, self._encode, [item.tokens for item in batch])
-        try:
-            await asyncio.shield(running)
-        except asyncio.CancelledError:
-            # Closing: the thread finishes this batch anyway, so its requests still get their results.
-            await asyncio.wait([running])
-            _settle(batch, running)
-            raise
-        except Exception:
-            pass  # settled below, with the other outcome
+        await asyncio.wait([running])  # never raises: the outcome, result or failure, is handed out below
         _settle(batch, running)
 
     def _drop_abandoned(self) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.common.config import LimitsConfig
+from services.common.config import ConfigError, LimitsConfig
 from services.common.errors import InvalidRequestError, UnsupportedParameterError
 from services.common.metrics import observe_batch_sizes
 from services.embeddings.batcher import Batcher
@@ -30,12 +30,18 @@ class Embedder:
         self.engine = engine
         self._settings = settings
         self._limits = limits
+        if settings.encoder_threads > 1 and not engine.thread_safe:
+            raise ConfigError(
+                f"models[{engine.model_id}].settings.encoder_threads: this engine encodes one batch at a time"
+            )
         self._batcher = Batcher(
             observe_batch_sizes(engine.model_id, engine.encode),
             window_seconds=settings.batch_window_seconds,
+            idle_seconds=settings.batch_idle_seconds,
             max_batch_size=min(settings.max_batch_size, engine.max_batch_size or settings.max_batch_size),
             max_batch_tokens=settings.max_batch_tokens,
             max_queued=settings.max_queued_inputs,
+            encoders=settings.encoder_threads,
             name=f"encode-{engine.model_id}",
         )
 

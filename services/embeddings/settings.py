@@ -18,15 +18,21 @@ class EmbeddingsSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # How long the first queued input waits for others to join its batch. Bounds the delay a lone request pays.
-    batch_window_ms: Annotated[float, Field(ge=0, le=100)] = 3.0
+    # A batch stays open while requests keep arriving: it closes after `batch_idle_ms` without a new one, and at the
+    # latest `batch_window_ms` after it opened. A lone request waits only the idle gap.
+    batch_window_ms: Annotated[float, Field(ge=0, le=100)] = 10.0
+    batch_idle_ms: Annotated[float, Field(ge=0, le=100)] = 1.0
     # Inputs encoded in one forward pass.
     max_batch_size: Annotated[int, Field(ge=1)] = 64
     # Padded tokens (inputs x longest input) in one forward pass: bounds memory and per-batch latency.
     max_batch_tokens: Annotated[int, Field(ge=1)] = 16384
     # Inputs waiting for the encoder before new requests get 429: a bounded queue instead of unbounded latency.
     max_queued_inputs: Annotated[int, Field(ge=1)] = 8192
-    # Intra-op threads of torch on CPU; unset keeps torch's default (one per core).
+    # sentence_transformers: sequences per forward pass; a larger batch is sorted by length and cut into passes.
+    forward_batch_size: Annotated[int, Field(ge=1)] = 16
+    # Batches encoded at the same time, each in its own thread (CPU engines; a GPU engine takes one at a time).
+    encoder_threads: Annotated[int, Field(ge=1)] = 1
+    # Intra-op threads of torch for one batch; unset keeps torch's default (one per core).
     torch_threads: Annotated[int, Field(ge=1)] | None = None
     # Whether `dimensions` may shorten vectors (Matryoshka-trained models only; MiniLM is not).
     supports_dimensions: bool = False
@@ -45,3 +51,7 @@ class EmbeddingsSettings(BaseModel):
     @property
     def batch_window_seconds(self) -> float:
         return self.batch_window_ms / 1000
+
+    @property
+    def batch_idle_seconds(self) -> float:
+        return min(self.batch_idle_ms, self.batch_window_ms) / 1000

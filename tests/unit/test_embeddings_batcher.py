@@ -21,11 +21,19 @@ class FakeEncoder:
         self.release.set()
         self.started = threading.Event()
         self.fail_next = False
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
 
     def __call__(self, batch: list[Sequence[int]]) -> list[tuple[int, ...]]:
-        self.batches.append([tuple(seq) for seq in batch])
+        with self._lock:
+            self.batches.append([tuple(seq) for seq in batch])
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
         self.started.set()
         self.release.wait(timeout=10)
+        with self._lock:
+            self.in_flight -= 1
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("encoder failure")
@@ -185,3 +193,73 @@ async def test_close_fails_what_is_still_queued_and_refuses_new_requests():
         await queued
     with pytest.raises(UnavailableError):
         await batcher.submit([[2]])
+
+
+async def test_several_encoders_work_on_batches_side_by_side_and_the_next_one_waits_for_a_free_encoder():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=0.001, encoders=2)
+    encoder.hold()
+    first = asyncio.create_task(batcher.submit([[1]]))
+    await wait_until_encoding(encoder)
+    encoder.started.clear()
+    second = asyncio.create_task(batcher.submit([[2]]))
+    await wait_until_encoding(encoder)
+    later = [asyncio.create_task(batcher.submit([[3]])) for _ in range(6)]
+    await asyncio.sleep(0.05)
+    assert len(encoder.batches) == 2  # both encoders busy: the six wait, together
+    encoder.release.set()
+    await asyncio.gather(first, second, *later)
+    assert encoder.most_in_flight == 2
+    assert [len(b) for b in encoder.batches] == [1, 1, 6]
+    await batcher.close()
+
+
+async def test_close_lets_every_encoder_finish_its_batch():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=0.001, encoders=2)
+    encoder.hold()
+    running = []
+    for i in range(2):
+        encoder.started.clear()
+        running.append(asyncio.create_task(batcher.submit([[i]])))
+        await wait_until_encoding(encoder)
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0.01)
+    encoder.release.set()
+    await closing
+    assert encoder.most_in_flight == 2
+    assert [await r for r in running] == [[(0,)], [(1,)]]
+
+
+async def test_a_lone_request_waits_only_the_idle_gap_not_the_whole_window():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=5.0, idle_seconds=0.01)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await batcher.submit([[1]]) == [(1,)]
+    assert loop.time() - start < 2.5  # far less than the 5 s window
+    await batcher.close()
+
+
+async def test_a_burst_with_short_gaps_stays_one_batch():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=5.0, idle_seconds=0.2)
+    tasks = []
+    for i in range(5):
+        tasks.append(asyncio.create_task(batcher.submit([[i]])))
+        await asyncio.sleep(0.02)  # well inside the idle gap
+    await asyncio.gather(*tasks)
+    assert [len(b) for b in encoder.batches] == [5]
+    await batcher.close()
+
+
+async def test_a_steady_stream_is_cut_at_the_window():
+    encoder = FakeEncoder()
+    batcher = make(encoder, window_seconds=0.1, idle_seconds=1.0)
+    tasks = []
+    for i in range(30):
+        tasks.append(asyncio.create_task(batcher.submit([[i]])))
+        await asyncio.sleep(0.01)  # never idle for long, so only the window closes batches
+    await asyncio.gather(*tasks)
+    assert len(encoder.batches) >= 2 and sum(len(b) for b in encoder.batches) == 30
+    await batcher.close()

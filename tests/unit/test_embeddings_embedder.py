@@ -143,3 +143,10 @@ def test_settings_are_checked_at_start_naming_the_field():
     unknown = model.model_copy(update={"settings": {"n_threads": 2}})
     with pytest.raises(ConfigError, match="n_threads"):
         EmbeddingsSettings.of(unknown)
+
+
+def test_several_encoder_threads_need_a_thread_safe_engine():
+    engine = FakeEngine()
+    engine.thread_safe = False
+    with pytest.raises(ConfigError, match="encoder_threads"):
+        Embedder(engine, EmbeddingsSettings(encoder_threads=2), LimitsConfig())

@@ -25,6 +25,8 @@ class EmbeddingsEngine(ABC):
     vocab_size: int
     # Largest batch the engine accepts (a built TensorRT engine has one); None: only the configured bound applies.
     max_batch_size: int | None = None
+    # Whether `encode` may run in several threads at once (`encoder_threads` > 1).
+    thread_safe: bool = True
 
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -42,7 +44,8 @@ class EmbeddingsEngine(ABC):
         """Embed sequences as returned by `tokenize` / `add_special_tokens`: float32 (len(batch), dimensions), each
         row of unit norm.
 
-        Blocking; the batcher calls it from one worker thread, one batch at a time.
+        Blocking; the batcher calls it from its worker threads, at most `encoder_threads` batches at once (one, for
+        an engine that is not `thread_safe`).
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook

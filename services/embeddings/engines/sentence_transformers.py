@@ -3,6 +3,11 @@
 Texts are tokenized once, by the model's own tokenizer (engines/tokenizer.py), and the ids are fed straight to the
 model's modules (transformer, pooling, normalisation): token-id input takes exactly the path text takes, `usage`
 counts exactly what the model read, and `SentenceTransformer.encode()`'s per-call re-tokenization is skipped.
+
+A batch larger than `forward_batch_size` is sorted by length and cut into near-equal forward passes, each padded
+only to its own longest sequence. On CPU the cost per sentence stops falling at about 16 sentences per pass
+(MiniLM, one thread: 8.6 ms at 1, 3.6 ms at 8, 3.1 ms at 16 and at 32), so beyond that, padding is the only thing
+batch size still changes: 32 sentences of 13 to 30 tokens encode 1.27x faster as two passes of 16.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class SentenceTransformersEngine(EmbeddingsEngine):
         self._tokenizer = ModelTokenizer(hf_tokenizer.backend_tokenizer)
         self._pad_id = hf_tokenizer.pad_token_id or 0
         self._token_types = "token_type_ids" in hf_tokenizer.model_input_names
+        self._forward_batch = settings.forward_batch_size
         self.model_id = model.id
         self.dimensions = int(self._model.get_embedding_dimension())
         self.max_sequence_length = int(self._model.max_seq_length)
@@ -52,6 +58,16 @@ class SentenceTransformersEngine(EmbeddingsEngine):
         return self._tokenizer.add_special_tokens(ids)
 
     def encode(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        passes = -(-len(batch) // self._forward_batch)
+        if passes == 1:
+            return self._forward(batch)
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        vectors = np.empty((len(batch), self.dimensions), dtype=np.float32)
+        for part in np.array_split(np.array(order), passes):
+            vectors[part] = self._forward([batch[i] for i in part])
+        return vectors
+
+    def _forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         longest = max(len(seq) for seq in batch)
         ids = np.full((len(batch), longest), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), longest), dtype=np.int64)

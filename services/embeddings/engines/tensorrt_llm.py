@@ -57,6 +57,7 @@ class TensorRTLLMEngine(EmbeddingsEngine):
         self.max_sequence_length = min(int(build["max_input_len"]), _sentence_transformers_limit(hf_dir))
         self.vocab_size = int(pretrained["vocab_size"])
         self.max_batch_size = int(build["max_batch_size"])
+        self.thread_safe = False  # one engine session and CUDA stream: one batch at a time
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return self._tokenizer.tokenize(texts)
