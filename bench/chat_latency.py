@@ -101,7 +101,8 @@ def main() -> None:
     model = load_config(env={}).models_for(Capability.CHAT)[0]
     llama = llama_cpp.Llama(model_path=str(resolve_model_path(model.path)), verbose=False, **model.settings)
     stack = start_stack(Path(tempfile.mkdtemp(prefix="ark-bench-")))
-    results: dict[str, list[tuple[float, float, int]]] = {"in-process": [], "ARK": []}
+    results: dict[str, list[tuple[float, float, int]]] = {"in-process": [], "ARK": [], "ARK edge": []}
+    edge_url = f"http://{stack.addresses['edge']}/v1"  # the in-cluster port, without Envoy in front
     try:
         with httpx.Client(timeout=300) as http:
             warm = prompts(1)[0]
@@ -110,6 +111,7 @@ def main() -> None:
             for messages in prompts(args.rounds):
                 results["in-process"].append(run_in_process(llama, messages, args.max_tokens))
                 results["ARK"].append(run_through_ark(http, stack.base_url, stack.api_key, messages, args.max_tokens))
+                results["ARK edge"].append(run_through_ark(http, edge_url, stack.api_key, messages, args.max_tokens))
     finally:
         stack.stop()
 
@@ -124,6 +126,10 @@ def main() -> None:
     ratio = med("ARK", 1) / med("in-process", 1)
     print(f"\nTTFT overhead through ARK: {overhead:+.1f} ms   (goal <= 10 ms)")
     print(f"decode ratio ARK / in-process: {ratio:.3f}x   (goal >= 0.95x)")
+    edge_overhead = (med("ARK edge", 0) - med("in-process", 0)) * 1000
+    print(
+        f"edge port without Envoy: TTFT {edge_overhead:+.1f} ms, decode {med('ARK edge', 1) / med('in-process', 1):.3f}x"
+    )
 
 
 if __name__ == "__main__":

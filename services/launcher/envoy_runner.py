@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -30,9 +31,20 @@ _ACTIVE_REQUESTS = "http.public.downstream_rq_active"
 
 def envoy_command(config_path: Path, log_level: str = "warn") -> list[str]:
     """Envoy's command line. No hot restart: it needs shared memory keyed by a base id, which two Envoys on one host
-    would fight over. Access-log lines are flushed every second rather than every ten."""
+    would fight over. Access-log lines are flushed every second rather than every ten. Worker threads default to
+    one (`ARK_ENVOY_CONCURRENCY`): a proxy in front of one edge needs no more, and every extra thread competes with
+    the model for the same cores."""
     binary = str(envoy_config.envoy_binary())
-    options = ["--disable-hot-restart", "--file-flush-interval-msec", "1000", "--log-level", log_level]
+    concurrency = os.environ.get("ARK_ENVOY_CONCURRENCY", "1")
+    options = [
+        "--disable-hot-restart",
+        "--file-flush-interval-msec",
+        "1000",
+        "--log-level",
+        log_level,
+        "--concurrency",
+        concurrency,
+    ]
     return [binary, "-c", str(config_path), *options]
 
 
