@@ -37,16 +37,17 @@ class RequestContext:
     api_key_hash: str
 
 
-def get_state(request: Request) -> EdgeState:
+# Every dependency is `async def`, as none blocks: FastAPI runs a plain `def` dependency in its thread pool, a
+# thread hop per request on the hot path.
+async def get_state(request: Request) -> EdgeState:
     return request.state.ark
 
 
-# `async def`, as it never blocks: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
 async def get_context(request: Request) -> RequestContext:
     return RequestContext(request.state.request_id, getattr(request.state, "api_key_hash", ""))
 
 
-def get_chat(request: Request) -> ChatCompletions:
+async def get_chat(request: Request) -> ChatCompletions:
     return request.state.ark.chat
 
 
@@ -54,7 +55,7 @@ async def get_embeddings(request: Request) -> Embeddings:
     return request.state.ark.embeddings
 
 
-def get_transcriptions(request: Request) -> Transcriptions:
+async def get_transcriptions(request: Request) -> Transcriptions:
     return request.state.ark.transcriptions
 
 
