@@ -7,12 +7,13 @@ then); a client that goes away mid-stream counts as CANCELLED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
 
+from services.common.interceptors import GuardInterceptor
 from services.common.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
 
 
@@ -41,47 +42,14 @@ class _Call:
         GRPC_REQUESTS.labels(*self._labels, code.name).inc()
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        service, method = _split(handler_call_details.method)
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call, exc = _Call(service, method), None
-                try:
-                    return await inner_uu(request, context)
-                except BaseException as error:
-                    exc = error
-                    raise
-                finally:
-                    call.done(context, exc)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                call, exc = _Call(service, method), None
-                try:
-                    async for response in inner_us(request, context):
-                        yield response
-                except BaseException as error:
-                    exc = error
-                    raise
-                finally:
-                    call.done(context, exc)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+class MetricsInterceptor(GuardInterceptor):
+    @contextlib.asynccontextmanager
+    async def guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        call, exc = _Call(*_split(method)), None
+        try:
+            yield
+        except BaseException as error:
+            exc = error
+            raise
+        finally:
+            call.done(context, exc)

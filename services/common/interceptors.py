@@ -1,11 +1,15 @@
-"""The one place where domain errors become gRPC status.
+"""Server interceptors: the one place where domain errors become gRPC status, and per-call metrics.
 
-Servicers and engines raise `ArkError`; this interceptor turns it into a status carrying `google.rpc.ErrorInfo`,
-and turns anything else into INTERNAL with the details logged (never sent: they may hold internals).
+Both wrap every call of every service the same way, so the rewrapping of unary and streaming handlers lives once
+(`GuardInterceptor`); each interceptor only says what happens around a call (`guard`).
+
+Errors: servicers and engines raise `ArkError`; it becomes a status carrying `google.rpc.ErrorInfo`, and anything
+else becomes INTERNAL with the details logged (never sent: they may hold internals).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,14 +22,12 @@ from services.common.grpc_errors import to_rpc_status
 log = logging.getLogger(__name__)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-    if not isinstance(exc, ArkError):
-        log.exception("unhandled error in %s", method, exc_info=exc)
-        exc = InternalError("The server had an error while processing your request.")
-    await context.abort_with_status(to_rpc_status(exc))
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Runs each unary or server-streaming call inside `guard(method, context)`, an async context manager."""
 
+    def guard(self, method: str, context: grpc.aio.ServicerContext) -> contextlib.AbstractAsyncContextManager[None]:
+        raise NotImplementedError
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -34,15 +36,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
+        method, guard = handler_call_details.method, self.guard
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
+                async with guard(method, context):
                     return await inner_uu(request, context)
-                except Exception as exc:
-                    await _abort(context, exc, method)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -51,13 +51,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
+                async with guard(method, context):
                     async for response in inner_us(request, context):
                         yield response
-                except Exception as exc:
-                    await _abort(context, exc, method)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
             )
         return handler
+
+
+class ErrorInterceptor(GuardInterceptor):
+    @contextlib.asynccontextmanager
+    async def guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        try:
+            yield
+        except Exception as exc:  # the point of this interceptor
+            if not isinstance(exc, ArkError):
+                log.exception("unhandled error in %s", method, exc_info=exc)
+                exc = InternalError("The server had an error while processing your request.")
+            await context.abort_with_status(to_rpc_status(exc))
