@@ -57,6 +57,9 @@ def sentences(n: int = 32) -> list[str]:
     ]
 
 
+# Pause before each measurement: idle threads of the side measured last (torch's OpenMP workers busy-wait for a while
+# after a forward pass) must not take cores from the side measured next.
+SETTLE_SECONDS = 0.2
 IN_PROCESS = {1: "in-process, 1 thread", 2: "in-process, 2 threads"}
 CONCURRENT, SEQUENTIAL = "ARK, 32 concurrent", "ARK, sequential"
 
@@ -106,8 +109,11 @@ async def run(base_url: str, key: str, model: SentenceTransformer, rounds: int) 
         seconds: dict[str, list[float]] = {name: [] for name in [*IN_PROCESS.values(), CONCURRENT, SEQUENTIAL]}
         for _ in range(rounds):
             for threads, name in IN_PROCESS.items():
+                await asyncio.sleep(SETTLE_SECONDS)
                 seconds[name].append(in_process_batched(model, texts, threads))
+            await asyncio.sleep(SETTLE_SECONDS)
             seconds[CONCURRENT].append(await ark_concurrent(users, texts))
+            await asyncio.sleep(SETTLE_SECONDS)
             seconds[SEQUENTIAL].append(await ark_sequential(users[0], texts))
     return seconds
 

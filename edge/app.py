@@ -25,6 +25,7 @@ from edge.sessions.router import router as sessions_router
 from edge.transcriptions.router import router as transcriptions_router
 from edge.transcriptions.serving import Transcriptions
 from services.common.config import ArkConfig
+from services.common.server import freeze_startup_objects
 
 
 def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
@@ -44,6 +45,7 @@ def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
         )
         sessions = SessionPlacer(registry, config.sessions)
         catalog = Catalog(config)
+        freeze_startup_objects()
         try:
             yield {
                 "ark": EdgeState(

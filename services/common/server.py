@@ -9,6 +9,7 @@ by the launcher from the configuration) it also serves Prometheus metrics on tha
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -100,6 +101,7 @@ async def serve(
     metrics_port = metrics_port if metrics_port is not None else metrics.port_from_env()
     host = address.rpartition(":")[0].strip("[]")
     metrics_server = metrics.MetricsServer(host, metrics_port) if metrics_port else None
+    freeze_startup_objects()
     await server.start()
     await mark_serving(health_servicer, [s.name for s in services])
     log.info("serving %s on port %d", ", ".join(s.name for s in services), port)
@@ -115,6 +117,17 @@ async def serve(
         await on_stop()
     if metrics_server is not None:
         metrics_server.close()
+
+
+def freeze_startup_objects() -> None:
+    """Exempt everything allocated while starting (libraries, models, stubs) from the garbage collector.
+
+    Those objects live as long as the process, yet every full collection walks them all: with torch and a model
+    loaded that is about 400,000 objects and a 150 ms pause, taken in the middle of whatever requests are in flight.
+    Frozen, a full collection only looks at what requests allocated.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -34,6 +34,11 @@ class EmbeddingsSettings(BaseModel):
     encoder_threads: Annotated[int, Field(ge=1)] = 1
     # Intra-op threads of torch for one batch; unset keeps torch's default (one per core).
     torch_threads: Annotated[int, Field(ge=1)] | None = None
+    # Spin-loop iterations torch's idle OpenMP threads busy-wait for the next operation before sleeping
+    # (GOMP_SPINCOUNT, read once when torch loads; process-wide). OpenMP's default keeps them spinning for
+    # milliseconds after every batch, on the cores the service and the edge need to answer it and to receive the next
+    # requests; a short spin still bridges the gaps between the operations of one forward pass. Unset: OpenMP's own.
+    openmp_spin_count: Annotated[int, Field(ge=0)] | None = 10000
     # Whether `dimensions` may shorten vectors (Matryoshka-trained models only; MiniLM is not).
     supports_dimensions: bool = False
     # TensorRT-LLM only: the Hugging Face folder holding the tokenizer (the engine folder holds none).

@@ -27,7 +27,14 @@ class ModelTokenizer:
         return cls(Tokenizer.from_file(path))
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of each text with the special tokens, nothing truncated."""
+        """Ids of each text with the special tokens, nothing truncated.
+
+        One text is encoded in the calling thread: `encode_batch` hands even a single text to the library's worker
+        pool and waits for it, and while the model's threads hold the cores that hand-off can stall the event loop
+        for milliseconds (it did here, on every request of a concurrent burst).
+        """
+        if len(texts) == 1:
+            return [self._tokenizer.encode(texts[0], add_special_tokens=True).ids]
         return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
     def add_special_tokens(self, ids: Sequence[int]) -> list[int]:
