@@ -6,7 +6,10 @@ The same 32 single sentences, three ways, interleaved round by round so that mac
   ARK, concurrent      32 concurrent single-sentence POST /v1/embeddings through the whole stack (HTTP → edge →
                        gRPC → embeddings service), which the service's dynamic batching merges into shared batches;
                        32 users, each with its own httpx.AsyncClient, as 32 independent callers would be;
-  ARK, sequential      the same 32 requests one at a time from one client, i.e. nothing for batching to merge.
+  ARK, sequential      the same 32 requests one at a time from one client, i.e. nothing for batching to merge;
+  ARK, continuous      the 32 users for CONTINUOUS_SECONDS, each sending its next request as soon as its last is
+                       answered: throughput under steady load, where requests arrive and leave while the model runs
+                       (its ms per 32 is the mean time per 32 sentences).
 Requests ask for `encoding_format: base64`, as the official Python client does by default. The clients, the edge
 and the service share the machine's cores. One client per user matters on a small machine: one AsyncClient shared
 by 32 requests in flight spends about 2.7 ms of CPU per request in its connection pool, 32 clients about 0.6 ms
@@ -61,7 +64,8 @@ def sentences(n: int = 32) -> list[str]:
 # after a forward pass) must not take cores from the side measured next.
 SETTLE_SECONDS = 0.2
 IN_PROCESS = {1: "in-process, 1 thread", 2: "in-process, 2 threads"}
-CONCURRENT, SEQUENTIAL = "ARK, 32 concurrent", "ARK, sequential"
+CONCURRENT, SEQUENTIAL, CONTINUOUS = "ARK, 32 concurrent", "ARK, sequential", "ARK, continuous"
+CONTINUOUS_SECONDS = 2.0
 
 
 def in_process_batched(model: SentenceTransformer, texts: list[str], threads: int) -> float:
@@ -92,6 +96,22 @@ async def ark_sequential(http: httpx.AsyncClient, texts: list[str]) -> float:
     return time.perf_counter() - start
 
 
+async def ark_continuous(users: list[httpx.AsyncClient], texts: list[str], seconds: float) -> float:
+    """Seconds per len(texts) sentences while every user keeps one request in flight for `seconds`."""
+    stop = time.perf_counter() + seconds
+    answered = 0
+
+    async def user(http: httpx.AsyncClient, text: str) -> None:
+        nonlocal answered
+        while time.perf_counter() < stop:
+            await post(http, text)
+            answered += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(user(http, t) for http, t in zip(users, texts, strict=True)))
+    return (time.perf_counter() - start) / answered * len(texts)
+
+
 async def run(base_url: str, key: str, model: SentenceTransformer, rounds: int) -> dict[str, list[float]]:
     texts = sentences()
     headers = {"authorization": f"Bearer {key}"}
@@ -106,7 +126,8 @@ async def run(base_url: str, key: str, model: SentenceTransformer, rounds: int) 
         worst = min(float(a @ b) for a, b in zip(served, reference, strict=True))
         assert worst > 0.9999, f"ARK's vectors differ from sentence-transformers' (cosine {worst})"
         await ark_sequential(users[0], texts[:4])
-        seconds: dict[str, list[float]] = {name: [] for name in [*IN_PROCESS.values(), CONCURRENT, SEQUENTIAL]}
+        sides = [*IN_PROCESS.values(), CONCURRENT, SEQUENTIAL, CONTINUOUS]
+        seconds: dict[str, list[float]] = {name: [] for name in sides}
         for _ in range(rounds):
             for threads, name in IN_PROCESS.items():
                 await asyncio.sleep(SETTLE_SECONDS)
@@ -115,6 +136,8 @@ async def run(base_url: str, key: str, model: SentenceTransformer, rounds: int) 
             seconds[CONCURRENT].append(await ark_concurrent(users, texts))
             await asyncio.sleep(SETTLE_SECONDS)
             seconds[SEQUENTIAL].append(await ark_sequential(users[0], texts))
+            await asyncio.sleep(SETTLE_SECONDS)
+            seconds[CONTINUOUS].append(await ark_continuous(users, texts, CONTINUOUS_SECONDS))
     return seconds
 
 
@@ -141,6 +164,7 @@ def main() -> None:
     concurrent = rate[CONCURRENT]
     print(f"\nARK concurrent / in-process batched ({reference}): {concurrent / rate[reference]:.2f}x   (goal >= 0.8x)")
     print(f"ARK concurrent / ARK sequential: {concurrent / rate[SEQUENTIAL]:.2f}x   (what batching buys)")
+    print(f"ARK continuous / in-process batched: {rate[CONTINUOUS] / rate[reference]:.2f}x   (steady load)")
 
 
 if __name__ == "__main__":
