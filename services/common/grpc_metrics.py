@@ -1,6 +1,6 @@
 """Per-method call counts, status codes, durations and in-flight calls for every ARK gRPC service.
 
-Installed outside the error interceptor, so it sees the status a client gets (an `ArkError` has become its code by
+Installed outside the error guard, so it sees the status a client gets (an `ArkError` has become its code by
 then); a client that goes away mid-stream counts as CANCELLED.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.interceptors import GuardInterceptor
+from services.common.interceptors import CallGuard
 from services.common.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
 
 
@@ -42,7 +42,7 @@ class _Call:
         GRPC_REQUESTS.labels(*self._labels, code.name).inc()
 
 
-class MetricsInterceptor(GuardInterceptor):
+class MetricsGuard(CallGuard):
     @contextlib.asynccontextmanager
     async def guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         call, exc = _Call(*_split(method)), None

@@ -1,7 +1,11 @@
-"""Server interceptors: the one place where domain errors become gRPC status, and per-call metrics.
+"""Guards around every call of every ARK servicer: the one place where domain errors become gRPC status, and the
+place per-call metrics are taken.
 
-Both wrap every call of every service the same way, so the rewrapping of unary and streaming handlers lives once
-(`GuardInterceptor`); each interceptor only says what happens around a call (`guard`).
+Each guard says what happens around a call (`guard`, an async context manager). They are applied once, when a
+service is registered (`guarded`), by wrapping the servicer's methods, not through grpc.aio's interceptor API:
+an aio server with interceptors runs their coroutine chain and builds new method handlers on every call. On the
+2-core reference machine, 32 concurrent embeddings requests through the whole stack took 111-128 ms per burst with
+the guards applied here and 122-137 ms with the same guards as interceptors (alternating runs, 30 bursts each).
 
 Errors: servicers and engines raise `ArkError`; it becomes a status carrying `google.rpc.ErrorInfo`, and anything
 else becomes INTERNAL with the details logged (never sent: they may hold internals).
@@ -11,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from services.common.errors import ArkError, InternalError
 from services.common.grpc_errors import to_rpc_status
@@ -22,51 +28,55 @@ from services.common.grpc_errors import to_rpc_status
 log = logging.getLogger(__name__)
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Runs each unary or server-streaming call inside `guard(method, context)`, an async context manager."""
+class CallGuard:
+    """Runs around each call of a guarded method; `method` is the full name (`/package.Service/Method`)."""
 
     def guard(self, method: str, context: grpc.aio.ServicerContext) -> contextlib.AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method, guard = handler_call_details.method, self.guard
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with guard(method, context):
-                    return await inner_uu(request, context)
+def guarded(servicer: object, service_name: str, guards: Sequence[CallGuard]) -> object:
+    """A stand-in for `servicer` whose RPC methods run inside `guards`, the first outermost.
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with guard(method, context):
-                    async for response in inner_us(request, context):
-                        yield response
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+    Unary and server-streaming methods are wrapped (the only kinds ARK's protos declare); a client-streaming one
+    stops start-up rather than run unguarded.
+    """
+    service = descriptor_pool.Default().FindServiceByName(service_name)
+    methods: dict[str, Callable[..., Any]] = {}
+    for method in service.methods:
+        if method.client_streaming:
+            raise TypeError(f"{service_name}/{method.name}: client-streaming methods cannot be guarded")
+        handler = getattr(servicer, method.name)
+        full = f"/{service_name}/{method.name}"
+        for guard in reversed(guards):
+            handler = _streaming(handler, guard, full) if method.server_streaming else _unary(handler, guard, full)
+        methods[method.name] = handler
+    return SimpleNamespace(**methods)
 
 
-class ErrorInterceptor(GuardInterceptor):
+def _unary(inner: Callable[..., Any], guard: CallGuard, method: str) -> Callable[..., Any]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with guard.guard(method, context):
+            return await inner(request, context)
+
+    return unary
+
+
+def _streaming(inner: Callable[..., Any], guard: CallGuard, method: str) -> Callable[..., Any]:
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with guard.guard(method, context):
+            async for response in inner(request, context):
+                yield response
+
+    return streaming
+
+
+class ErrorGuard(CallGuard):
     @contextlib.asynccontextmanager
     async def guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         try:
             yield
-        except Exception as exc:  # the point of this interceptor
+        except Exception as exc:  # the point of this guard
             if not isinstance(exc, ArkError):
                 log.exception("unhandled error in %s", method, exc_info=exc)
                 exc = InternalError("The server had an error while processing your request.")

@@ -1,4 +1,5 @@
-"""Bootstrap shared by every ARK gRPC service: one server with health, reflection, error mapping and limits.
+"""Bootstrap shared by every ARK gRPC service: one server with health, reflection, error mapping, metrics and
+limits.
 
 `create_server()` returns the server and the port it bound (port 0 picks a free one, which the tests use);
 `serve()` runs it until SIGTERM/SIGINT, first flipping health to NOT_SERVING so that load balancers stop sending
@@ -19,8 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
-from services.common.grpc_metrics import MetricsInterceptor
-from services.common.interceptors import ErrorInterceptor
+from services.common.grpc_metrics import MetricsGuard
+from services.common.interceptors import ErrorGuard, guarded
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,13 @@ class Service:
 def create_server(services: Iterable[Service], address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build a server for `services` bound to `address` (`host:0` for a free port)."""
     services = list(services)
-    # Metrics outermost: they record the status the error interceptor produced.
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorInterceptor()], options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    # Metrics outermost: they record the status the error guard produced.
+    guards = [MetricsGuard(), ErrorGuard()]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
-        service.register(service.servicer, server)
+        service.register(guarded(service.servicer, service.name, guards), server)
     names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(address)
