@@ -1,8 +1,9 @@
 """ARK's one error hierarchy.
 
-Every failure a client can see is an `ArkError`. Services raise them; an interceptor turns them into gRPC status
-with `google.rpc.ErrorInfo` (AIP-193); the edge turns gRPC status back into the same class and renders OpenAI's
-envelope. Keeping one hierarchy means a bad request is a 400 at every layer, never an accidental 500.
+Every failure a client can see is an `ArkError`. Services raise them; a guard around every servicer method turns
+them into gRPC status with `google.rpc.ErrorInfo` (AIP-193); the edge turns gRPC status back into the same class
+and renders OpenAI's envelope. Keeping one hierarchy means a bad request is a 400 at every layer, never an
+accidental 500.
 """
 
 from __future__ import annotations
