@@ -76,6 +76,8 @@ class ErrorGuard(CallGuard):
     async def guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         try:
             yield
+        except grpc.aio.AbortError:
+            raise  # the call already set its own status (the health servicer's NOT_FOUND, for one)
         except Exception as exc:  # the point of this guard
             if not isinstance(exc, ArkError):
                 log.exception("unhandled error in %s", method, exc_info=exc)

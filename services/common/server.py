@@ -71,7 +71,8 @@ def create_server(services: Iterable[Service], address: str) -> tuple[grpc.aio.S
     # Metrics outermost: they record the status the error guard produced.
     guards = [MetricsGuard(), ErrorGuard()]
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Probes are guarded too: their calls show in the metrics, which is how an operator sees them arrive.
+    health_pb2_grpc.add_HealthServicer_to_server(guarded(health_servicer, health.SERVICE_NAME, guards), server)
     for service in services:
         service.register(guarded(service.servicer, service.name, guards), server)
     names = [s.name for s in services]
