@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.interceptors import CallGuard
+from services.common.guards import CallGuard
 from services.common.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
 
 

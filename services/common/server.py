@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
 from services.common.grpc_metrics import MetricsGuard
-from services.common.interceptors import ErrorGuard, guarded
+from services.common.guards import ErrorGuard, guarded
 
 log = logging.getLogger(__name__)
 
