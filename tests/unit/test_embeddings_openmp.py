@@ -17,7 +17,7 @@ def no_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
 
 
-def test_the_spin_count_is_exported_before_torch_loads(no_torch, monkeypatch: pytest.MonkeyPatch):
+def test_the_spin_count_is_exported_before_torch_loads(no_torch):
     configure_openmp(10000)
     assert os.environ["GOMP_SPINCOUNT"] == "10000"
 
