@@ -79,8 +79,9 @@ CHAT_COMPLETIONS: dict[str, Param] = {
 EMBEDDINGS: dict[str, Param] = {
     "input": Param(
         S,
-        "a string, strings, token ids or token-id arrays; limits.max_embedding_inputs inputs, "
-        "limits.max_embedding_tokens tokens, and the model's maximum sequence length per input (no truncation)",
+        "a string, strings, token ids or token-id arrays (under an OpenAI model name, OpenAI's `cl100k_base` ids; "
+        "else the model's own); limits.max_embedding_inputs inputs, limits.max_embedding_tokens tokens, and the "
+        "model's maximum sequence length per input (no truncation)",
     ),
     "model": Param(S, "a configured embeddings model id or alias"),
     "encoding_format": Param(S, "`float` or `base64` (little-endian float32, as OpenAI)"),

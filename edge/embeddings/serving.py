@@ -9,7 +9,7 @@ from ark.embeddings.v1 import embeddings_service_pb2 as pb
 from edge.backends import EmbeddingsBackend
 from edge.catalog import Catalog
 from edge.compat import EMBEDDINGS, apply_policy
-from edge.embeddings import translate
+from edge.embeddings import openai_tokens, translate
 from edge.embeddings.schemas import EmbeddingRequest
 from services.common.config import Capability, LimitsConfig
 
@@ -29,11 +29,21 @@ class Embeddings:
         self._catalog = catalog
         self._backend = backend
         self._limits = limits
+        # OpenAI's encodings load at start (about 0.3 s each), not in the event loop on the first request using them.
+        for entry in catalog.entries():
+            if entry.model.capability is Capability.EMBEDDINGS:
+                openai_tokens.encoding_for(entry.name)
 
     def prepare(self, body: EmbeddingRequest, *, request_id: str) -> Prepared:
         model = self._catalog.resolve(body.model, Capability.EMBEDDINGS)
         ignored = apply_policy(EMBEDDINGS, body)
-        request = translate.request_to_proto(body, model_id=model.id, request_id=request_id, limits=self._limits)
+        request = translate.request_to_proto(
+            body,
+            model_id=model.id,
+            request_id=request_id,
+            limits=self._limits,
+            encoding=openai_tokens.encoding_for(body.model),
+        )
         return Prepared(model.id, request, body.encoding_format or "float", ignored)
 
     async def create(self, job: Prepared) -> dict[str, Any]:

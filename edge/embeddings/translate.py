@@ -2,6 +2,7 @@
 
 The edge checks what needs no model: the shape of `input`, empty strings and arrays, the number of inputs.
 The service checks what needs the model: the vocabulary, sequence lengths, the total token count, `dimensions`.
+Token ids sent under an OpenAI model name are OpenAI's: the edge decodes them to text here (openai_tokens.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Any
 import numpy as np
 
 from ark.embeddings.v1 import embeddings_service_pb2 as pb
+from edge.embeddings.openai_tokens import OpenAIEncoding
 from edge.embeddings.schemas import EmbeddingRequest
+from edge.proto_ranges import check_integer, field_range, show_integer
 from services.common.config import LimitsConfig
 from services.common.errors import InvalidRequestError
 
-# Token ids travel as int32; anything outside cannot be a token of any model.
-_INT32_MAX = 2**31 - 1
+# Token ids travel as int32 (the proto says so); anything outside cannot be a token of any model.
+_TOKEN_ID_MAX = field_range(pb.TokenIds.DESCRIPTOR, "ids")[1]
 _SHAPES = "a string, an array of strings, an array of token ids, or an array of token-id arrays"
 
 
@@ -25,7 +28,7 @@ def _is_int(value: Any) -> bool:
     return type(value) is int  # bool is an int subclass, and JSON `true` is not a token id
 
 
-def _token_ids(value: list[Any], param: str) -> pb.EmbeddingInput:
+def _token_ids(value: list[Any], param: str, encoding: OpenAIEncoding | None) -> pb.EmbeddingInput:
     if not value:
         raise InvalidRequestError(f"Invalid value for '{param}': empty token array.", param=param, code="empty_array")
     for j, token in enumerate(value):
@@ -33,12 +36,14 @@ def _token_ids(value: list[Any], param: str) -> pb.EmbeddingInput:
             raise InvalidRequestError(
                 f"Invalid type for '{param}[{j}]': token ids are integers.", param=f"{param}[{j}]", code="invalid_type"
             )
-        if not 0 <= token <= _INT32_MAX:
+        if not 0 <= token <= _TOKEN_ID_MAX:
             raise InvalidRequestError(
-                f"Invalid value for '{param}[{j}]': {token} is not a token id.",
+                f"Invalid value for '{param}[{j}]': {show_integer(token)} is not a token id.",
                 param=f"{param}[{j}]",
                 code="invalid_value",
             )
+    if encoding is not None:
+        return pb.EmbeddingInput(text=encoding.decode(value, param))
     return pb.EmbeddingInput(token_ids=pb.TokenIds(ids=value))
 
 
@@ -50,8 +55,11 @@ def _text(value: str, param: str) -> pb.EmbeddingInput:
     return pb.EmbeddingInput(text=value)
 
 
-def parse_input(value: Any, limits: LimitsConfig) -> list[pb.EmbeddingInput]:
-    """The inputs of `input`, whichever of OpenAI's four shapes it has."""
+def parse_input(value: Any, limits: LimitsConfig, encoding: OpenAIEncoding | None = None) -> list[pb.EmbeddingInput]:
+    """The inputs of `input`, whichever of OpenAI's four shapes it has.
+
+    With `encoding` (the request names an OpenAI model), token ids are that encoding's and travel on as their text.
+    """
     if isinstance(value, str):
         return [_text(value, "input")]
     if not isinstance(value, list):
@@ -62,7 +70,7 @@ def parse_input(value: Any, limits: LimitsConfig) -> list[pb.EmbeddingInput]:
         )
     if _is_int(value[0]):
         # One input given as token ids; its length is the model's business (the service refuses an over-long one).
-        return [_token_ids(value, "input")]
+        return [_token_ids(value, "input", encoding)]
     if len(value) > limits.max_embedding_inputs:
         raise InvalidRequestError(
             f"Invalid 'input': array too long. Expected an array with maximum length {limits.max_embedding_inputs}, "
@@ -77,7 +85,7 @@ def parse_input(value: Any, limits: LimitsConfig) -> list[pb.EmbeddingInput]:
         if kind is str and isinstance(item, str):
             inputs.append(_text(item, param))
         elif kind is list and isinstance(item, list):
-            inputs.append(_token_ids(item, param))
+            inputs.append(_token_ids(item, param, encoding))
         else:
             raise InvalidRequestError(
                 f"Invalid type for '{param}': expected {_SHAPES}, without mixing them.",
@@ -88,16 +96,20 @@ def parse_input(value: Any, limits: LimitsConfig) -> list[pb.EmbeddingInput]:
 
 
 def request_to_proto(
-    body: EmbeddingRequest, *, model_id: str, request_id: str, limits: LimitsConfig
+    body: EmbeddingRequest,
+    *,
+    model_id: str,
+    request_id: str,
+    limits: LimitsConfig,
+    encoding: OpenAIEncoding | None = None,
 ) -> pb.EmbedRequest:
     """Build the gRPC request; raises InvalidRequestError for what the schema alone cannot check."""
-    request = pb.EmbedRequest(request_id=request_id, model=model_id, inputs=parse_input(body.input, limits))
+    inputs = parse_input(body.input, limits, encoding)
+    request = pb.EmbedRequest(request_id=request_id, model=model_id, inputs=inputs)
     if body.dimensions is not None:
-        if body.dimensions > _INT32_MAX:
-            raise InvalidRequestError(
-                f"Invalid value for 'dimensions': {body.dimensions}.", param="dimensions", code="invalid_value"
-            )
-        request.dimensions = body.dimensions
+        request.dimensions = check_integer(
+            body.dimensions, param="dimensions", message=pb.EmbedRequest.DESCRIPTOR, field="dimensions"
+        )
     return request
 
 
