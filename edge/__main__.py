@@ -9,6 +9,7 @@ import uvicorn
 
 from edge.app import create_app
 from edge.drain import Drain, DrainingServer
+from edge.http_limits import bounded_protocol
 from services.common.config import load_config
 
 
@@ -24,7 +25,8 @@ def main() -> None:
         host=config.edge.host,
         port=config.edge.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with bounds on the size and number of request headers (edge/http_limits.py).
+        http=bounded_protocol(config.limits),
         access_log=False,
         log_level="warning",
         # The drain has already ended every stream by the time uvicorn shuts down.

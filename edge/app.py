@@ -18,7 +18,13 @@ from edge.embeddings.serving import Embeddings
 from edge.errors import install_error_handlers
 from edge.health import router as health_router
 from edge.metrics import MetricsMiddleware
-from edge.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from edge.middleware import (
+    UPLOAD_FORM_OVERHEAD_BYTES,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    LastResortMiddleware,
+    RequestIdMiddleware,
+)
 from edge.models.router import router as models_router
 from edge.sessions.placement import SessionPlacer
 from edge.sessions.router import router as sessions_router
@@ -77,10 +83,12 @@ def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=config.limits.max_body_bytes,
-        upload_max_bytes=config.limits.max_audio_bytes + 1024 * 1024,
+        upload_max_bytes=config.limits.max_audio_bytes + UPLOAD_FORM_OVERHEAD_BYTES,
     )
     # Draining refuses requests before auth or body checks; metrics see every answer, the drain's 503s included.
     app.add_middleware(DrainMiddleware, drain=drain or Drain(config.edge.drain_grace_seconds))
+    # Inside the request id and the metrics, so that a 500 for an unexpected exception carries the id and is counted.
+    app.add_middleware(LastResortMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware for every request: request id, body-size limit, API-key auth.
+"""Pure ASGI middleware for every request: request id, last-resort error handler, body-size limit, API-key auth.
 
 Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and unbuffered.
 """
@@ -6,17 +6,24 @@ Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched 
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import uuid
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge.errors import error_response
+from edge.errors import error_response, internal_error, request_id_of
 from services.common.config import api_key_hash
-from services.common.errors import AuthenticationError, RequestTooLargeError
+from services.common.errors import ArkError, AuthenticationError, RequestTooLargeError
+
+log = logging.getLogger(__name__)
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# What a transcription upload may carry besides the audio file: the multipart framing and the text fields (model,
+# prompt, language, ...). The body limit of an upload is the audio limit plus this, so that an oversized file is
+# refused from its Content-Length before a byte of it is read.
+UPLOAD_FORM_OVERHEAD_BYTES = 64 * 1024
 # Probes and the Prometheus scrape carry no API key.
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
@@ -42,6 +49,45 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class LastResortMiddleware:
+    """Answers any exception that escapes the app with a 500 in OpenAI's envelope, and does not re-raise it.
+
+    Starlette's own handler for `Exception` re-raises after answering, and uvicorn then closes the keep-alive
+    connection; behind Envoy, other clients' requests queued on that connection got 503s. Here the exception ends
+    with this request: the response is complete, the connection stays open, the log has the request id. An
+    exception after the response started (a stream) cannot be answered any more; the connection is then closed by
+    the server, which is the only way left to tell the client the response is incomplete.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # the point of this middleware
+            if started:
+                log.exception("error after the response started, request %s", request_id_of(scope), exc_info=exc)
+                raise
+            if isinstance(exc, ArkError):
+                err = exc  # raised outside the routes (a middleware's receive): already a client-facing error
+            else:
+                log.exception("unhandled error in request %s", request_id_of(scope), exc_info=exc)
+                err = internal_error()
+            await error_response(err)(scope, receive, send)
 
 
 class BodyLimitMiddleware:

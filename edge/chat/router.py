@@ -24,7 +24,9 @@ async def create_chat_completion(
 ) -> Response:
     job = chat.prepare(body, request_id=ctx.request_id, api_key_hash=ctx.api_key_hash)
     running = await chat.start(job, session_cookie)
-    headers = session_headers(running.session, secure=state.config.edge.tls)
+    headers = session_headers(
+        running.session, secure=state.config.edge.tls, max_age=state.config.sessions.max_age_seconds
+    )
     if job.ignored_params:
         headers["x-ark-ignored-params"] = ",".join(job.ignored_params)
     if body.stream:

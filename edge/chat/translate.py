@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from ark.chat.v1 import chat_service_pb2 as pb
 from edge.chat.schemas import ChatCompletionRequest, ChatMessageIn
+from edge.proto_ranges import check_integer
 from services.common.config import LimitsConfig, ModelConfig
-from services.common.errors import InvalidRequestError, UnsupportedParameterError
+from services.common.errors import InvalidRequestError, UnsupportedParameterError, clip
 
 _ROLES = {
     "system": pb.ROLE_SYSTEM,
@@ -18,6 +20,16 @@ _ROLES = {
     "assistant": pb.ROLE_ASSISTANT,
     "tool": pb.ROLE_TOOL,
 }
+# Integer parameters and the SamplingParams field each is sent in: each is checked against its field's range.
+SAMPLING_INTEGERS = {
+    "max_tokens": "max_tokens",
+    "max_completion_tokens": "max_tokens",
+    "seed": "seed",
+    "top_k": "top_k",
+    "top_logprobs": "top_logprobs",
+    "n": "n",
+}
+_TOKEN_ID = re.compile(r"^[0-9]{1,20}$")
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -53,11 +65,31 @@ def message_to_proto(i: int, message: ChatMessageIn) -> pb.ChatMessage:
             "The deprecated 'function' role is not supported; use 'tool' messages.", param=f"messages[{i}].role"
         )
     out = pb.ChatMessage(role=_ROLES[message.role], content=_content(i, message), name=message.name or "")
-    for call in message.tool_calls or ():
+    for j, call in enumerate(message.tool_calls or ()):
+        _check_arguments(call.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments")
         out.tool_calls.add(id=call.id, function_name=call.function.name, arguments_json=call.function.arguments)
     if message.tool_call_id:
         out.tool_call_id = message.tool_call_id
     return out
+
+
+def _check_arguments(arguments: str, param: str) -> None:
+    """A tool call's arguments are a JSON text (what the model wrote); a chat template parses them."""
+    try:
+        json.loads(arguments)
+    except (ValueError, RecursionError):
+        raise InvalidRequestError(
+            f"Invalid value for '{param}': the arguments of a tool call must be valid JSON.",
+            param=param,
+            code="invalid_value",
+        ) from None
+
+
+def _check_integers(body: ChatCompletionRequest) -> None:
+    for param, field in SAMPLING_INTEGERS.items():
+        value = getattr(body, param)
+        if value is not None:
+            check_integer(value, param=param, message=pb.SamplingParams.DESCRIPTOR, field=field)
 
 
 def _stops(stop: str | list[str] | None, limits: LimitsConfig) -> list[str]:
@@ -107,7 +139,8 @@ def request_to_proto(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
     )
-    _, max_tokens = _max_tokens(body, limits)
+    _, max_tokens = _max_tokens(body, limits)  # the configured limit first: its message is the more useful
+    _check_integers(body)
     if max_tokens is not None:
         sampling.max_tokens = max_tokens
     for field in ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty"):
@@ -146,16 +179,19 @@ def _logprobs(body: ChatCompletionRequest) -> tuple[bool, int]:
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     out: dict[int, float] = {}
     for key, value in (bias or {}).items():
-        if not key.lstrip("-").isdigit():
+        if not _TOKEN_ID.match(key):
             raise InvalidRequestError(
-                f"Invalid value for 'logit_bias': key {key!r} is not a token id.", param="logit_bias"
+                f"Invalid value for 'logit_bias': key {clip(key, 40)!r} is not a token id.", param="logit_bias"
             )
+        token = check_integer(
+            int(key), param="logit_bias", message=pb.SamplingParams.DESCRIPTOR, field="logit_bias.key"
+        )
         if not -100 <= value <= 100:
             raise InvalidRequestError(
                 f"Invalid value for 'logit_bias': bias {value} for token {key} is outside -100..100.",
                 param="logit_bias",
             )
-        out[int(key)] = value
+        out[token] = value
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 COOKIE_NAME = "ark_session_id"
-MAX_AGE_SECONDS = 86400
 
 
 def parse_session_id(value: str | None) -> str | None:
@@ -19,8 +18,10 @@ def parse_session_id(value: str | None) -> str | None:
     return value if parsed.version == 4 and str(parsed) == value else None
 
 
-def set_cookie(session_id: str, *, secure: bool) -> str:
-    value = f"{COOKIE_NAME}={session_id}; Max-Age={MAX_AGE_SECONDS}; Path=/; SameSite=lax; HttpOnly"
+def set_cookie(session_id: str, *, secure: bool, max_age: int) -> str:
+    """The cookie of a new session; it lives as long as the session may (`sessions.max_age_seconds`), so that a
+    client never keeps presenting a session the registry has already expired for age."""
+    value = f"{COOKIE_NAME}={session_id}; Max-Age={max_age}; Path=/; SameSite=lax; HttpOnly"
     return value + "; Secure" if secure else value
 
 

@@ -9,9 +9,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ark.transcription.v1 import transcription_service_pb2 as pb
+from edge.proto_ranges import check_integer
 from edge.transcriptions.schemas import TranscriptionRequest
 from services.transcription.languages import language_name
 
+# Integer fields of `chunking_strategy` and the TranscriptionOptions field each is sent in (range-checked).
+VAD_INTEGERS = {
+    "prefix_padding_ms": "voice_activity_detection.prefix_padding_ms",
+    "silence_duration_ms": "voice_activity_detection.silence_duration_ms",
+}
 _GRANULARITIES = {"segment": pb.TIMESTAMP_GRANULARITY_SEGMENT, "word": pb.TIMESTAMP_GRANULARITY_WORD}
 
 
@@ -33,6 +39,13 @@ def options_to_proto(
     if strategy == "auto":
         options.voice_activity_detection.SetInParent()  # engine defaults, tuned for whole files
     elif strategy is not None:
+        for name, field in VAD_INTEGERS.items():
+            check_integer(
+                getattr(strategy, name),
+                param=f"chunking_strategy.{name}",
+                message=pb.TranscriptionOptions.DESCRIPTOR,
+                field=field,
+            )
         options.voice_activity_detection.threshold = strategy.threshold
         options.voice_activity_detection.prefix_padding_ms = strategy.prefix_padding_ms
         options.voice_activity_detection.silence_duration_ms = strategy.silence_duration_ms

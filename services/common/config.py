@@ -105,6 +105,10 @@ class LimitsConfig(_Strict):
     max_audio_seconds: Annotated[float, Field(gt=0)] = 1800.0
     max_embedding_inputs: Annotated[int, Field(gt=0)] = 2048
     max_embedding_tokens: Annotated[int, Field(gt=0)] = 300_000
+    # Request line plus headers of one request, and the number of headers, enforced by Envoy and by the edge's own
+    # HTTP server (past either: 431). Envoy's maximum is 8 MiB.
+    max_header_bytes: Annotated[int, Field(ge=4096, le=8 * 1024 * 1024)] = 64 * 1024
+    max_headers: Annotated[int, Field(ge=16, le=10_000)] = 100
 
 
 class ChatServiceConfig(_Strict):

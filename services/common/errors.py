@@ -11,6 +11,14 @@ from __future__ import annotations
 import grpc
 
 ERROR_DOMAIN = "ark.dev"
+# Longest client-supplied string an error message quotes (a model name, a parameter name or value): a request may
+# carry megabytes in one field, and an error must never echo them back.
+MAX_QUOTED_CHARS = 256
+
+
+def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text` for quoting in an error message: at most `limit` characters, marked when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 class ArkError(Exception):
@@ -20,6 +28,9 @@ class ArkError(Exception):
     grpc_code = grpc.StatusCode.INTERNAL
     type = "server_error"
     default_code: str | None = None
+    # Whether repeating the request may succeed (HTTP `x-should-retry`, read by OpenAI's SDKs); None: decided by the
+    # status (see edge/errors.py). Set True or False on an error whose status alone does not tell.
+    should_retry: bool | None = None
 
     def __init__(
         self,
@@ -31,7 +42,7 @@ class ArkError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = None if param is None else clip(param)
         self.code = code if code is not None else self.default_code
         self.retry_after = retry_after
 
@@ -77,7 +88,7 @@ class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+        super().__init__(f"The model `{clip(model)}` does not exist or you do not have access to it.", param="model")
 
 
 class RequestTooLargeError(ArkError):
@@ -87,6 +98,12 @@ class RequestTooLargeError(ArkError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class HeadersTooLargeError(RequestTooLargeError):
+    """The request line and headers exceed the configured size or count (refused by the HTTP server itself)."""
+
+    http_status = 431
 
 
 class OverloadedError(ArkError):
@@ -115,6 +132,24 @@ class UnavailableError(ArkError):
 
 class InternalError(ArkError):
     """A bug or an engine failure; details go to the log, not the client."""
+
+
+class WorkerFailedError(InternalError):
+    """The worker died or stopped responding while processing this request.
+
+    Never retried on another worker, and marked not to be retried by the client: the request itself may be what
+    killed the worker (a poison pill), and a retry would kill the next one.
+    """
+
+    default_code = "worker_failed"
+    should_retry = False
+
+
+class QuarantinedRequestError(InternalError):
+    """The same request was being processed when a worker died a short while ago; it is refused for a while."""
+
+    default_code = "request_quarantined"
+    should_retry = False
 
 
 def _all_subclasses(cls: type[ArkError]) -> list[type[ArkError]]:

@@ -9,13 +9,15 @@ What it sets up, and why:
   timeout instead; a token-bucket local rate limit answers 429 in OpenAI's envelope with `Retry-After`.
 - `/health` and `/ready` go to the edge too (probes through the front door); nothing else is routed, so the edge's
   `/metrics` stays internal.
-- Every reply Envoy makes itself (429, 503 without a healthy edge, 404 for an unknown path) uses OpenAI's envelope.
+- Every reply Envoy makes itself (429, 503 without a healthy edge, 504, 404 for an unknown path, 431 for headers over
+  `limits.max_header_bytes` / `limits.max_headers`, 413) uses OpenAI's envelope, with `x-request-id` and
+  `x-should-retry` like the edge's own errors.
 - Envoy actively health-checks the edge's `/ready`, so a draining edge stops getting new requests where another one
   can take them (with a single edge, Envoy keeps routing to it and the edge itself answers 503 + `Retry-After`).
   Until the health check notices, a request refused by a draining edge (marked `x-ark-draining`) or one that could
   not connect is retried on another edge: it never reached a model, so retrying it is safe.
-- One JSON access-log line per request on stdout; Envoy does not invent request ids, so the edge's `req_…` id is
-  the one clients see and the log shows.
+- One JSON access-log line per request on stdout, carrying the request id the client sees: the edge's `req_…`, or
+  the id Envoy gave one of its own replies.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOption,
     HealthCheck,
     HealthCheckHttpHealthCheck,
+    HttpProtocolOptions,
     RuntimeFractionalPercent,
     RuntimeUInt32,
     SocketAddress,
@@ -236,7 +239,11 @@ def _connection_manager(config: ArkConfig) -> HttpConnectionManager:
         use_remote_address=True,
         normalize_path=True,
         merge_slashes=True,
-        # The edge makes the request id (`req_…`); one Envoy made up would replace it.
+        # Bounds on what a client may send before any byte reaches the edge (past them: 431).
+        max_request_headers_kb=max(1, math.ceil(config.limits.max_header_bytes / 1024)),
+        common_http_protocol_options=HttpProtocolOptions(max_headers_count=config.limits.max_headers),
+        # The edge makes the request id (`req_…`); one Envoy made up would replace it. Envoy's own replies, which
+        # never reach the edge, get an id of Envoy's (see _openai_local_replies).
         generate_request_id=False,
         access_log=[
             AccessLog(
@@ -246,7 +253,7 @@ def _connection_manager(config: ArkConfig) -> HttpConnectionManager:
                 ),
             )
         ],
-        local_reply_config=_openai_local_replies(),
+        local_reply_config=_openai_local_replies(config),
     )
 
 
@@ -304,10 +311,24 @@ def _rate_limit(config: ArkConfig) -> LocalRateLimit:
     )
 
 
-def _openai_local_replies() -> LocalReplyConfig:
-    """Replies Envoy makes itself, in OpenAI's envelope (the edge's own responses pass through untouched)."""
+def _openai_local_replies(config: ArkConfig) -> LocalReplyConfig:
+    """Replies Envoy makes itself, in OpenAI's envelope with the edge's headers (its own responses pass untouched).
 
-    def mapper(op: ComparisonFilterOp, status: int, body: dict[str, Any], headers=()) -> ResponseMapper:
+    `%STREAM_ID%` is the id Envoy's request-id extension gave the stream. A request refused while its headers were
+    being parsed (431, a malformed request) has none yet: it gets a fresh `%UNIQUE_ID%`.
+    """
+
+    def mapper(
+        op: ComparisonFilterOp,
+        status: int,
+        body: dict[str, Any],
+        retry: bool,
+        retry_after: bool | None = None,
+        request_id: str = "%STREAM_ID%",
+    ) -> ResponseMapper:
+        headers = [_header("x-request-id", request_id), _header("x-should-retry", "true" if retry else "false")]
+        if retry if retry_after is None else retry_after:
+            headers.append(_header("retry-after", "1"))
         return ResponseMapper(
             filter=AccessLogFilter(
                 status_code_filter=StatusCodeFilter(
@@ -317,12 +338,13 @@ def _openai_local_replies() -> LocalReplyConfig:
                 )
             ),
             body_format_override=SubstitutionFormatString(json_format=_struct(body)),
-            headers_to_add=list(headers),
+            headers_to_add=headers,
         )
 
     eq, ge = ComparisonFilterOp.EQ, ComparisonFilterOp.GE
     return LocalReplyConfig(
         mappers=[
+            # The rate limit adds its own Retry-After (one refill of the bucket).
             mapper(
                 eq,
                 429,
@@ -331,9 +353,32 @@ def _openai_local_replies() -> LocalReplyConfig:
                     "rate_limit_error",
                     "rate_limit_exceeded",
                 ),
+                retry=True,
+                retry_after=False,
             ),
             mapper(
-                eq, 404, _envelope("Invalid URL (%REQ(:METHOD)% %REQ(:PATH)%)", "invalid_request_error", "unknown_url")
+                eq,
+                404,
+                _envelope("Invalid URL (%REQ(:METHOD)% %REQ(:PATH)%)", "invalid_request_error", "unknown_url"),
+                retry=False,
+            ),
+            mapper(
+                eq,
+                431,
+                _envelope(
+                    f"Request headers too large: the limits are {config.limits.max_header_bytes} bytes and "
+                    f"{config.limits.max_headers} headers.",
+                    "invalid_request_error",
+                    "request_too_large",
+                ),
+                retry=False,
+                request_id="%UNIQUE_ID%",
+            ),
+            mapper(
+                eq,
+                413,
+                _envelope("Request too large: %LOCAL_REPLY_BODY%.", "invalid_request_error", "request_too_large"),
+                retry=False,
             ),
             mapper(
                 eq,
@@ -343,14 +388,24 @@ def _openai_local_replies() -> LocalReplyConfig:
                     "server_error",
                     "service_unavailable",
                 ),
-                [_header("retry-after", "1")],
+                retry=True,
             ),
-            mapper(ge, 500, _envelope("%LOCAL_REPLY_BODY%", "server_error", "upstream_error")),
+            mapper(
+                eq,
+                504,
+                _envelope("The server did not answer in time (%LOCAL_REPLY_BODY%).", "server_error", "timeout"),
+                retry=True,
+            ),
+            mapper(ge, 500, _envelope("%LOCAL_REPLY_BODY%", "server_error", "upstream_error"), retry=True),
+            # Anything else Envoy refuses by itself is a malformed request.
+            mapper(
+                ge,
+                400,
+                _envelope("%LOCAL_REPLY_BODY%", "invalid_request_error", None),
+                retry=False,
+                request_id="%UNIQUE_ID%",
+            ),
         ],
-        # Anything else Envoy refuses by itself is a malformed request.
-        body_format=SubstitutionFormatString(
-            json_format=_struct(_envelope("%LOCAL_REPLY_BODY%", "invalid_request_error", None))
-        ),
     )
 
 

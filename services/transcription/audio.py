@@ -5,9 +5,12 @@ Hostile input is the normal case here, so the order of checks matters:
    opened: FFmpeg's own probing would also accept playlists (HLS, concat) that make it open other files or URLs;
 2. the duration the container declares is checked against the limit before any sample is decoded, so a small
    file that claims hours of audio is refused at once;
-3. decoding stops as soon as the decoded audio passes the limit, so a file whose header lies (or has no duration)
-   cannot expand past it in memory either;
-4. a file that decodes to less than its header promises is refused as truncated rather than half-transcribed.
+3. the packets are then counted without decoding them (demuxing costs a small fraction of decoding), so a file
+   whose header lies about its length, or says nothing, is refused as soon as its packets pass the limit;
+4. decoding writes into one buffer sized for the limit, allocated lazily (pages are only committed as they are
+   written), and stops as soon as the decoded audio passes the limit: memory follows the audio actually decoded,
+   never more than the limit, and there is no second copy to join the pieces;
+5. a file that decodes to less than its header promises is refused as truncated rather than half-transcribed.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def decode(data: bytes, *, max_seconds: float) -> DecodedAudio:
             declared = _wav_declared_seconds(data) if fmt == "wav" else _declared_seconds(container, stream)
             if declared is not None and declared > max_seconds:
                 raise _too_long(declared, max_seconds)
+            _count_packets(container, stream, max_seconds=max_seconds)
+        with av.open(io.BytesIO(data), mode="r", format=fmt, metadata_errors="ignore") as container:
+            stream = container.streams.audio[0]
             samples = _decode_stream(container, stream, max_samples=int(max_seconds * SAMPLE_RATE))
     except (av.FFmpegError, ValueError) as exc:
         log.info("undecodable %s upload: %s", fmt, exc)
@@ -111,6 +117,23 @@ def _wav_declared_seconds(data: bytes) -> float | None:
     return None
 
 
+def _count_packets(
+    container: av.container.InputContainer, stream: av.audio.stream.AudioStream, *, max_seconds: float
+) -> None:
+    """Refuse a stream whose packets add up to more than `max_seconds`, without decoding any of them.
+
+    Packets without a duration count for nothing here; the decoder's own count (`_decode_stream`) still bounds them.
+    """
+    if stream.time_base is None:
+        return
+    limit = max_seconds / float(stream.time_base)  # in the stream's time base
+    total = 0
+    for packet in container.demux(stream):
+        total += packet.duration or 0
+        if total > limit:
+            raise _too_long(None, max_seconds)
+
+
 class _Resampler:
     """To 16 kHz mono float32; starts afresh if the input format changes mid-stream (concatenated files)."""
 
@@ -135,8 +158,18 @@ def _decode_stream(
     container: av.container.InputContainer, stream: av.audio.stream.AudioStream, *, max_samples: int
 ) -> np.ndarray:
     resampler = _Resampler()
-    chunks: list[np.ndarray] = []
+    # The resampler may flush a few samples past the limit; the slack keeps them in bounds.
+    buffer = np.empty(max_samples + SAMPLE_RATE, dtype=np.float32)
     total = 0
+
+    def keep(chunks: list[np.ndarray], limit: int) -> None:
+        nonlocal total
+        for chunk in chunks:
+            if total + chunk.size > limit:
+                raise _too_long(None, max_samples / SAMPLE_RATE)
+            buffer[total : total + chunk.size] = chunk
+            total += chunk.size
+
     damaged = 0
     for packet in container.demux(stream):
         try:
@@ -145,18 +178,11 @@ def _decode_stream(
             damaged += 1  # a damaged packet costs its few milliseconds, as in FFmpeg's own tools
             continue
         for frame in frames:
-            for chunk in resampler.push(frame):
-                chunks.append(chunk)
-                total += chunk.size
-                if total > max_samples:
-                    raise _too_long(None, max_samples / SAMPLE_RATE)
-    for chunk in resampler.push(None):
-        chunks.append(chunk)
+            keep(resampler.push(frame), max_samples)
+    keep(resampler.push(None), buffer.size)
     if damaged:
         log.info("skipped %d damaged packets", damaged)
-    if not chunks:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    return buffer[:total]
 
 
 def _invalid(message: str) -> InvalidRequestError:

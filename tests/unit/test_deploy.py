@@ -90,8 +90,43 @@ def test_streams_have_no_route_timeout_only_idle_timeouts():
     assert api["route"]["timeout"] == "0s" and api["route"]["idleTimeout"] == "120s"
     manager = to_dict(config)["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
     assert manager["streamIdleTimeout"] == "120s"
-    assert manager["generateRequestId"] is False  # the edge's req_… id is the one clients see
     assert "envoy.access_loggers.stdout" in json.dumps(manager["accessLog"])
+
+
+def manager_of(config: ArkConfig) -> dict[str, Any]:
+    return to_dict(config)["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+
+
+def test_envoy_bounds_request_headers_by_the_configured_limits():
+    manager = manager_of(load_config(env={"ARK__LIMITS__MAX_HEADER_BYTES": "20000", "ARK__LIMITS__MAX_HEADERS": "50"}))
+    assert manager["maxRequestHeadersKb"] == 20  # rounded up to whole KiB
+    assert manager["commonHttpProtocolOptions"]["maxHeadersCount"] == 50
+
+
+def test_the_edges_request_id_is_the_one_clients_see():
+    assert manager_of(load_config(env={}))["generateRequestId"] is False  # Envoy's would replace the edge's req_…
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retry"),
+    [
+        (404, "unknown_url", "false"),
+        (413, "request_too_large", "false"),
+        (431, "request_too_large", "false"),
+        (429, "rate_limit_exceeded", "true"),
+        (503, "service_unavailable", "true"),
+        (504, "timeout", "true"),
+    ],
+)
+def test_envoys_own_replies_use_openais_envelope_request_id_and_retry_hint(status, code, retry):
+    mappers = manager_of(load_config(env={}))["localReplyConfig"]["mappers"]
+    mapper = next(
+        m for m in mappers if m["filter"]["statusCodeFilter"]["comparison"]["value"]["defaultValue"] == status
+    )
+    assert mapper["bodyFormatOverride"]["jsonFormat"]["error"]["code"] == code
+    headers = {h["header"]["key"]: h["header"]["value"] for h in mapper["headersToAdd"]}
+    assert headers["x-request-id"] in ("%STREAM_ID%", "%UNIQUE_ID%")
+    assert headers["x-should-retry"] == retry
 
 
 def test_the_rate_limit_answers_in_openais_envelope_with_retry_after():
