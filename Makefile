@@ -3,8 +3,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3
-# Optional dependency groups to install: the containers build the GPU image with EXTRAS=dev,gpu.
-EXTRAS ?= dev
+# Optional dependency groups to install: the CPU engines and the development tools. The GPU image does not use
+# make install: it starts from NVIDIA's TensorRT-LLM release image (deploy/docker/Dockerfile.gpu).
+EXTRAS ?= cpu,dev
 VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
