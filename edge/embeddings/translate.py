@@ -15,11 +15,12 @@ import numpy as np
 from ark.embeddings.v1 import embeddings_service_pb2 as pb
 from edge.embeddings.openai_tokens import OpenAIEncoding
 from edge.embeddings.schemas import EmbeddingRequest
+from edge.proto_ranges import check_integer, field_range, show_integer
 from services.common.config import LimitsConfig
 from services.common.errors import InvalidRequestError
 
-# Token ids travel as int32; anything outside cannot be a token of any model.
-_INT32_MAX = 2**31 - 1
+# Token ids travel as int32 (the proto says so); anything outside cannot be a token of any model.
+_TOKEN_ID_MAX = field_range(pb.TokenIds.DESCRIPTOR, "ids")[1]
 _SHAPES = "a string, an array of strings, an array of token ids, or an array of token-id arrays"
 
 
@@ -35,9 +36,9 @@ def _token_ids(value: list[Any], param: str, encoding: OpenAIEncoding | None) ->
             raise InvalidRequestError(
                 f"Invalid type for '{param}[{j}]': token ids are integers.", param=f"{param}[{j}]", code="invalid_type"
             )
-        if not 0 <= token <= _INT32_MAX:
+        if not 0 <= token <= _TOKEN_ID_MAX:
             raise InvalidRequestError(
-                f"Invalid value for '{param}[{j}]': {token} is not a token id.",
+                f"Invalid value for '{param}[{j}]': {show_integer(token)} is not a token id.",
                 param=f"{param}[{j}]",
                 code="invalid_value",
             )
@@ -106,11 +107,9 @@ def request_to_proto(
     inputs = parse_input(body.input, limits, encoding)
     request = pb.EmbedRequest(request_id=request_id, model=model_id, inputs=inputs)
     if body.dimensions is not None:
-        if body.dimensions > _INT32_MAX:
-            raise InvalidRequestError(
-                f"Invalid value for 'dimensions': {body.dimensions}.", param="dimensions", code="invalid_value"
-            )
-        request.dimensions = body.dimensions
+        request.dimensions = check_integer(
+            body.dimensions, param="dimensions", message=pb.EmbedRequest.DESCRIPTOR, field="dimensions"
+        )
     return request
 
 
