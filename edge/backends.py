@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -103,28 +104,53 @@ class ChatWorkers:
             await channel.close()
 
 
+# Registries are stateless over a shared store, so any of them may answer. A target naming several (`dns:///registry`
+# resolving to each replica, or `ipv4:10.0.0.1:50050,10.0.0.2:50050`) is balanced round robin (CHANNEL_OPTIONS), and a
+# call that found a registry gone (killed, restarting) is retried on another at once instead of being served
+# statelessly.
+REGISTRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "ark.sessions.v1.SessionRegistryService"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.05s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
 class SessionRegistryClient:
     """The edge's view of the session registry. Every call is bounded by a short timeout: session infrastructure
     failing must never fail a request (the caller serves it statelessly)."""
 
     def __init__(self, address: str, timeout: float) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        options = [*CHANNEL_OPTIONS, ("grpc.service_config", REGISTRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+        self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = sessions_grpc.SessionRegistryServiceStub(self._channel)
         self._timeout = timeout
 
-    async def create(self, api_key_hash: str, model: str) -> sessions_pb.Session:
-        request = sessions_pb.CreateSessionRequest(api_key_hash=api_key_hash, model=model)
-        return await self._stub.CreateSession(request, timeout=self._timeout)
+    async def place(
+        self, api_key_hash: str, model: str, session_id: str, conversation_key: str, *, failed_worker: str = ""
+    ) -> sessions_pb.PlaceConversationResponse:
+        request = sessions_pb.PlaceConversationRequest(
+            api_key_hash=api_key_hash,
+            model=model,
+            session_id=session_id,
+            conversation_key=conversation_key,
+            failed_worker_name=failed_worker,
+        )
+        return await self._stub.PlaceConversation(request, timeout=self._timeout)
 
     async def get(self, session_id: str, api_key_hash: str) -> sessions_pb.Session:
         request = sessions_pb.GetSessionRequest(id=session_id, api_key_hash=api_key_hash)
         return await self._stub.GetSession(request, timeout=self._timeout)
-
-    async def replace(self, session_id: str, api_key_hash: str, failed_worker: str) -> sessions_pb.Session:
-        request = sessions_pb.ReplaceSessionRequest(
-            id=session_id, api_key_hash=api_key_hash, failed_worker_name=failed_worker
-        )
-        return await self._stub.ReplaceSession(request, timeout=self._timeout)
 
     async def delete(self, session_id: str, api_key_hash: str) -> None:
         request = sessions_pb.DeleteSessionRequest(id=session_id, api_key_hash=api_key_hash)

@@ -19,6 +19,7 @@ from edge.catalog import Catalog
 from edge.chat import translate
 from edge.chat.schemas import ChatCompletionRequest
 from edge.compat import CHAT_COMPLETIONS, apply_policy
+from edge.sessions.conversation import conversation_key
 from edge.sessions.placement import Placement, SessionPlacer
 from services.common.config import Capability, LimitsConfig
 from services.common.errors import ArkError, InternalError
@@ -44,6 +45,8 @@ class Prepared:
     ark_metadata: bool
     keepalive_seconds: float
     session_mode: str
+    # Names the conversation within the API key, for placement (edge/sessions/conversation.py).
+    conversation_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ class ChatCompletions:
             ark_metadata=bool(body.ark_metadata),
             keepalive_seconds=DEFAULT_KEEPALIVE_SECONDS if keepalive is None else keepalive,
             session_mode=body.session or "auto",
+            conversation_key=conversation_key(body.messages, body.prompt_cache_key),
         )
 
     async def start(self, job: Prepared, session_cookie: str | None) -> Running:
@@ -126,7 +130,7 @@ class ChatCompletions:
         placement = None
         if job.session_mode != "none":
             cookie = None if job.session_mode == "new" else session_cookie
-            placement = await self._sessions.place(cookie, api_key_hash, job.model)
+            placement = await self._sessions.place(cookie, api_key_hash, job.model, job.conversation_key)
         if placement is None:
             return Running(await self._workers.open_stream(job.request), None)
         try:

@@ -1,10 +1,14 @@
 """Which worker serves a chat request, and under which session: the edge's half of the session contract.
 
-- Sessions disabled: every request is stateless and no cookie is ever set.
-- A valid cookie of this API key for this model resumes the session on its worker.
-- Anything else (no cookie, malformed, unknown, expired, another key's, another model's) starts a new session;
-  all those cases look the same to the client: a fresh server-generated id in a new cookie.
-- The registry unreachable: the request is served statelessly, without a cookie.
+- Sessions disabled: no registry call, no cookie, any worker.
+- Otherwise one registry call per request (`PlaceConversation`) returns the session and the worker for the request's
+  conversation (edge/sessions/conversation.py). A valid cookie of this API key resumes its session; anything else
+  (no cookie, malformed, unknown, expired, another key's) gets a fresh session, and all those cases look the same to
+  the client: a fresh server-generated id in a new cookie. A request without a cookie is still placed by content.
+- The registry unreachable (or its store down): the request is served statelessly, without a cookie, and counted.
+
+The edge keeps no placement cache: the registry's answer carries the worker's epoch, and a stale cached answer
+could send a conversation to a restarted worker; one registry call per request is the whole cost.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Counter
 
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
 from edge.backends import SessionRegistryClient
@@ -21,12 +26,21 @@ from services.common.config import SessionsConfig
 
 log = logging.getLogger(__name__)
 
+STATELESS_FALLBACKS = Counter(
+    "ark_session_stateless_fallbacks",
+    "Chat requests served statelessly because the session registry (or its store) could not place them",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Placement:
     session_id: str
     worker_name: str
     worker_address: str
+    # The worker's incarnation counter when the placement was made (a restarted worker has a higher one).
+    worker_epoch: int
+    model: str
+    conversation_key: str
     is_new: bool
 
 
@@ -39,34 +53,36 @@ class SessionPlacer:
     def enabled(self) -> bool:
         return self._registry is not None
 
-    async def place(self, cookie: str | None, api_key_hash: str, model: str) -> Placement | None:
+    async def place(self, cookie: str | None, api_key_hash: str, model: str, conversation_key: str) -> Placement | None:
         """A placement for the request, or None to serve it statelessly."""
         if self._registry is None:
             return None
-        session_id = parse_session_id(cookie)
+        session_id = parse_session_id(cookie) or ""
         try:
-            if session_id is not None:
-                try:
-                    session = await self._registry.get(session_id, api_key_hash)
-                    if session.model == model:
-                        return _placement(session, is_new=False)
-                except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.NOT_FOUND:
-                        raise
-            return _placement(await self._registry.create(api_key_hash, model), is_new=True)
+            reply = await self._registry.place(api_key_hash, model, session_id, conversation_key)
         except grpc.RpcError as exc:
+            STATELESS_FALLBACKS.inc()
             log.warning("session registry unavailable (%s): serving statelessly", exc.code().name)
             return None
+        return _placement(reply, model, conversation_key)
 
     async def replace(self, placement: Placement, api_key_hash: str) -> Placement | None:
-        """The pinned worker is gone: a new session elsewhere (new id, new cookie), or None for stateless."""
+        """The conversation's worker is gone: a new session (new id, new cookie) with the conversation on another
+        worker, or None for stateless."""
         assert self._registry is not None
         try:
-            session = await self._registry.replace(placement.session_id, api_key_hash, placement.worker_name)
+            reply = await self._registry.place(
+                api_key_hash,
+                placement.model,
+                placement.session_id,
+                placement.conversation_key,
+                failed_worker=placement.worker_name,
+            )
         except grpc.RpcError as exc:
-            log.warning("could not re-place session (%s): serving statelessly", exc.code().name)
+            STATELESS_FALLBACKS.inc()
+            log.warning("could not re-place the conversation (%s): serving statelessly", exc.code().name)
             return None
-        return _placement(session, is_new=True)
+        return _placement(reply, placement.model, placement.conversation_key)
 
     async def lookup(self, cookie: str | None, api_key_hash: str) -> sessions_pb.Session | None:
         """The caller's current session, or None (disabled, no cookie, unknown, expired, foreign)."""
@@ -83,5 +99,13 @@ class SessionPlacer:
         await self._registry.delete(session_id, api_key_hash)
 
 
-def _placement(session: sessions_pb.Session, *, is_new: bool) -> Placement:
-    return Placement(session.id, session.worker_name, session.worker_address, is_new)
+def _placement(reply: sessions_pb.PlaceConversationResponse, model: str, conversation_key: str) -> Placement:
+    return Placement(
+        reply.session.id,
+        reply.worker.name,
+        reply.worker.address,
+        reply.worker.epoch,
+        model,
+        conversation_key,
+        reply.session_created,
+    )

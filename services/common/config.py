@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -91,6 +92,23 @@ class SessionsConfig(_Strict):
     worker_lease_seconds: Annotated[float, Field(gt=0)] = 6.0
     # How long the edge waits for the registry before serving a request statelessly.
     registry_timeout_seconds: Annotated[float, Field(gt=0)] = 0.5
+    # Where the registry keeps sessions and placements: `memory` (one registry process) or the URL of a
+    # Redis-protocol server (redis://, rediss://, unix://) that several registries share (docs/operations.md).
+    store: str = "memory"
+    # Prefix of every key in a shared store, so that several deployments can use one server.
+    store_key_prefix: Annotated[str, Field(min_length=1)] = "ark:"
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_memory_or_a_redis_url(cls, value: str) -> str:
+        url = urlsplit(value)
+        if (
+            value == "memory"
+            or (url.scheme in ("redis", "rediss") and url.hostname)
+            or (url.scheme == "unix" and url.path)
+        ):
+            return value
+        raise ValueError("must be `memory` or a redis://host:port, rediss://host:port or unix:///path URL")
 
 
 class LimitsConfig(_Strict):

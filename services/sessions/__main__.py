@@ -1,30 +1,43 @@
-"""`python -m services.sessions --address HOST:PORT`: the session registry."""
+"""`python -m services.sessions --address HOST:PORT`: the session registry.
+
+With `sessions.store: memory` the registry is the only holder of placement; with a redis:// URL any number of
+registries share the store. A store that cannot be reached at start is a start-up error (after a short wait, so a
+registry may start alongside its store); at run time an outage is served statelessly and recovers by itself.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
+import time
 
-from services.common.config import load_config
+from services.common.config import SessionsConfig, load_config
 from services.common.server import configure_logging, serve
-from services.sessions.registry import Registry
+from services.sessions.registry import Registry, sweep_forever
 from services.sessions.servicer import registry_service
-from services.sessions.store import InMemorySessionStore
+from services.sessions.store import SessionStore, open_store
 from services.sessions.workers import WorkerClients
 
 log = logging.getLogger(__name__)
 
+# How long a starting registry waits for its store before giving up.
+STORE_WAIT_SECONDS = 15.0
 
-async def sweep_forever(registry: Registry, interval: float = 1.0) -> None:
-    """Expire idle and over-age sessions, freeing their workers' state."""
+
+async def connect(policy: SessionsConfig) -> SessionStore:
+    """Open the configured store; SystemExit with the reason when it stays unreachable."""
+    store = open_store(policy)
+    deadline = time.monotonic() + STORE_WAIT_SECONDS
     while True:
-        await asyncio.sleep(interval)
-        with contextlib.suppress(Exception):
-            expired = await registry.sweep()
-            if expired:
-                log.info("expired %d session(s)", expired)
+        try:
+            await store.ping()
+            return store
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                await store.close()
+                raise SystemExit(f"session store {policy.store} (sessions.store) is unreachable: {exc}") from None
+            await asyncio.sleep(0.5)
 
 
 async def main() -> None:
@@ -34,13 +47,16 @@ async def main() -> None:
     args = parser.parse_args()
     configure_logging()
     config = load_config(args.config)
+    store = await connect(config.sessions)
+    log.info("session store: %s", config.sessions.store.partition("@")[2] or config.sessions.store)
     workers = WorkerClients()
-    registry = Registry(InMemorySessionStore(), config.sessions, on_drop=workers.drop_state)
+    registry = Registry(store, on_drop=workers.drop_state)
     sweeper = asyncio.create_task(sweep_forever(registry))
 
     async def stop() -> None:
         sweeper.cancel()
         await workers.close()
+        await registry.close()
 
     await serve([registry_service(registry)], args.address or config.services.registry.address, on_stop=stop)
 

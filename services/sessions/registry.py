@@ -1,26 +1,31 @@
-"""Session placement and expiry: the registry's logic, free of gRPC.
+"""Session and conversation placement, expiry and drop delivery: the registry's logic, free of gRPC.
 
-Workers hold leases they renew; a session is placed on a live worker serving its model, preferring spare
-capacity; sessions end after an idle timeout or a maximum age, and per-API-key and global caps evict the least
-recently used session first. Whenever a session ends, its worker is told to drop the state (`on_drop`); a worker
-that cannot be reached learns it on its next lease renewal.
+The registry holds no state of its own: every decision is one atomic call to the store (services/sessions/store.py),
+so any number of registries can serve the same store. What the registry adds is delivery: when sessions end
+(deleted, expired, evicted by the caps, replaced after a worker failure), it tells each worker that held one of their
+conversations to drop the state, and acknowledges the drops the worker confirmed; the store keeps the others for the
+worker's next lease renewal, whichever registry serves it.
+
+Expiry runs in a sweeper that only the holder of the store's `sweeper` lease runs, so N registries do not race to
+end the same sessions (ending twice would be harmless, only wasted work).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
 import uuid
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
-from services.common.config import SessionsConfig
-from services.common.errors import NotFoundError, UnavailableError
-from services.sessions.store import SessionRecord, SessionStore, WorkerRecord
+from services.common.errors import NotFoundError
+from services.sessions import metrics
+from services.sessions.store import ConversationPlacement, EndedSession, SessionRecord, SessionStore, WorkerRecord
 
 log = logging.getLogger(__name__)
 
 DropState = Callable[[str, str], Awaitable[bool]]  # (worker address, session id) -> delivered
+
+SWEEPER_LEASE = "sweeper"
 
 
 def session_not_found() -> NotFoundError:
@@ -29,101 +34,105 @@ def session_not_found() -> NotFoundError:
 
 
 class Registry:
-    def __init__(
-        self, store: SessionStore, policy: SessionsConfig, *, on_drop: DropState, clock: Callable[[], float] = time.time
-    ) -> None:
-        self._store = store
-        self._policy = policy
+    def __init__(self, store: SessionStore, *, on_drop: DropState) -> None:
+        self.store = store
         self._on_drop = on_drop
-        self._clock = clock
-        self._pending_drops: dict[str, set[str]] = defaultdict(set)  # worker name -> session ids
+        self._id = uuid.uuid4().hex  # this registry, as a lease holder
+        self._deliveries: set[asyncio.Task[None]] = set()
 
     # -- workers --------------------------------------------------------------------------------------------------
 
-    def renew_lease(
-        self, name: str, address: str, models: tuple[str, ...], capacity: int, lease_seconds: float
+    async def renew_lease(
+        self,
+        name: str,
+        address: str,
+        models: tuple[str, ...],
+        capacity: int,
+        incarnation: str,
+        lease_seconds: float,
     ) -> tuple[WorkerRecord, list[str]]:
-        """Register or renew a worker; returns its record and the sessions it must still drop."""
-        record = WorkerRecord(name, address, models, capacity, self._clock() + lease_seconds)
-        self._store.put_worker(record)
-        dropped = sorted(self._pending_drops.pop(name, set()))
-        return record, dropped
+        """Register or renew a worker; returns its record (with its epoch) and the sessions it must still drop."""
+        return await self.store.renew_worker(name, address, models, capacity, incarnation, lease_seconds)
 
-    def live_workers(self, model: str = "") -> list[WorkerRecord]:
-        now = self._clock()
-        return [w for w in self._store.workers() if w.lease_expires_at > now and (not model or model in w.models)]
+    async def live_workers(self, model: str = "") -> list[WorkerRecord]:
+        return await self.store.live_workers(model)
 
-    def placed_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = defaultdict(int)
-        for s in self._store.sessions():
-            counts[s.worker_name] += 1
-        return counts
+    # -- sessions and conversations -------------------------------------------------------------------------------
 
-    def _place(self, model: str, avoid: str = "") -> WorkerRecord:
-        candidates = [w for w in self.live_workers(model) if w.name != avoid] or self.live_workers(model)
-        if not candidates:
-            raise UnavailableError(f"No live chat worker serves {model!r}.")
-        counts = self.placed_counts()
-        # Least loaded relative to capacity; ties broken by name for stable placement.
-        return min(candidates, key=lambda w: (counts[w.name] / max(1, w.session_capacity), counts[w.name], w.name))
-
-    # -- sessions -------------------------------------------------------------------------------------------------
-
-    def expires_at(self, session: SessionRecord) -> float:
-        return min(
-            session.last_used_at + self._policy.idle_timeout_seconds, session.created_at + self._policy.max_age_seconds
+    async def place(
+        self, api_key_hash: str, model: str, session_id: str, conversation_key: str, *, failed_worker: str = ""
+    ) -> ConversationPlacement:
+        """The session for a request and the worker for its conversation (see SessionStore.place)."""
+        result = await self.store.place(
+            api_key_hash,
+            model,
+            session_id,
+            conversation_key,
+            new_session_id=str(uuid.uuid4()),
+            failed_worker=failed_worker,
         )
+        metrics.PLACEMENTS.labels("placed" if result.placement.placed_now else "kept").inc()
+        if result.ended:
+            # Off the request path: the request needs only the placement.
+            self._deliver_later(result.ended, "evicted_or_replaced")
+        return result.placement
 
-    async def create(self, api_key_hash: str, model: str, *, avoid_worker: str = "") -> SessionRecord:
-        worker = self._place(model, avoid_worker)
-        await self._enforce_caps(api_key_hash)
-        now = self._clock()
-        session = SessionRecord(str(uuid.uuid4()), api_key_hash, model, worker.name, worker.address, now, now)
-        self._store.put_session(session)
-        return session
-
-    def get(self, session_id: str, api_key_hash: str, *, touch: bool = True) -> SessionRecord:
-        session = self._store.get_session(session_id)
-        if session is None or session.api_key_hash != api_key_hash or self.expires_at(session) <= self._clock():
+    async def get(self, session_id: str, api_key_hash: str) -> SessionRecord:
+        session = await self.store.get_session(session_id, api_key_hash)
+        if session is None:
             raise session_not_found()
-        if touch:
-            session.last_used_at = self._clock()
-            self._store.put_session(session)
         return session
-
-    async def replace(self, session_id: str, api_key_hash: str, failed_worker: str) -> SessionRecord:
-        """The session's worker is gone: end it and open a new one elsewhere (a new id, hence a new cookie)."""
-        old = self.get(session_id, api_key_hash, touch=False)
-        await self._end(old)
-        return await self.create(api_key_hash, old.model, avoid_worker=failed_worker or old.worker_name)
 
     async def delete(self, session_id: str, api_key_hash: str) -> None:
-        await self._end(self.get(session_id, api_key_hash, touch=False))
+        """End a session now; its workers are told before this returns (when they can be reached)."""
+        ended = await self.store.end_session(session_id, api_key_hash)
+        if ended is None:
+            raise session_not_found()
+        await self._deliver([ended], "deleted")
 
     async def sweep(self) -> int:
-        """End every expired session; returns how many."""
-        now = self._clock()
-        expired = [s for s in self._store.sessions() if self.expires_at(s) <= now]
-        for session in expired:
-            await self._end(session)
-        return len(expired)
+        """End expired sessions if this registry holds the sweeper lease; returns how many it ended."""
+        if not await self.store.hold_lease(SWEEPER_LEASE, self._id, 3 * SWEEP_INTERVAL_SECONDS):
+            return 0
+        ended = await self.store.end_expired()
+        await self._deliver(ended, "expired")
+        return len(ended)
 
-    async def _enforce_caps(self, api_key_hash: str) -> None:
-        sessions = sorted(self._store.sessions(), key=lambda s: s.last_used_at)
-        mine = [s for s in sessions if s.api_key_hash == api_key_hash]
-        while len(mine) >= self._policy.max_per_api_key:
-            victim = mine.pop(0)
-            sessions.remove(victim)
-            await self._end(victim)
-        while len(sessions) >= self._policy.max_total:
-            await self._end(sessions.pop(0))
+    # -- telling workers ------------------------------------------------------------------------------------------
 
-    async def _end(self, session: SessionRecord) -> None:
-        if self._store.delete_session(session.id) is None:
-            return
+    def _deliver_later(self, ended: list[EndedSession], reason: str) -> None:
+        task = asyncio.create_task(self._deliver(ended, reason))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, ended: list[EndedSession], reason: str) -> None:
+        metrics.SESSIONS_ENDED.labels(reason).inc(len(ended))
+        for session in ended:
+            for name, address in session.workers:
+                try:
+                    delivered = await self._on_drop(address, session.id)
+                except Exception:
+                    delivered = False
+                if delivered:
+                    metrics.DROPS_DELIVERED.inc()
+                    await self.store.ack_drop(name, session.id)
+
+    async def close(self) -> None:
+        for task in list(self._deliveries):
+            task.cancel()
+        await self.store.close()
+
+
+SWEEP_INTERVAL_SECONDS = 1.0
+
+
+async def sweep_forever(registry: Registry, interval: float = SWEEP_INTERVAL_SECONDS) -> None:
+    """Expire idle and over-age sessions, freeing their workers' state; a store outage only delays it."""
+    while True:
+        await asyncio.sleep(interval)
         try:
-            delivered = await self._on_drop(session.worker_address, session.id)
-        except Exception:
-            delivered = False
-        if not delivered:
-            self._pending_drops[session.worker_name].add(session.id)
+            expired = await registry.sweep()
+        except Exception:  # the store is down: UnavailableError was logged once by the store
+            continue
+        if expired:
+            log.info("expired %d session(s)", expired)

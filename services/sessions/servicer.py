@@ -13,6 +13,9 @@ from services.sessions.store import SessionRecord, WorkerRecord
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionRegistryService"].full_name
 
+# A worker that does not say how long a lease it wants gets this many seconds.
+DEFAULT_LEASE_SECONDS = 10
+
 
 def _ts(seconds: float) -> Timestamp:
     ts = Timestamp()
@@ -20,14 +23,28 @@ def _ts(seconds: float) -> Timestamp:
     return ts
 
 
-def _worker(record: WorkerRecord, placed: int) -> pb.Worker:
+def _worker(record: WorkerRecord) -> pb.Worker:
     return pb.Worker(
         name=record.name,
         address=record.address,
         models=list(record.models),
         session_capacity=record.session_capacity,
-        placed_sessions=placed,
+        placed_sessions=record.placed,
         lease_expire_time=_ts(record.lease_expires_at),
+        epoch=record.epoch,
+    )
+
+
+def _session(record: SessionRecord) -> pb.Session:
+    return pb.Session(
+        id=record.id,
+        api_key_hash=record.api_key_hash,
+        model=record.model,
+        worker_name=record.worker_name,
+        worker_address=record.worker_address,
+        create_time=_ts(record.created_at),
+        last_use_time=_ts(record.last_used_at),
+        expire_time=_ts(record.expires_at),
     )
 
 
@@ -35,60 +52,54 @@ class SessionRegistryServicer(pb_grpc.SessionRegistryServiceServicer):
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    def _session(self, record: SessionRecord) -> pb.Session:
-        return pb.Session(
-            id=record.id,
-            api_key_hash=record.api_key_hash,
-            model=record.model,
-            worker_name=record.worker_name,
-            worker_address=record.worker_address,
-            create_time=_ts(record.created_at),
-            last_use_time=_ts(record.last_used_at),
-            expire_time=_ts(self._registry.expires_at(record)),
-        )
-
     async def RenewWorkerLease(
         self,
         request: pb.RenewWorkerLeaseRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.RenewWorkerLeaseResponse:
         w = request.worker
-        record, dropped = self._registry.renew_lease(
-            w.name or w.address, w.address, tuple(w.models), w.session_capacity, request.lease_seconds or 10
+        record, dropped = await self._registry.renew_lease(
+            w.name or w.address,
+            w.address,
+            tuple(w.models),
+            w.session_capacity,
+            w.incarnation,
+            request.lease_seconds or DEFAULT_LEASE_SECONDS,
         )
-        placed = self._registry.placed_counts()[record.name]
-        return pb.RenewWorkerLeaseResponse(worker=_worker(record, placed), dropped_session_ids=dropped)
+        return pb.RenewWorkerLeaseResponse(worker=_worker(record), dropped_session_ids=dropped)
 
     async def ListWorkers(
         self,
         request: pb.ListWorkersRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ListWorkersResponse:
-        counts = self._registry.placed_counts()
-        workers = self._registry.live_workers(request.model)
-        return pb.ListWorkersResponse(workers=[_worker(w, counts[w.name]) for w in workers])
+        return pb.ListWorkersResponse(workers=[_worker(w) for w in await self._registry.live_workers(request.model)])
 
-    async def CreateSession(
+    async def PlaceConversation(
         self,
-        request: pb.CreateSessionRequest,
+        request: pb.PlaceConversationRequest,
         context: grpc.aio.ServicerContext,
-    ) -> pb.Session:
-        return self._session(await self._registry.create(request.api_key_hash, request.model))
+    ) -> pb.PlaceConversationResponse:
+        placement = await self._registry.place(
+            request.api_key_hash,
+            request.model,
+            request.session_id,
+            request.conversation_key,
+            failed_worker=request.failed_worker_name,
+        )
+        return pb.PlaceConversationResponse(
+            session=_session(placement.session),
+            session_created=placement.session_is_new,
+            worker=_worker(placement.worker),
+            placed=placement.placed_now,
+        )
 
     async def GetSession(
         self,
         request: pb.GetSessionRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.Session:
-        return self._session(self._registry.get(request.id, request.api_key_hash))
-
-    async def ReplaceSession(
-        self,
-        request: pb.ReplaceSessionRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> pb.Session:
-        record = await self._registry.replace(request.id, request.api_key_hash, request.failed_worker_name)
-        return self._session(record)
+        return _session(await self._registry.get(request.id, request.api_key_hash))
 
     async def DeleteSession(
         self,

@@ -1,13 +1,18 @@
-"""Registry logic: placement, leases, expiry, caps, ownership — on a fake clock, no gRPC."""
+"""Registry logic over the in-memory store on a fake clock: drop delivery, the sweeper's lease, errors. (The store's
+own contract, on memory and on Redis, is in tests/integration/test_session_store.py.)"""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from services.common.config import SessionsConfig
-from services.common.errors import NotFoundError, UnavailableError
+from services.common.errors import NotFoundError
 from services.sessions.registry import Registry
 from services.sessions.store import InMemorySessionStore
+
+MODEL = "m"
 
 
 class Clock:
@@ -18,107 +23,89 @@ class Clock:
         return self.now
 
 
+class Workers:
+    """What the registry tells workers; `reachable` decides whether a worker acknowledges."""
+
+    def __init__(self) -> None:
+        self.drops: list[tuple[str, str]] = []
+        self.reachable = True
+
+    async def drop(self, address: str, session_id: str) -> bool:
+        self.drops.append((address, session_id))
+        return self.reachable
+
+
 @pytest.fixture
-def env():
+async def env():
     clock = Clock()
-    drops: list[tuple[str, str]] = []
-    reachable = {"ok": True}
-
-    async def on_drop(address: str, session_id: str) -> bool:
-        drops.append((address, session_id))
-        return reachable["ok"]
-
-    policy = SessionsConfig(idle_timeout_seconds=60, max_age_seconds=300, max_per_api_key=3, max_total=5)
-    registry = Registry(InMemorySessionStore(), policy, on_drop=on_drop, clock=clock)
+    policy = SessionsConfig(idle_timeout_seconds=60, max_age_seconds=300, max_per_api_key=2, max_total=5)
+    store = InMemorySessionStore(policy, clock=clock)
+    workers = Workers()
+    registry = Registry(store, on_drop=workers.drop)
     for name in ("w1", "w2"):
-        registry.renew_lease(name, f"{name}:1", ("m",), 4, 10)
-    return registry, clock, drops, reachable
+        await registry.renew_lease(name, f"{name}:1", (MODEL,), 4, "first", 10_000)
+    return registry, clock, workers
 
 
-async def test_sessions_spread_over_live_workers(env):
-    registry, *_ = env
-    a = await registry.create("k", "m")
-    b = await registry.create("k", "m")
-    assert {a.worker_name, b.worker_name} == {"w1", "w2"}
-    assert a.id != b.id
-
-
-async def test_lapsed_lease_gets_no_sessions_and_no_worker_is_unavailable(env):
-    registry, clock, *_ = env
-    clock.now += 11
-    registry.renew_lease("w2", "w2:1", ("m",), 4, 10)
-    assert {(await registry.create("k", "m")).worker_name for _ in range(3)} == {"w2"}
-    with pytest.raises(UnavailableError):
-        await registry.create("k", "other-model")
-
-
-async def test_unknown_foreign_and_expired_look_the_same(env):
-    registry, clock, _drops, _ = env
-    session = await registry.create("owner", "m")
+async def test_unknown_foreign_and_expired_sessions_look_the_same(env):
+    registry, clock, _ = env
+    session = (await registry.place("owner", MODEL, "", "c1")).session
     errors = []
     for sid, key in [("no-such-id", "owner"), (session.id, "intruder")]:
         with pytest.raises(NotFoundError) as info:
-            registry.get(sid, key)
+            await registry.get(sid, key)
         errors.append(info.value.to_dict())
     clock.now += 61
     with pytest.raises(NotFoundError) as info:
-        registry.get(session.id, "owner")
+        await registry.get(session.id, "owner")
     errors.append(info.value.to_dict())
     assert errors[0] == errors[1] == errors[2]
 
 
-async def test_use_extends_idle_life_but_not_max_age(env):
-    registry, clock, drops, _ = env
-    session = await registry.create("k", "m")
-    for _ in range(5):
-        clock.now += 50
-        registry.get(session.id, "k")
-    clock.now += 50  # 300 s after creation
-    assert await registry.sweep() == 1
-    assert drops == [(session.worker_address, session.id)]
-
-
-async def test_idle_expiry_tells_the_worker(env):
-    registry, clock, drops, _ = env
-    session = await registry.create("k", "m")
-    clock.now += 30
-    assert await registry.sweep() == 0
-    clock.now += 31
-    assert await registry.sweep() == 1
-    assert drops == [(session.worker_address, session.id)]
-
-
-async def test_unreachable_worker_learns_drops_at_renewal(env):
-    registry, _clock, _drops, reachable = env
-    reachable["ok"] = False
-    session = await registry.create("k", "m")
-    await registry.delete(session.id, "k")
-    _, dropped = registry.renew_lease(session.worker_name, session.worker_address, ("m",), 4, 10)
-    assert dropped == [session.id]
-    assert registry.renew_lease(session.worker_name, session.worker_address, ("m",), 4, 10)[1] == []
-
-
-async def test_caps_evict_least_recently_used(env):
-    registry, clock, drops, _ = env
-    first = await registry.create("k", "m")
-    clock.now += 1
-    second = await registry.create("k", "m")
-    clock.now += 1
-    await registry.create("k", "m")
-    clock.now += 1
-    registry.get(first.id, "k")  # first is now more recent than second
-    await registry.create("k", "m")  # per-key cap 3: evicts `second`
-    assert [sid for _, sid in drops] == [second.id]
-    for i in range(3):
-        clock.now += 1
-        await registry.create(f"other{i}", "m")
-    assert len(registry._store.sessions()) == 5  # global cap
-
-
-async def test_replace_moves_to_another_worker_with_a_new_id(env):
-    registry, *_ = env
-    session = await registry.create("k", "m")
-    moved = await registry.replace(session.id, "k", session.worker_name)
-    assert moved.id != session.id and moved.worker_name != session.worker_name
+async def test_delete_tells_every_worker_of_the_session(env):
+    registry, _, workers = env
+    first = await registry.place("k", MODEL, "", "c1")
+    second = await registry.place("k", MODEL, first.session.id, "c2")
+    await registry.delete(first.session.id, "k")
+    assert sorted(workers.drops) == sorted(
+        [(first.worker.address, first.session.id), (second.worker.address, first.session.id)]
+    )
+    # Acknowledged drops are not handed over again at renewal.
+    assert (await registry.renew_lease("w1", "w1:1", (MODEL,), 4, "first", 10))[1] == []
     with pytest.raises(NotFoundError):
-        registry.get(session.id, "k")
+        await registry.delete(first.session.id, "k")
+
+
+async def test_an_unreachable_worker_learns_its_drops_at_renewal(env):
+    registry, _, workers = env
+    workers.reachable = False
+    placed = await registry.place("k", MODEL, "", "c1")
+    await registry.delete(placed.session.id, "k")
+    assert (await registry.renew_lease(placed.worker.name, placed.worker.address, (MODEL,), 4, "first", 10))[1] == [
+        placed.session.id
+    ]
+
+
+async def test_evictions_are_delivered_off_the_request_path(env):
+    registry, _, workers = env
+    first = await registry.place("k", MODEL, "", "a")
+    await registry.place("k", MODEL, "", "b")
+    await registry.place("k", MODEL, "", "c")  # per-key cap 2: `first` is evicted
+    for _ in range(100):
+        if workers.drops:
+            break
+        await asyncio.sleep(0.01)
+    assert workers.drops == [(first.worker.address, first.session.id)]
+
+
+async def test_only_the_sweeper_lease_holder_expires_sessions(env):
+    registry, clock, workers = env
+    other = Registry(registry.store, on_drop=workers.drop)  # a second registry on the same store
+    placed = await registry.place("k", MODEL, "", "c1")
+    clock.now += 59
+    assert await registry.sweep() == 0  # nothing expired yet; `registry` now holds the lease
+    clock.now += 2
+    assert await other.sweep() == 0  # expired, but the lease is not `other`'s
+    clock.now += 2  # the holder stopped renewing its lease
+    assert await other.sweep() == 1
+    assert workers.drops == [(placed.worker.address, placed.session.id)]
