@@ -58,3 +58,100 @@ async def test_tensorrt_llm_transcribes_jfk():  # pragma: no cover - GPU only
     finished = events[-1]
     assert isinstance(finished, Finished)
     assert word_error_rate(JFK_REFERENCE, finished.text) <= 0.1
+
+
+# -- on CPU: the decoder budget and language detection, with a fake runner below the engine ------------------------
+
+
+def _settings(max_new_tokens: int = 224):
+    from services.transcription.engines.tensorrt_llm import TensorRTLLMWhisperSettings
+
+    return TensorRTLLMWhisperSettings(assets_dir="/nonexistent", max_new_tokens=max_new_tokens)
+
+
+@pytest.mark.parametrize("text_tokens", [0, 1, 100, 222, 223, 224, 300, 1000])
+@pytest.mark.parametrize("max_new_tokens", [1, 100, 224])
+def test_prompt_and_new_tokens_fit_whispers_448_positions(text_tokens, max_new_tokens):
+    from services.transcription.engines.tensorrt_llm import DecoderLimits
+
+    limits = DecoderLimits.from_config({"max_position_embeddings": 448, "max_seq_len": 448, "max_input_len": 448})
+    prompt = [50361, *range(1000, 1000 + text_tokens)] if text_tokens else []
+    prefix = [50258, 50259, 50359, 50363]
+    decoder_input, budget = limits.fit(prompt, prefix, _settings(max_new_tokens))
+    assert len(decoder_input) + budget <= 448
+    assert decoder_input[-4:] == prefix and budget >= 1
+    kept = len(decoder_input) - len(prefix) - (1 if text_tokens else 0)
+    assert kept == min(text_tokens, 223), "the previous text keeps its last 223 tokens, as Whisper does"
+    if text_tokens:
+        assert decoder_input[0] == 50361 and decoder_input[len(prefix) - 4 + kept] == 1000 + text_tokens - 1
+
+
+def test_an_engine_built_like_tensorrt_llms_example_bounds_the_prompt_and_the_output():
+    """The example builds the decoder with --max_input_len 14 --max_seq_len 114."""
+    from services.transcription.engines.tensorrt_llm import DecoderLimits
+
+    limits = DecoderLimits.from_config({"max_position_embeddings": 448, "max_seq_len": 114, "max_input_len": 14})
+    prefix = [50258, 50259, 50359, 50363]
+    decoder_input, budget = limits.fit([50361, *range(1000, 1050)], prefix, _settings())
+    assert decoder_input == [50361, *range(1041, 1050), *prefix] and len(decoder_input) == 14
+    assert budget == 100
+    tight = DecoderLimits.from_config({"max_seq_len": 114, "max_input_len": 5})
+    assert tight.fit([50361, 1000, 1001], prefix, _settings())[0] == prefix, "no room: the prompt is dropped whole"
+
+
+class _FakeRunner:
+    """ModelRunnerCpp.generate's contract: output_ids hold the input, then the generated tokens."""
+
+    def __init__(self, next_token: int) -> None:
+        self.next_token = next_token
+        self.calls: list[dict] = []
+
+    def generate(self, **kwargs):
+        import torch
+
+        self.calls.append(kwargs)
+        prompt = kwargs["batch_input_ids"][0].tolist()
+        ids = prompt + [self.next_token] * kwargs["max_new_tokens"]
+        return {"output_ids": torch.tensor([[ids]]), "sequence_lengths": torch.tensor([[len(ids)]])}
+
+
+def _multilingual_engine(next_token_name: str):
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from services.transcription.engines.tensorrt_llm import _SPECIAL, TensorRTLLMWhisperEngine
+
+    # Whisper's order: text tokens, then <|endoftext|>, <|startoftranscript|>, the languages, the task tokens.
+    names = ["hello", "<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|fr|>", "<|transcribe|>"]
+    names += ["<|startofprev|>", "<|notimestamps|>"]
+    tokenizer = Tokenizer(WordLevel({name: i for i, name in enumerate(names)}, unk_token="hello"))
+    engine = object.__new__(TensorRTLLMWhisperEngine)
+    engine._torch, engine._device, engine._tokenizer = torch, "cpu", tokenizer
+    engine._settings = _settings()
+    engine._special = {name: tokenizer.token_to_id(f"<|{name}|>") for name in _SPECIAL}
+    engine._runner = _FakeRunner(tokenizer.token_to_id(next_token_name))
+    return engine
+
+
+@pytest.mark.parametrize(("token", "language"), [("<|de|>", "de"), ("<|fr|>", "fr"), ("<|en|>", "en")])
+def test_language_detection_reads_the_language_token_after_startoftranscript(token, language):
+    import torch
+
+    engine = _multilingual_engine(token)
+    assert engine._detect_language(torch.zeros(80, 3000)) == language
+    (call,) = engine._runner.calls
+    assert call["batch_input_ids"][0].tolist() == [engine._special["startoftranscript"]] and call["max_new_tokens"] == 1
+
+
+def test_language_detection_falls_back_to_english_on_a_token_that_is_no_language():
+    import torch
+
+    assert _multilingual_engine("hello")._detect_language(torch.zeros(80, 3000)) == "en"
+
+
+def test_transcripts_still_drop_special_tokens():
+    import torch
+
+    engine = _multilingual_engine("<|de|>")
+    assert engine._generate([engine._special["startoftranscript"]], torch.zeros(80, 3000), 3) == []

@@ -8,6 +8,10 @@ the model's 1_Pooling/config.json says so) and normalisation run here in torch o
 
 `tensorrt_llm` is imported only in the constructor, so CPU machines never need it. Not verified: no GPU is
 available to ARK's CI; its test skips with that reason (docs/embeddings.md).
+
+Uses `tensorrt_llm.runtime.Session` / `TensorInfo` and engines built with `trtllm-build`: TensorRT-LLM's TensorRT
+backend, shipped up to the 1.2 releases (ARK pins 1.2.1) and removed from the releases after them; a later pin
+needs this engine rewritten on the PyTorch backend.
 """
 
 from __future__ import annotations

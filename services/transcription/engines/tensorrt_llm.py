@@ -10,7 +10,15 @@ decoded with `ModelRunnerCpp` (encoder-decoder, in-flight batching) without time
 window, no word timestamps and no voice activity detection (the capabilities say so, and the service refuses such
 requests before any work is done).
 
-Not verified here: no GPU is available to ARK's CI; its test skips with the reason (see docs/transcriptions.md).
+The decoder's length limits are read from the built engine and Whisper's own: the decoder input (previous-text
+prompt and the start-of-transcript sequence) fits the engine's `max_input_len`, and input plus new tokens fit
+its `max_seq_len` and Whisper's 448 positions; the previous text is cut from the front, as Whisper does.
+
+Uses `tensorrt_llm.runtime.ModelRunnerCpp` and engines built with `trtllm-build`: TensorRT-LLM's TensorRT backend,
+shipped up to the 1.2 releases (ARK pins 1.2.1) and removed from the releases after them.
+
+Verified on CPU only with a fake runner (tests/unit/test_transcription_tensorrt_llm.py: budgets, language
+detection); the GPU test skips without a GPU and a built engine (see docs/transcriptions.md).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import math
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,8 +44,10 @@ from services.transcription.languages import WHISPER_LANGUAGES
 
 WINDOW_SAMPLES = 30 * SAMPLE_RATE
 N_FFT, HOP_LENGTH = 400, 160
-# Whisper's decoder context is 448 tokens; the previous-text prompt may use at most half of it.
-MAX_PROMPT_TOKENS = 223
+# Whisper's decoder has 448 positions (n_text_ctx); as in Whisper, the previous text keeps at most half of them
+# minus the <|startofprev|> token.
+N_TEXT_CTX = 448
+MAX_PROMPT_TOKENS = N_TEXT_CTX // 2 - 1
 
 
 class TensorRTLLMWhisperSettings(BaseModel):
@@ -74,6 +85,8 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
         encoder = _pretrained_config(engine_dir / "encoder")
         decoder = _pretrained_config(engine_dir / "decoder")
         self._n_mels = int(encoder["n_mels"])
+        self._limits = DecoderLimits.from_config(decoder)
+        self._device = "cuda"
         multilingual = int(decoder["vocab_size"]) >= 51865
         self._tokenizer = Tokenizer.from_file(str(assets / "tokenizer.json"))
         with np.load(assets / "mel_filters.npz") as filters:
@@ -133,12 +146,12 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
                 language = options.language or (self._detect_language(mels[0]) if self._multilingual else "en")
                 post(domain.Started(language=language, duration_seconds=audio.duration_seconds))
                 prompt = self._prompt(options)
-                prefix = self._prefix(language)
+                decoder_input, max_new_tokens = self._limits.fit(prompt, self._prefix(language), self._settings)
                 output_tokens = 0
                 for index, mel in enumerate(mels):
                     if abort.is_set():
                         return
-                    tokens = self._generate(prompt + prefix, mel, self._settings.max_new_tokens)
+                    tokens = self._generate(decoder_input, mel, max_new_tokens)
                     output_tokens += len(tokens)
                     start = index * 30.0
                     post(
@@ -157,7 +170,7 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
                     )
                 post(
                     domain.Usage(
-                        input_text_tokens=max(0, len(prompt) - 1),
+                        input_text_tokens=max(0, len(decoder_input) - len(self._prefix(language)) - 1),
                         input_audio_tokens=math.ceil(audio.duration_seconds * AUDIO_TOKENS_PER_SECOND),
                         output_tokens=output_tokens,
                     )
@@ -189,19 +202,23 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
         return [self._special["startoftranscript"], lang, self._special["transcribe"], self._special["notimestamps"]]
 
     def _detect_language(self, mel: Any) -> str:
-        """The decoder's most likely token after <|startoftranscript|> is the language token."""
-        token = self._generate([self._special["startoftranscript"]], mel, 1)
-        name = self._tokenizer.id_to_token(token[0]) if token else None
-        code = (name or "").strip("<|>")
-        return code if code in WHISPER_LANGUAGES else "en"
+        """The decoder's most likely token after <|startoftranscript|> is the language token (Whisper's own way).
 
-    def _generate(self, prompt: list[int], mel: Any, max_new_tokens: int) -> list[int]:
+        Language tokens come after <|endoftext|> in Whisper's vocabulary, so the token is read raw, before the
+        filter that drops special tokens from transcripts. A token that is not a language ARK knows (rare: the
+        model is trained to put one there) falls back to English.
+        """
+        tokens = self._generate([self._special["startoftranscript"]], mel, 1, keep_special=True)
+        name = self._tokenizer.id_to_token(tokens[0]) if tokens else None
+        return language_of_token(name) or "en"
+
+    def _generate(self, prompt: list[int], mel: Any, max_new_tokens: int, *, keep_special: bool = False) -> list[int]:
         torch = self._torch
         eot = self._special["endoftext"]
         outputs = self._runner.generate(
             batch_input_ids=[torch.tensor(prompt, dtype=torch.int32)],
             encoder_input_features=[mel.transpose(0, 1).contiguous()],
-            encoder_output_lengths=torch.tensor([mel.shape[1] // 2], dtype=torch.int32, device="cuda"),
+            encoder_output_lengths=torch.tensor([mel.shape[1] // 2], dtype=torch.int32, device=self._device),
             max_new_tokens=max_new_tokens,
             end_id=eot,
             pad_id=eot,
@@ -209,13 +226,55 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
             output_sequence_lengths=True,
             return_dict=True,
         )
-        torch.cuda.synchronize()
+        if self._device == "cuda":
+            torch.cuda.synchronize()
         length = int(outputs["sequence_lengths"][0][0])
         ids = outputs["output_ids"][0][0][len(prompt) : length].tolist()
-        return [t for t in ids if t < eot]
+        return ids if keep_special else [t for t in ids if t < eot]
 
 
 _SPECIAL = ("startoftranscript", "startofprev", "transcribe", "notimestamps", "endoftext")
+
+
+def language_of_token(name: str | None) -> str | None:
+    """`de` for the token `<|de|>`; None for any token that is not a language Whisper knows."""
+    if not name or not (name.startswith("<|") and name.endswith("|>")):
+        return None
+    code = name[2:-2]
+    return code if code in WHISPER_LANGUAGES else None
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderLimits:
+    """How many tokens the built decoder takes in (`max_input_len`) and holds in all (`max_seq_len`)."""
+
+    max_input_len: int
+    max_seq_len: int
+
+    @classmethod
+    def from_config(cls, decoder: dict[str, Any]) -> DecoderLimits:
+        """From the decoder's config.json (pretrained and build sections merged); Whisper's 448 bounds both."""
+        positions = min(int(decoder.get("max_position_embeddings", N_TEXT_CTX)), N_TEXT_CTX)
+        max_seq_len = min(int(decoder.get("max_seq_len", positions)), positions)
+        return cls(
+            max_input_len=min(int(decoder.get("max_input_len", max_seq_len)), max_seq_len), max_seq_len=max_seq_len
+        )
+
+    def fit(self, prompt: list[int], prefix: list[int], settings: TensorRTLLMWhisperSettings) -> tuple[list[int], int]:
+        """The decoder input (the previous-text prompt cut from the front, then `prefix`) and the new-token budget.
+
+        `prompt` is `[<|startofprev|>, *text]`. The input never exceeds `max_input_len`; input plus new tokens never
+        exceed `max_seq_len`. A prompt that leaves no room is dropped whole rather than sent cut to its marker.
+        """
+        room = self.max_input_len - len(prefix)
+        if room < 0:
+            raise ArkError(f"the Whisper decoder takes at most {self.max_input_len} input tokens; rebuild it larger")
+        text = prompt[1:][-min(MAX_PROMPT_TOKENS, max(room - 1, 0)) :] if room > 1 and len(prompt) > 1 else []
+        decoder_input = ([prompt[0], *text] if text else []) + prefix
+        max_new_tokens = min(settings.max_new_tokens, self.max_seq_len - len(decoder_input))
+        if max_new_tokens < 1:
+            raise ArkError(f"the Whisper decoder holds at most {self.max_seq_len} tokens; rebuild it larger")
+        return decoder_input, max_new_tokens
 
 
 def _pretrained_config(component: Path) -> dict[str, Any]:
