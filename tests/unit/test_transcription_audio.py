@@ -87,6 +87,40 @@ def test_a_file_without_a_declared_duration_stops_decoding_at_the_limit(monkeypa
     assert sum(len(c) for c in decoded_chunks) < 7 * 16000  # stopped just past 5 s, not after 60
 
 
+def lie_about_length(flac: bytes, seconds: float) -> bytes:
+    """`flac` with its STREAMINFO claiming `seconds` (0: "unknown"), as a crafted upload would."""
+    data = bytearray(flac)
+    rate = int.from_bytes(data[18:21], "big") >> 4
+    field = int.from_bytes(data[18:26], "big")
+    field = (field & ~((1 << 36) - 1)) | int(seconds * rate)
+    data[18:26] = field.to_bytes(8, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("claimed", [0, 10])
+def test_a_header_that_lies_is_caught_by_counting_packets_before_decoding(monkeypatch, claimed):
+    bomb = lie_about_length(silence_flac(600), claimed)  # ten minutes, claiming none or ten seconds
+
+    def must_not_decode(*_, **__):
+        raise AssertionError("decoded a file whose packets already exceed the limit")
+
+    monkeypatch.setattr(audio, "_decode_stream", must_not_decode)
+    with pytest.raises(InvalidRequestError, match="too long") as info:
+        decode(bomb, max_seconds=60)
+    assert info.value.code == "audio_too_long"
+
+
+def test_decoding_itself_stops_at_the_limit_whatever_the_packets_say(monkeypatch):
+    monkeypatch.setattr(audio, "_count_packets", lambda *_, **__: None)  # packets without durations
+    monkeypatch.setattr(audio, "_declared_seconds", lambda *_: None)
+    decoded = []
+    real = audio._Resampler.push
+    monkeypatch.setattr(audio._Resampler, "push", lambda self, frame: decoded.extend(out := real(self, frame)) or out)
+    with pytest.raises(InvalidRequestError, match="too long"):
+        decode(encode_as(tone(60.0), "flac"), max_seconds=5)
+    assert sum(len(c) for c in decoded) < 7 * 16000
+
+
 def test_limit_is_inclusive_of_exactly_max_seconds():
     assert decode(encode_as(TONE, "wav"), max_seconds=3.0).duration_seconds == pytest.approx(3.0)
 
