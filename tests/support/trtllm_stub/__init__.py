@@ -1,0 +1,368 @@
+"""A stub `tensorrt_llm` built from the recorded API of the pinned release (tests/support/trtllm_api.json).
+
+Every class ARK uses exists under the module names ARK imports it from, with exactly the recorded parameters and
+fields: an unknown keyword, a deprecated one or a value outside a recorded set of choices raises `TypeError` /
+`ValueError` as the real package would refuse it, and reading an attribute that was not recorded raises
+`AttributeError`. So the TensorRT-LLM engine's mapping is checked on CPU against the release's surface.
+
+Below that surface the stub is a fake model, deterministic and tiny (`FakeModel`): it "generates" tokens from
+logits it computes on CPU, applies the request's logits processors to them, keeps a KV-cache of prompts per
+`cache_salt` so `cached_tokens` is the real longest common prefix, and records every call for the tests to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+API_PATH = Path(__file__).resolve().parents[1] / "trtllm_api.json"
+API: dict[str, Any] = json.loads(API_PATH.read_text())
+
+
+class RecordedObject:
+    """An instance of a recorded class: accepts only the recorded arguments, exposes only recorded attributes."""
+
+    _qualname = ""
+    _params: tuple[dict[str, Any], ...] = ()  # positional-capable parameters in order (kind "class")
+    _fields: dict[str, dict[str, Any]] = {}  # keyword fields (pydantic models, dataclasses, kwargs models)
+    _keyword_only = True
+    _deprecated: frozenset[str] = frozenset()
+    _attributes: frozenset[str] = frozenset()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        object.__setattr__(self, "_values", {})
+        names = [p["name"] for p in self._params] if self._params else []
+        if args and (self._keyword_only or len(args) > len(names)):
+            raise TypeError(f"{self._qualname}() takes keyword arguments only, or fewer positional ones")
+        bound = dict(zip(names, args, strict=False))
+        for name, value in kwargs.items():
+            if name in bound:
+                raise TypeError(f"{self._qualname}() got multiple values for argument {name!r}")
+            bound[name] = value
+        allowed = set(names) | set(self._fields)
+        for name, value in bound.items():
+            if name not in allowed:
+                raise TypeError(
+                    f"{self._qualname}() got an unexpected keyword argument {name!r} "
+                    f"(not in tensorrt-llm {API['version']}'s recorded API)"
+                )
+            if name in self._deprecated:
+                raise TypeError(f"{self._qualname}(): {name!r} is deprecated in tensorrt-llm {API['version']}")
+            choices = self._fields.get(name, {}).get("choices")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{self._qualname}(): {name}={value!r} is not one of {choices}")
+        required = [p["name"] for p in self._params if p["required"]]
+        required += [n for n, f in self._fields.items() if f["required"]]
+        if missing := [n for n in required if n not in bound]:
+            raise TypeError(f"{self._qualname}() missing required arguments {missing}")
+        self._values.update(bound)
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        if name in self._fields or name in self._attributes or name in {p["name"] for p in self._params}:
+            return None  # recorded, left at its default
+        raise AttributeError(f"{self._qualname} has no attribute {name!r} in tensorrt-llm {API['version']}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._fields and name not in self._attributes and name not in {p["name"] for p in self._params}:
+            raise AttributeError(f"{self._qualname} has no attribute {name!r} in tensorrt-llm {API['version']}")
+        self._values[name] = value
+
+    def __repr__(self) -> str:
+        return f"{self._qualname}({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+
+
+def _recorded_class(qualname: str, spec: dict[str, Any], base: type = RecordedObject) -> type:
+    namespace: dict[str, Any] = {
+        "_qualname": qualname,
+        "_fields": dict(spec.get("fields", {})),
+        "_params": tuple(p for p in spec.get("init", []) if p["kind"] != "var_keyword"),
+        "_keyword_only": spec["kind"] != "class",
+        "_deprecated": frozenset(spec.get("deprecated", ())),
+        "_attributes": frozenset(spec.get("attributes", ())),
+    }
+    cls = type(qualname.rsplit(":", 1)[-1], (base,), namespace)
+    for name, nested in spec.get("nested", {}).items():
+        setattr(cls, name, _recorded_class(f"{qualname}.{name}", nested))
+    return cls
+
+
+def check_call(qualname: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Bind a call to a recorded method's parameters; TypeError for anything the release does not accept."""
+    params = API["symbols"][qualname]["methods"][method]
+    names = [p["name"] for p in params if p["kind"] != "var_keyword"]
+    if len(args) > len(names):
+        raise TypeError(f"{qualname}.{method}() takes {len(names)} positional arguments")
+    bound = dict(zip(names, args, strict=False))
+    for name, value in kwargs.items():
+        if name not in names:
+            raise TypeError(f"{qualname}.{method}() got an unexpected keyword argument {name!r}")
+        bound[name] = value
+    if missing := [p["name"] for p in params if p["required"] and p["name"] not in bound]:
+        raise TypeError(f"{qualname}.{method}() missing required arguments {missing}")
+    return bound
+
+
+# -- the fake model below the API ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeModel:
+    """A deterministic model over a small vocabulary, scriptable by tests.
+
+    Unconstrained, sequence `i` prefers an ordinary token (not one of the first `specials` ids) that depends on the
+    step, `i` and the prompt's length; `script` forces the preferred tokens instead (a list per sequence, then the
+    end token). The preferred token gets logit 10, every other 0, then the request's logits processors run and the
+    argmax is taken: a bias of -100 on the preferred token changes the output. As the release does, a sequence
+    ends on `end_id` or one of `stop_token_ids`, which are left out of `token_ids` (`stop_reason` names a stop
+    token; it is None for `end_id`).
+    """
+
+    vocab_size: int = 64
+    eos_token_id: int = 2
+    specials: int = 3
+    script: list[list[int]] | None = None
+    # Every call the engine made, for assertions: ("generate_async", kwargs), ("abort", request_id), ...
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    # KV-cache: prompts seen per cache salt (None: unsalted).
+    cached_prompts: dict[str | None, list[list[int]]] = field(default_factory=dict)
+    # Set to make the next request fail after its first output, as a GPU error would.
+    fail_after_first: bool = False
+    step_delay: float = 0.0
+
+    def cached_tokens(self, prompt: list[int], salt: str | None) -> int:
+        best = 0
+        for seen in self.cached_prompts.get(salt, []):
+            common = 0
+            for a, b in zip(seen, prompt, strict=False):
+                if a != b:
+                    break
+                common += 1
+            best = max(best, common)
+        self.cached_prompts.setdefault(salt, []).append(list(prompt))
+        return min(best, len(prompt) - 1)
+
+    def logits(self, sequence: int, step: int, prompt_len: int) -> Any:
+        import torch
+
+        logits = torch.zeros(1, self.vocab_size)
+        if self.script is not None:
+            tokens = self.script[sequence]
+            preferred = tokens[step] if step < len(tokens) else self.eos_token_id
+        else:
+            ordinary = self.vocab_size - self.specials
+            preferred = self.specials + (step * 7 + sequence * 3 + prompt_len) % ordinary
+        logits[0, preferred] = 10.0
+        return logits
+
+
+def build(model: FakeModel) -> dict[str, types.ModuleType]:
+    """The stub's modules, keyed by name, wired to `model`."""
+    modules: dict[str, types.ModuleType] = {}
+
+    def module(name: str) -> types.ModuleType:
+        if name not in modules:
+            modules[name] = types.ModuleType(name)
+            modules[name].__dict__["__stub__"] = True
+            parent, _, child = name.rpartition(".")
+            if parent:
+                setattr(module(parent), child, modules[name])
+        return modules[name]
+
+    classes: dict[str, type] = {}
+    for qualname, spec in API["symbols"].items():
+        if qualname in (LLM_NAME, OUTPUT_NAME):
+            continue
+        classes[qualname] = _recorded_class(qualname, spec)
+    classes[LLM_NAME] = _llm_class(model, classes)
+    classes[OUTPUT_NAME] = _recorded_class(OUTPUT_NAME, API["symbols"][OUTPUT_NAME], base=_RequestOutputBase)
+    for qualname, cls in classes.items():
+        module_name, name = qualname.split(":")
+        for where in [module_name, *API["symbols"][qualname].get("exported_from", [])]:
+            setattr(module(where), name, cls)
+    module("tensorrt_llm").__version__ = API["version"]
+    return modules
+
+
+@contextmanager
+def installed(model: FakeModel) -> Iterator[dict[str, types.ModuleType]]:
+    """Put the stub in `sys.modules` for the duration (and take it out again, restoring what was there)."""
+    modules = build(model)
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield modules
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+
+
+LLM_NAME = "tensorrt_llm.llmapi:LLM"
+OUTPUT_NAME = "tensorrt_llm.llmapi:RequestOutput"
+ARGS_NAME = "tensorrt_llm.llmapi:TorchLlmArgs"
+COMPLETION_NAME = "tensorrt_llm.executor.result:CompletionOutput"
+LOGPROB_NAME = "tensorrt_llm.executor.result:Logprob"
+
+
+class _RequestOutputBase(RecordedObject):
+    """The async-iterable result of `generate_async(..., streaming=True)`."""
+
+    def __aiter__(self) -> Any:
+        return self._values["_stream"]
+
+    def abort(self) -> None:
+        check_call(OUTPUT_NAME, "abort", (), {})
+        self._values["_aborted"].set()
+        self._values["_model"].calls.append(("abort", self.request_id))
+
+
+def _llm_class(model: FakeModel, classes: dict[str, type]) -> type:
+    args_spec = API["symbols"][ARGS_NAME]
+    llm_spec = API["symbols"][LLM_NAME]
+    init_names = [p["name"] for p in llm_spec["init"] if p["kind"] != "var_keyword"]
+    completion_cls = _recorded_class(COMPLETION_NAME, API["symbols"][COMPLETION_NAME])
+    logprob_cls = classes[LOGPROB_NAME]
+    kv_cache_config_cls = classes["tensorrt_llm.llmapi:KvCacheConfig"]
+    retention_cls = classes["tensorrt_llm.bindings.executor:KvCacheRetentionConfig"]
+    sampling_cls = classes["tensorrt_llm.sampling_params:SamplingParams"]
+    guided_cls = classes["tensorrt_llm.sampling_params:GuidedDecodingParams"]
+
+    class LLM:
+        """The stub of `tensorrt_llm.LLM` (PyTorch backend): validates its arguments, then runs `model`."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            bound = dict(zip(init_names, args, strict=False))
+            for name, value in kwargs.items():
+                if name in bound:
+                    raise TypeError(f"LLM() got multiple values for {name!r}")
+                bound[name] = value
+            # What `LLM(...)` does with its keywords: TorchLlmArgs(**kwargs) validates them all.
+            self.args = _recorded_class(ARGS_NAME, args_spec)(**bound)
+            kv = bound.get("kv_cache_config")
+            if kv is not None and not isinstance(kv, kv_cache_config_cls):
+                raise TypeError("kv_cache_config must be a KvCacheConfig")
+            # ARK reads the checkpoint's tokenizer itself (transformers), so the stub's stays unset.
+            self.tokenizer = None
+            self._next_id = 0
+            model.calls.append(("LLM", bound))
+
+        def generate_async(self, *args: Any, **kwargs: Any) -> Any:
+            bound = check_call(LLM_NAME, "generate_async", args, kwargs)
+            model.calls.append(("generate_async", bound))
+            inputs = bound["inputs"]
+            if not (isinstance(inputs, list) and all(isinstance(t, int) for t in inputs)):
+                raise TypeError("ARK passes prompts as token id lists")
+            params = bound.get("sampling_params")
+            if not isinstance(params, sampling_cls):
+                raise TypeError("sampling_params must be a SamplingParams")
+            retention = bound.get("kv_cache_retention_config")
+            if retention is not None and not isinstance(retention, retention_cls):
+                raise TypeError("kv_cache_retention_config must be a KvCacheRetentionConfig")
+            guided = params.guided_decoding
+            if guided is not None:
+                if not isinstance(guided, guided_cls):
+                    raise TypeError("guided_decoding must be a GuidedDecodingParams")
+                if self.args.guided_decoding_backend is None:
+                    raise ValueError("guided decoding requested, but the LLM has no guided_decoding_backend")
+            if params.max_tokens is None:
+                raise AssertionError("ARK always sets max_tokens (the release's default is 32)")
+            salt = bound.get("cache_salt")
+            if salt is not None and not (isinstance(salt, str) and salt):
+                raise ValueError("cache_salt must be a non-empty string or None")
+            self._next_id += 1
+            aborted = asyncio.Event()
+            output = classes[OUTPUT_NAME]()
+            output._values.update(
+                _stream=_stream(model, output, list(inputs), params, salt, aborted, completion_cls, logprob_cls),
+                _aborted=aborted,
+                _model=model,
+                request_id=self._next_id,
+                prompt_token_ids=list(inputs),
+                finished=False,
+                outputs=[],
+            )
+            return output
+
+        def shutdown(self) -> None:
+            check_call(LLM_NAME, "shutdown", (), {})
+            model.calls.append(("shutdown", None))
+
+    return LLM
+
+
+async def _stream(
+    model: FakeModel,
+    output: Any,
+    prompt: list[int],
+    params: Any,
+    salt: str | None,
+    aborted: asyncio.Event,
+    completion_cls: type,
+    logprob_cls: type,
+) -> Any:
+    import torch
+
+    n = params.n or 1
+    cached = model.cached_tokens(prompt, salt)
+    output._values["cached_tokens"] = cached
+    processors = params.logits_processor or []
+    processors = processors if isinstance(processors, list) else [processors]
+    completions = [completion_cls(index=i, text="", token_ids=[]) for i in range(n)]
+    for completion in completions:
+        completion._values.update(token_ids_diff=[], text_diff="", logprobs_diff=[], logprobs=[])
+    output._values["outputs"] = completions
+    done = [False] * n
+    step = 0
+    while not all(done):
+        if aborted.is_set():
+            return
+        if model.step_delay:
+            await asyncio.sleep(model.step_delay)
+        else:
+            await asyncio.sleep(0)
+        for i, completion in enumerate(completions):
+            completion._values.update(token_ids_diff=[], text_diff="", logprobs_diff=[])
+            if done[i]:
+                continue
+            logits = model.logits(i, step, len(prompt))
+            for processor in processors:
+                processor(output.request_id, logits, [prompt + completion.token_ids], None, None)
+            token = int(torch.argmax(logits[0]))
+            ends = token == (params.end_id if params.end_id is not None else model.eos_token_id)
+            stops = token in (params.stop_token_ids or ())
+            if (ends or stops) and not params.ignore_eos:
+                completion._values.update(finish_reason="stop", stop_reason=token if stops else None)
+                done[i] = True
+                continue
+            completion._values["token_ids"] = [*completion.token_ids, token]
+            completion._values["token_ids_diff"] = [token]
+            if params.logprobs:
+                log_probs = torch.log_softmax(logits[0].float(), dim=-1)
+                top = torch.topk(log_probs, params.logprobs)
+                entry = {
+                    int(t): logprob_cls(logprob=float(v), rank=r + 1)
+                    for r, (v, t) in enumerate(zip(top.values, top.indices, strict=True))
+                }
+                entry.setdefault(token, logprob_cls(logprob=float(log_probs[token]), rank=None))
+                completion._values["logprobs"] = [*completion.logprobs, entry]
+                completion._values["logprobs_diff"] = [entry]
+            if len(completion.token_ids) >= params.max_tokens:
+                completion._values["finish_reason"] = "length"
+                done[i] = True
+        step += 1
+        output._values["finished"] = all(done)
+        yield output
+        if model.fail_after_first:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
