@@ -23,6 +23,8 @@ from edge.errors import error_headers
 from services.common.config import LimitsConfig
 from services.common.errors import HeadersTooLargeError
 
+# How long a refused connection's remaining input is read and dropped before the socket is closed.
+LINGER_SECONDS = 1.0
 # Room for the headers a proxy in front adds to a request it accepted.
 PROXY_HEADER_BYTES = 8 * 1024
 PROXY_HEADERS = 16
@@ -33,7 +35,11 @@ class _HeadLimitExceeded(Exception):
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol that refuses a request head over `max_head_bytes` or with more than `max_headers`."""
+    """HttpToolsProtocol that refuses a request head over `max_head_bytes` or with more than `max_headers`.
+
+    Two counts: the bytes received while a head is incomplete bound what the parser may buffer (one read of the
+    socket past the limit at most), and the parsed request line and headers give the exact size once complete.
+    """
 
     max_head_bytes = 64 * 1024 + PROXY_HEADER_BYTES
     max_headers = 100 + PROXY_HEADERS
@@ -41,29 +47,37 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # a connection starts with a request head
+        self._received_in_head = 0
         self._head_bytes = 0
         self._header_count = 0
         self._refusal: str | None = None
+        self._refused = False
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            return  # refused: what is left of the request is never parsed
+        if self._refused:
+            return  # refused: what is left of the request is read and dropped until the connection closes
         if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
-                self._refuse(f"the request line and headers exceed {self.max_head_bytes} bytes")
-                return
+            self._received_in_head += len(data)
         super().data_received(data)
+        # Still no end of the head after more than the limit: refuse before the parser buffers any more of it.
+        if self._in_head and self._received_in_head > self.max_head_bytes and not self._refused:
+            self._refuse(f"the request line and headers exceed {self.max_head_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_bytes = 0
         self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.max_headers:
             self._refusal = f"more than {self.max_headers} headers"
             raise _HeadLimitExceeded
+        self._count(len(name) + len(value) + 4)
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -72,16 +86,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_head, self._head_bytes = True, 0  # the next bytes are the next request's head
+        self._in_head, self._received_in_head = True, 0  # the next bytes are the next request's head
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_head_bytes:
+            self._refusal = f"the request line and headers exceed {self.max_head_bytes} bytes"
+            raise _HeadLimitExceeded
 
     def send_400_response(self, msg: str) -> None:
-        # uvicorn answers every parser error here; one raised by our own callback is a 431.
+        # uvicorn answers every parser error here; one raised by our own callbacks is a 431.
         if self._refusal is not None:
             self._refuse(self._refusal)
         else:
             super().send_400_response(msg)
 
     def _refuse(self, reason: str) -> None:
+        """Answer 431 and close without a reset: the client is likely still sending, and closing a socket with
+        unread data makes the kernel send RST, which can destroy the answer before the client reads it. So the
+        write side is shut first and what still arrives is dropped for a moment (a "lingering close")."""
+        self._refused = True
         err = HeadersTooLargeError(f"Request headers too large: {reason}.")
         body = json.dumps(err.to_dict()).encode()
         head = [
@@ -94,7 +118,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close",
         ]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.transport.close()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
 
 
 def bounded_protocol(limits: LimitsConfig) -> type[BoundedHttpToolsProtocol]:

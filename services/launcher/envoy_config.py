@@ -314,8 +314,9 @@ def _rate_limit(config: ArkConfig) -> LocalRateLimit:
 def _openai_local_replies(config: ArkConfig) -> LocalReplyConfig:
     """Replies Envoy makes itself, in OpenAI's envelope with the edge's headers (its own responses pass untouched).
 
-    `%STREAM_ID%` is the id Envoy's request-id extension gave the stream. A request refused while its headers were
-    being parsed (431, a malformed request) has none yet: it gets a fresh `%UNIQUE_ID%`.
+    Such a request never reached the edge, which makes request ids, so Envoy gives the reply a fresh `%UNIQUE_ID%`
+    (`%STREAM_ID%` is empty when Envoy does not generate request ids, and there are no parsed headers to take one
+    from when a request is refused while they are being read).
     """
 
     def mapper(
@@ -324,9 +325,8 @@ def _openai_local_replies(config: ArkConfig) -> LocalReplyConfig:
         body: dict[str, Any],
         retry: bool,
         retry_after: bool | None = None,
-        request_id: str = "%STREAM_ID%",
     ) -> ResponseMapper:
-        headers = [_header("x-request-id", request_id), _header("x-should-retry", "true" if retry else "false")]
+        headers = [_header("x-request-id", "%UNIQUE_ID%"), _header("x-should-retry", "true" if retry else "false")]
         if retry if retry_after is None else retry_after:
             headers.append(_header("retry-after", "1"))
         return ResponseMapper(
@@ -372,7 +372,6 @@ def _openai_local_replies(config: ArkConfig) -> LocalReplyConfig:
                     "request_too_large",
                 ),
                 retry=False,
-                request_id="%UNIQUE_ID%",
             ),
             mapper(
                 eq,
@@ -403,7 +402,6 @@ def _openai_local_replies(config: ArkConfig) -> LocalReplyConfig:
                 400,
                 _envelope("%LOCAL_REPLY_BODY%", "invalid_request_error", None),
                 retry=False,
-                request_id="%UNIQUE_ID%",
             ),
         ],
     )
