@@ -92,6 +92,14 @@ class SessionsConfig(_Strict):
     worker_lease_seconds: Annotated[float, Field(gt=0)] = 6.0
     # How long the edge waits for the registry before serving a request statelessly.
     registry_timeout_seconds: Annotated[float, Field(gt=0)] = 0.5
+    # Tiers (docs/sessions.md#tiers): when a worker's resident contexts are full, conversation states are saved to
+    # host memory, then to local disk, each bounded (per chat model on each worker; 0 switches a tier off).
+    host_cache_mb: Annotated[float, Field(ge=0)] = 1024
+    disk_cache_mb: Annotated[float, Field(ge=0)] = 4096
+    # Where the disk tier writes (each worker in its own private subdirectory); default: under the temp directory.
+    disk_dir: Annotated[str, Field(min_length=1)] | None = None
+    # The largest share of each tier that one API key may hold, so one key's flood pushes out its own states.
+    key_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     # Where the registry keeps sessions and placements: `memory` (one registry process) or the URL of a
     # Redis-protocol server (redis://, rediss://, unix://) that several registries share (docs/operations.md).
     store: str = "memory"

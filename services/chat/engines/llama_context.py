@@ -1,15 +1,33 @@
-"""A llama.cpp context with the sampling chain ARK needs.
+"""A llama.cpp context with the sampling chain and the state export ARK needs.
 
 llama-cpp-python builds its sampler chain inside `generate()`; this subclass rebuilds that chain with a logit-bias
-stage first (OpenAI's `logit_bias`), which the library's own chain lacks. Everything else is the library's.
+stage first (OpenAI's `logit_bias`), which the library's own chain lacks.
+
+It also saves and restores a conversation's state (its KV cells) as bytes, for the host and disk tiers
+(`services.chat.state_tiers`). The library's own `save_state()` adds its `scores` array (up to n_batch x n_vocab
+floats: 100 MB at 512 x 49152) to the whole context's state, and pickling its `LlamaState` copies that again;
+llama.cpp's per-sequence state API writes only the KV cells in use (about 23 KB per token for SmolLM2-135M) and no
+logits: `generate()` re-evaluates at least the last prompt token after a restore, which computes the logits it
+samples from. Everything else is the library's.
 """
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp
 from llama_cpp import _internals as internals
+
+from services.common.errors import ArkError
+
+_SEQ = 0  # llama-cpp-python keeps a context's tokens in sequence 0
+
+
+class StateImportError(ArkError):
+    """A saved state does not fit this context (another model or context size, a damaged blob); the context is
+    left empty, so the caller recomputes."""
 
 
 class ArkLlama(llama_cpp.Llama):
@@ -18,6 +36,45 @@ class ArkLlama(llama_cpp.Llama):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.logit_bias: dict[int, float] = {}
+
+    # -- saved state ----------------------------------------------------------------------------------------------
+
+    def state_tokens(self) -> tuple[int, ...]:
+        """The token ids whose KV cells the context holds, in order: what `export_state()` covers."""
+        return tuple(self._input_ids.tolist())
+
+    def export_state(self) -> bytes:
+        """The KV cells of `state_tokens()`, in llama.cpp's sequence-state format (opaque; see `import_state`)."""
+        ctx = self._ctx.ctx
+        self._ctx.kv_cache_seq_rm(_SEQ, self.n_tokens, -1)  # cells past n_tokens are stale (an aborted turn)
+        size = llama_cpp.llama_state_seq_get_size(ctx, _SEQ)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, _SEQ)
+        if written == 0 and size:
+            raise ArkError("llama.cpp could not serialise the context's state")
+        return ctypes.string_at(buffer, written)
+
+    def import_state(self, data: bytes, tokens: Sequence[int]) -> None:
+        """Replace the context's state with one from `export_state()` of a context of the same model and
+        settings, covering `tokens`; the next `generate()` reuses it as it would its own prefix.
+
+        Raises StateImportError (with the context left empty) when the state does not fit."""
+        tokens = list(tokens)
+        memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        llama_cpp.llama_memory_clear(memory, False)
+        self.n_tokens = 0
+        self._requires_eval = True
+        if len(tokens) > self._n_ctx:
+            raise StateImportError(f"a saved state of {len(tokens)} tokens exceeds the context ({self._n_ctx})")
+        payload = bytes(data)  # no copy when it is bytes already
+        source = ctypes.cast(ctypes.c_char_p(payload), ctypes.POINTER(ctypes.c_uint8))
+        read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, source, len(payload), _SEQ)
+        held = llama_cpp.llama_memory_seq_pos_max(memory, _SEQ) + 1
+        if read == 0 or held != len(tokens):
+            llama_cpp.llama_memory_clear(memory, False)
+            raise StateImportError(f"a saved state was not loaded (read {read} bytes, {held} of {len(tokens)} cells)")
+        self.input_ids[: len(tokens)] = tokens
+        self.n_tokens = len(tokens)
 
     def _init_sampler(  # the library's signature
         self,

@@ -1,0 +1,296 @@
+"""The host and disk tiers of saved conversation states, with small blobs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from services.chat.state_tiers import StateTiers, Tier
+from services.common.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+KEY, OTHER = "a" * 32, "b" * 32
+
+
+def make(tmp_path: Path, host: int = 300, disk: int = 1000, share: float = 1.0) -> StateTiers:
+    model = f"test-{uuid.uuid4().hex[:8]}"  # metrics of this store only
+    return StateTiers(host_bytes=host, disk_bytes=disk, key_share=share, disk_dir=tmp_path / "states", model=model)
+
+
+def put(store: StateTiers, tokens, size: int = 100, key: str = KEY, session: str = "s1", conversation: str = ""):
+    blob = bytes([len(tokens) % 256]) * size
+    return store.put(api_key_hash=key, session_id=session, conversation_key=conversation, tokens=tokens, blob=blob)
+
+
+def files(store: StateTiers) -> list[Path]:
+    assert store.directory is not None
+    return [p for p in store.directory.iterdir() if not p.name.startswith(".")]
+
+
+def sample(name: str, store: StateTiers, tier: Tier) -> float:
+    return REGISTRY.get_sample_value(name, {"model": store._model, "tier": tier}) or 0.0
+
+
+def test_host_tier_keeps_states_in_memory_until_full_then_spills_the_least_recent_to_disk(tmp_path):
+    with make(tmp_path) as store:
+        a, b, c = put(store, [1]), put(store, [2]), put(store, [3])
+        assert [store.tier_of(e.entry_id) for e in (a, b, c)] == [Tier.HOST] * 3
+        assert files(store) == []
+        d = put(store, [4])
+        assert store.tier_of(a.entry_id) is Tier.DISK, "the least recently stored state moves down"
+        assert {store.tier_of(e.entry_id) for e in (b, c, d)} == {Tier.HOST}
+        assert len(files(store)) == 1
+        assert store.used_bytes(Tier.HOST) == 300 and store.used_bytes(Tier.DISK) == 100
+        assert sample("ark_chat_state_tier_evictions_total", store, Tier.HOST) == 1
+        assert sample("ark_chat_state_tier_bytes", store, Tier.DISK) == 100
+
+
+def test_full_disk_deletes_its_least_recent_state_and_a_lost_state_is_simply_not_found(tmp_path):
+    with make(tmp_path, host=100, disk=200) as store:
+        a, b, c, d = (put(store, [i, i]) for i in range(1, 5))
+        assert store.tier_of(a.entry_id) is None, "pushed out of the last tier"
+        assert [store.tier_of(e.entry_id) for e in (b, c, d)] == [Tier.DISK, Tier.DISK, Tier.HOST]
+        assert len(files(store)) == 2
+        assert store.take(a.entry_id) is None
+        assert store.best_match(KEY, [1, 1]) is None
+        assert sample("ark_chat_state_tier_evictions_total", store, Tier.DISK) == 1
+
+
+def test_a_state_larger_than_the_host_tier_goes_to_disk_and_one_larger_than_every_tier_is_not_kept(tmp_path):
+    with make(tmp_path, host=100, disk=300) as store:
+        big = put(store, [1], size=250)
+        assert store.tier_of(big.entry_id) is Tier.DISK
+        assert put(store, [2], size=301) is None
+        assert len(store) == 1
+
+
+def test_take_returns_the_blob_and_its_tier_and_removes_it(tmp_path):
+    with make(tmp_path, host=100) as store:
+        old = store.put(api_key_hash=KEY, session_id="s", conversation_key="", tokens=[1], blob=b"x" * 100)
+        new = store.put(api_key_hash=KEY, session_id="s", conversation_key="", tokens=[2], blob=b"y" * 100)
+        assert store.take(new.entry_id) == (Tier.HOST, b"y" * 100)
+        assert store.take(old.entry_id) == (Tier.DISK, b"x" * 100)
+        assert files(store) == [], "a state taken from disk leaves no file behind"
+        assert store.take(old.entry_id) is None and len(store) == 0
+        assert sample("ark_chat_state_tier_hits_total", store, Tier.DISK) == 1
+        assert sample("ark_chat_state_tier_hits_total", store, Tier.HOST) == 1
+
+
+def test_restore_loads_the_blob_and_records_latency_by_tier(tmp_path):
+    with make(tmp_path, host=0) as store:
+        entry = put(store, [1, 2], size=10)
+        loaded: list[bytes] = []
+        assert store.restore(entry.entry_id, loaded.append) is Tier.DISK
+        assert loaded == [bytes([2]) * 10]
+        count = REGISTRY.get_sample_value(
+            "ark_chat_state_restore_seconds_count", {"model": store._model, "tier": "disk"}
+        )
+        assert count == 1
+        assert store.restore(entry.entry_id, loaded.append) is None, "already taken"
+
+
+def test_a_failed_load_is_a_miss_not_an_error(tmp_path):
+    def broken(blob: bytes) -> None:
+        raise RuntimeError("state from another model")
+
+    with make(tmp_path) as store:
+        entry = put(store, [1])
+        assert store.restore(entry.entry_id, broken) is None
+        assert len(store) == 0
+
+
+def test_a_vanished_or_unwritable_disk_costs_a_recompute_not_an_error(tmp_path):
+    with make(tmp_path, host=100) as store:
+        a = put(store, [1])
+        put(store, [2])
+        files(store)[0].unlink()
+        assert store.take(a.entry_id) is None
+        assert store.directory is not None
+        shutil.rmtree(store.directory)  # writes now fail
+        b = put(store, [3])
+        assert store.tier_of(b.entry_id) is Tier.HOST
+        assert store.best_match(KEY, [2]) is None, "the state that could not be written is gone"
+        assert store.used_bytes(Tier.DISK) == 0
+
+
+def test_a_key_over_its_share_pushes_out_its_own_states_first(tmp_path):
+    with make(tmp_path, host=400, disk=400, share=0.5) as store:
+        victim = [put(store, [i], key=KEY) for i in range(4)]  # 2 in host, 2 moved to disk by its own quota
+        for i in range(30):
+            put(store, [100 + i], key=OTHER)
+        for i, entry in enumerate(victim):
+            assert store.take(entry.entry_id) is not None, f"victim state {i} was lost to another key's flood"
+        assert store.used_bytes(Tier.HOST, OTHER) <= 200 and store.used_bytes(Tier.DISK, OTHER) <= 200
+        assert len(store.entries(OTHER)) == 4
+
+
+def test_the_key_over_its_quota_pays_before_a_key_over_an_equal_split(tmp_path):
+    third = "c" * 32
+    with make(tmp_path, host=600, share=0.5) as store:
+        heavy = [put(store, [1], size=150), put(store, [2], size=100)]  # 250: over a third of the tier, under half
+        put(store, [3], size=50, key=OTHER)
+        for i in range(6):
+            put(store, [100 + i], key=third)
+        assert [store.tier_of(e.entry_id) for e in heavy] == [Tier.HOST, Tier.HOST]
+        assert store.used_bytes(Tier.HOST, third) == 300
+
+
+def test_a_key_alone_may_use_the_whole_tier(tmp_path):
+    with make(tmp_path, host=400, disk=400, share=0.25) as store:
+        entries = [put(store, [i]) for i in range(8)]
+        assert [store.tier_of(e.entry_id) for e in entries] == [Tier.DISK] * 4 + [Tier.HOST] * 4
+
+
+def test_without_quota_a_full_tier_still_takes_from_the_key_holding_more_than_its_share(tmp_path):
+    with make(tmp_path, host=400, disk=400, share=1.0) as store:
+        victim = put(store, [1], key=KEY)  # the least recent state of all
+        for i in range(20):
+            put(store, [100 + i], key=OTHER)
+        assert store.tier_of(victim.entry_id) is Tier.HOST, "the flooding key paid, not the oldest state"
+
+
+def test_best_match_is_the_longest_common_prefix_within_one_key(tmp_path):
+    with make(tmp_path, host=1000) as store:
+        long = put(store, [1, 2, 3, 4], session="s1")
+        fork = put(store, [1, 2, 9], session="s2")
+        put(store, [1, 2, 3, 4, 5, 6], key=OTHER)
+        assert store.best_match(KEY, [1, 2, 3, 4, 5]) == (long, 4)
+        assert store.best_match(KEY, [1, 2, 9, 9]) == (fork, 3)
+        assert store.best_match(KEY, [1, 2, 3, 7])[1] == 3  # an edited message: reuse up to the divergence
+        assert store.best_match(KEY, [1, 2])[1] == 2, "a state longer than the request serves its prefix"
+        assert store.best_match(KEY, [7, 1, 2]) is None
+        assert store.best_match("c" * 32, [1, 2, 3, 4]) is None, "never another key's state"
+
+
+def test_equal_matches_prefer_the_host_tier(tmp_path):
+    with make(tmp_path, host=100) as store:
+        older = put(store, [1, 2, 3])
+        newer = put(store, [1, 2, 4])  # moves the first to disk, which makes it the most recently placed
+        assert store.tier_of(older.entry_id) is Tier.DISK
+        assert store.best_match(KEY, [1, 2, 7]) == (newer, 2)
+
+
+def test_a_longer_state_supersedes_its_prefixes_and_a_conversation_key_its_previous_state(tmp_path):
+    with make(tmp_path, host=1000) as store:
+        first = put(store, [1, 2, 3])
+        kept = put(store, [1, 2, 3], key=OTHER)
+        second = put(store, [1, 2, 3, 4, 5])
+        assert store.tier_of(first.entry_id) is None and store.tier_of(kept.entry_id) is Tier.HOST
+        named = put(store, [7, 8], conversation="c1")
+        renamed = put(store, [9], conversation="c1")
+        assert store.tier_of(named.entry_id) is None
+        assert {e.entry_id for e in store.entries(KEY)} == {second.entry_id, renamed.entry_id}
+
+
+def test_dropping_a_session_or_a_state_removes_it_from_every_tier(tmp_path):
+    with make(tmp_path, host=200) as store:
+        theirs = put(store, [9], session="theirs")
+        mine = [put(store, [i], session="mine") for i in range(3)]
+        assert store.tier_of(theirs.entry_id) is Tier.DISK
+        assert {store.tier_of(e.entry_id) for e in mine} == {Tier.HOST, Tier.DISK}
+        assert store.drop_session("mine") == 3
+        assert store.entries() == [theirs]
+        assert len(files(store)) == 1
+        assert store.drop(theirs.entry_id) and not store.drop(theirs.entry_id)
+        assert files(store) == [] and store.used_bytes(Tier.HOST) == store.used_bytes(Tier.DISK) == 0
+
+
+def test_files_are_private_and_opaquely_named(tmp_path):
+    with make(tmp_path, host=0) as store:
+        put(store, [1], session="../../etc/passwd", conversation="client-chosen-name")
+        base = tmp_path / "states"
+        assert stat.S_IMODE(base.stat().st_mode) == 0o700
+        assert store.directory is not None and store.directory.parent == base
+        assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+        (path,) = files(store)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert re.fullmatch(r"[0-9a-f]{32}", path.name)
+
+
+def test_a_configured_directory_with_loose_permissions_is_made_private(tmp_path):
+    base = tmp_path / "states"
+    base.mkdir(mode=0o777)
+    os.chmod(base, 0o777)
+    with make(tmp_path):
+        assert stat.S_IMODE(base.stat().st_mode) == 0o700
+
+
+def test_start_removes_states_of_stopped_stores_but_not_of_running_ones_nor_other_files(tmp_path):
+    base = tmp_path / "states"
+    base.mkdir()
+    stale = base / uuid.uuid4().hex
+    stale.mkdir()
+    (stale / "leftover").write_bytes(b"old state")
+    unrelated = base / "notes.txt"
+    unrelated.write_text("not ours")
+    with make(tmp_path) as running:
+        put(running, [1])
+        assert not stale.exists()
+        assert unrelated.exists()
+        with make(tmp_path) as second:
+            assert running.directory is not None and running.directory.exists(), "a live store is left alone"
+            assert second.directory != running.directory
+        own = running.directory
+    assert not own.exists(), "close() deletes the store's directory"
+
+
+def test_concurrent_use_keeps_the_accounting_right(tmp_path):
+    with make(tmp_path, host=1000, disk=2000) as store:
+
+        def work(worker: int) -> None:
+            for i in range(200):
+                entry = put(store, [worker, i], size=50 + i % 7, key=f"{worker % 3:032d}", session=f"s{worker}")
+                if entry is not None and i % 3 == 0:
+                    store.take(entry.entry_id)
+                if i % 50 == 49:
+                    store.drop_session(f"s{worker}")
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        entries = store.entries()
+        assert store.used_bytes(Tier.HOST) + store.used_bytes(Tier.DISK) == sum(e.size for e in entries)
+        assert store.used_bytes(Tier.HOST) <= 1000 and store.used_bytes(Tier.DISK) <= 2000
+        assert len(files(store)) == sum(store.tier_of(e.entry_id) is Tier.DISK for e in entries)
+
+
+def test_the_disk_tier_can_be_switched_off(tmp_path):
+    store = StateTiers(host_bytes=100, disk_bytes=0, key_share=1.0, disk_dir=tmp_path / "never")
+    first = put(store, [1])
+    put(store, [2])
+    assert store.tier_of(first.entry_id) is None and store.directory is None
+    assert not (tmp_path / "never").exists()
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"host_bytes": -1, "disk_bytes": 0}, {"host_bytes": 1, "disk_bytes": 1, "key_share": 0}]
+)
+def test_bad_limits_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        StateTiers(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("host_cache_mb", "-1"), ("disk_cache_mb", "lots"), ("key_share", "1.5"), ("disk_dir", "''")]
+)
+def test_bad_tier_settings_stop_start_up_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"sessions.{field}"):
+        load_config(DEFAULT_CONFIG_PATH, env={f"ARK__SESSIONS__{field.upper()}": value})
+
+
+def test_the_configuration_sizes_the_tiers(tmp_path):
+    env = {"ARK__SESSIONS__HOST_CACHE_MB": "0.5", "ARK__SESSIONS__DISK_DIR": str(tmp_path / "d")}
+    with StateTiers.from_config(load_config(DEFAULT_CONFIG_PATH, env=env).sessions, model="m") as store:
+        assert store.directory is not None and store.directory.parent == tmp_path / "d"
+        entry = put(store, [1], size=600_000)
+        assert store.tier_of(entry.entry_id) is Tier.DISK, "larger than the 0.5 MB host tier"
