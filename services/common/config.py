@@ -98,7 +98,7 @@ class SessionsConfig(_Strict):
     disk_cache_mb: Annotated[float, Field(ge=0)] = 4096
     # Where the disk tier writes (each worker in its own private subdirectory); default: under the temp directory.
     disk_dir: Annotated[str, Field(min_length=1)] | None = None
-    # The largest share of each tier that one API key may hold, so one key's flood pushes out its own states.
+    # When a tier is full, a key holding more than this share of it loses its states first (fair share).
     key_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     # Where the registry keeps sessions and placements: `memory` (one registry process) or the URL of a
     # Redis-protocol server (redis://, rediss://, unix://) that several registries share (docs/operations.md).
@@ -119,6 +119,34 @@ class SessionsConfig(_Strict):
         raise ValueError("must be `memory` or a redis://host:port, rediss://host:port or unix:///path URL")
 
 
+class StructuredOutputLimits(_Strict):
+    """Bounds on output constraints (`response_format` schemas and tool parameters); beyond them, a 400 naming the
+    keyword before anything is compiled. The defaults admit every schema OpenAI's structured outputs accepts."""
+
+    max_schema_bytes: Annotated[int, Field(gt=0)] = 65536
+    # Nesting of subschemas (properties, items, anyOf, …) below the root.
+    max_depth: Annotated[int, Field(gt=0, le=256)] = 32
+    max_properties: Annotated[int, Field(gt=0)] = 5000
+    # Enum values in one schema, all enums added up.
+    max_enum_values: Annotated[int, Field(gt=0)] = 1000
+    # Largest minLength / maxLength, and largest minItems / maxItems.
+    max_length_bound: Annotated[int, Field(gt=0)] = 10000
+    max_items_bound: Annotated[int, Field(gt=0)] = 256
+    max_pattern_length: Annotated[int, Field(gt=0)] = 1000
+    # Largest count in a pattern's `{m,n}`.
+    max_repetition: Annotated[int, Field(gt=0)] = 1000
+    # Compiling runs in a child process under these bounds; past them, a 400.
+    compile_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
+    compile_memory_mb: Annotated[int, Field(ge=64)] = 1024
+    # llguidance's own bounds on a compiled grammar: lexer states (1-2 kB each) and grammar symbols.
+    max_grammar_states: Annotated[int, Field(gt=0)] = 50_000
+    max_grammar_symbols: Annotated[int, Field(gt=0)] = 200_000
+    # Compiled grammars kept per model (LRU), keyed by the grammar's hash.
+    cache_size: Annotated[int, Field(gt=0)] = 256
+    # Tool calls one assistant turn may make when `parallel_tool_calls` is not false.
+    max_parallel_tool_calls: Annotated[int, Field(gt=0, le=128)] = 8
+
+
 class LimitsConfig(_Strict):
     """Request limits; each exceeded limit is a 400 or 413 naming it."""
 
@@ -131,6 +159,10 @@ class LimitsConfig(_Strict):
     max_audio_seconds: Annotated[float, Field(gt=0)] = 1800.0
     max_embedding_inputs: Annotated[int, Field(gt=0)] = 2048
     max_embedding_tokens: Annotated[int, Field(gt=0)] = 300_000
+    structured_output: StructuredOutputLimits = StructuredOutputLimits()
+    # A request that would wait longer than this for a chat or transcription slot (by the queue ahead of it and
+    # the recent time per request) is refused at once with 429 and Retry-After; none waits longer than this.
+    max_queue_wait_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
     # Request line plus headers of one request, and the number of headers, enforced by Envoy and by the edge's own
     # HTTP server (past either: 431). Envoy's maximum is 8 MiB.
     max_header_bytes: Annotated[int, Field(ge=4096, le=8 * 1024 * 1024)] = 64 * 1024
@@ -164,8 +196,11 @@ class ServicesConfig(_Strict):
     chat: ChatServiceConfig = ChatServiceConfig()
     embeddings: ServiceAddress = ServiceAddress(address="127.0.0.1:50061")
     transcription: ServiceAddress = ServiceAddress(address="127.0.0.1:50071")
+    # A shared secret every internal gRPC call carries and every service checks (health checks excepted); None: off.
+    # `ark up` generates one per run; containers read it from a secret (docs/operations.md, "Trust boundary").
+    internal_token: Annotated[str, Field(min_length=16)] | None = None
 
-    @field_validator("*", mode="after")
+    @field_validator("registry", "chat", "embeddings", "transcription", mode="after")
     @classmethod
     def _addresses_have_ports(cls, value: Any) -> Any:
         addresses = value.workers if isinstance(value, ChatServiceConfig) else [value.address]
@@ -185,6 +220,19 @@ class EdgeConfig(_Strict):
     tls: bool = False
     # On SIGTERM, how long in-flight requests (long streams) may run on before they are ended with an error event.
     drain_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # Failure detection of chat workers (docs/operations.md): each worker's gRPC health is probed this often, each
+    # probe waiting at most `worker_probe_timeout_seconds`; a worker whose probes fail is not routed to until one
+    # succeeds, and once they have failed for `worker_hang_seconds` its streams end with an error event.
+    worker_probe_interval_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    worker_probe_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
+    worker_hang_seconds: Annotated[float, Field(gt=0, le=600)] = 4.0
+    # Longest wait for a worker to start a generation (its queue and the prompt's tokenising included): above
+    # `limits.max_queue_wait_seconds`, which refuses sooner when a worker is merely busy.
+    first_event_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # Longest silence between two messages of a running generation (a long prompt's prefill included).
+    event_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # A request that was being processed when its worker died is refused for this long (it may be what killed it).
+    quarantine_seconds: Annotated[float, Field(ge=0, le=86400)] = 300.0
 
 
 class RateLimitConfig(_Strict):
