@@ -41,11 +41,14 @@ def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, EdgeState]]:
-        workers = ChatWorkers(config.services.chat.workers)
-        embeddings_backend = EmbeddingsBackend(config.services.embeddings.address)
-        transcription_backend = TranscriptionBackend(config.services.transcription.address)
+        token = config.services.internal_token  # sent on every call to the services, when configured
+        workers = ChatWorkers(config.services.chat.workers, token=token)
+        embeddings_backend = EmbeddingsBackend(config.services.embeddings.address, token=token)
+        transcription_backend = TranscriptionBackend(config.services.transcription.address, token=token)
         registry = (
-            SessionRegistryClient(config.services.registry.address, config.sessions.registry_timeout_seconds)
+            SessionRegistryClient(
+                config.services.registry.address, config.sessions.registry_timeout_seconds, token=token
+            )
             if config.sessions.enabled
             else None
         )

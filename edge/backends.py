@@ -18,6 +18,7 @@ from ark.transcription.v1 import transcription_service_pb2 as transcription_pb
 from ark.transcription.v1 import transcription_service_pb2_grpc as transcription_grpc
 from services.common.errors import UnavailableError
 from services.common.grpc_errors import from_rpc_error
+from services.common.internal_auth import internal_channel
 from services.common.metrics import ChatStreamObserver
 from services.common.server import CHANNEL_OPTIONS
 
@@ -54,7 +55,8 @@ class ChatWorkers:
     """The chat workers. Stateless requests go round-robin, skipping a worker that is down; a session's requests go
     to its worker. Either way, failures surface before any byte reaches the client."""
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], *, token: str | None = None) -> None:
+        self._token = token
         self._addresses = list(addresses)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._next = itertools.cycle(range(len(self._addresses)))
@@ -62,7 +64,7 @@ class ChatWorkers:
     def _stub(self, address: str) -> chat_grpc.ChatServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = internal_channel(address, CHANNEL_OPTIONS, self._token)
         return chat_grpc.ChatServiceStub(channel)
 
     async def open_stream(
@@ -130,9 +132,9 @@ class SessionRegistryClient:
     """The edge's view of the session registry. Every call is bounded by a short timeout: session infrastructure
     failing must never fail a request (the caller serves it statelessly)."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, *, token: str | None = None) -> None:
         options = [*CHANNEL_OPTIONS, ("grpc.service_config", REGISTRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
-        self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._channel = internal_channel(address, options, token)
         self._stub = sessions_grpc.SessionRegistryServiceStub(self._channel)
         self._timeout = timeout
 
@@ -163,8 +165,8 @@ class SessionRegistryClient:
 class EmbeddingsBackend:
     """The embeddings service: one address, which batches concurrent requests itself."""
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str, *, token: str | None = None) -> None:
+        self._channel = internal_channel(address, CHANNEL_OPTIONS, token)
         self._stub = embeddings_grpc.EmbeddingsServiceStub(self._channel)
 
     async def embed(self, request: embeddings_pb.EmbedRequest) -> embeddings_pb.EmbedResponse:
@@ -195,8 +197,8 @@ class TranscriptionStream:
 class TranscriptionBackend:
     """The transcription service: one address; uploads travel in one message (CHANNEL_OPTIONS lifts gRPC's 4 MiB)."""
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str, *, token: str | None = None) -> None:
+        self._channel = internal_channel(address, CHANNEL_OPTIONS, token)
         self._stub = transcription_grpc.TranscriptionServiceStub(self._channel)
 
     async def transcribe(self, request: transcription_pb.TranscribeRequest) -> transcription_pb.TranscribeResponse:

@@ -29,7 +29,13 @@ async def main() -> None:
     lease = None
     if config.sessions.enabled:
         lease = asyncio.create_task(
-            keep_lease(config.services.registry.address, address, engines, config.sessions.worker_lease_seconds)
+            keep_lease(
+                config.services.registry.address,
+                address,
+                engines,
+                config.sessions.worker_lease_seconds,
+                token=config.services.internal_token,
+            )
         )
 
     async def close_engines() -> None:
@@ -39,7 +45,13 @@ async def main() -> None:
             await engine.close()
 
     # A worker being removed (scale-down, rollout) lets its streams run as long as the edge's drain would.
-    await serve([chat_service(engines)], address, on_stop=close_engines, grace_seconds=config.edge.drain_grace_seconds)
+    await serve(
+        [chat_service(engines)],
+        address,
+        on_stop=close_engines,
+        grace_seconds=config.edge.drain_grace_seconds,
+        token=config.services.internal_token,
+    )
 
 
 if __name__ == "__main__":

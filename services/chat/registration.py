@@ -15,6 +15,7 @@ import grpc
 from ark.sessions.v1 import session_registry_service_pb2 as pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as pb_grpc
 from services.chat.engines.base import ChatEngine
+from services.common.internal_auth import internal_channel
 from services.common.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,16 @@ log = logging.getLogger(__name__)
 INCARNATION = uuid.uuid4().hex
 
 
-async def keep_lease(registry_address: str, address: str, engines: dict[str, ChatEngine], lease_seconds: float) -> None:
+async def keep_lease(
+    registry_address: str,
+    address: str,
+    engines: dict[str, ChatEngine],
+    lease_seconds: float,
+    *,
+    token: str | None = None,
+) -> None:
     """Run until cancelled; failures are logged and retried (the worker serves statelessly meanwhile)."""
-    async with grpc.aio.insecure_channel(registry_address, options=CHANNEL_OPTIONS) as channel:
+    async with internal_channel(registry_address, CHANNEL_OPTIONS, token) as channel:
         stub = pb_grpc.SessionRegistryServiceStub(channel)
         registered = False
         while True:

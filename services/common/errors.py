@@ -152,6 +152,13 @@ class QuarantinedRequestError(InternalError):
     should_retry = False
 
 
+class InternalTokenError(InternalError):
+    """A call between ARK's processes without the right shared token (a deployment mistake, or a stranger)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    default_code = "invalid_internal_token"
+
+
 def _all_subclasses(cls: type[ArkError]) -> list[type[ArkError]]:
     return [cls, *(sub for direct in cls.__subclasses__() for sub in _all_subclasses(direct))]
 

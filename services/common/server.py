@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
 from services.common.grpc_metrics import MetricsGuard
-from services.common.guards import ErrorGuard, guarded
+from services.common.guards import CallGuard, ErrorGuard, TokenGuard, guarded
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,16 @@ class Service:
         self.register = register
 
 
-def create_server(services: Iterable[Service], address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+def create_server(
+    services: Iterable[Service], address: str, *, token: str | None = None
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build a server for `services` bound to `address` (`host:0` for a free port)."""
     services = list(services)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     # Metrics outermost: they record the status the error guard produced.
-    guards = [MetricsGuard(), ErrorGuard()]
+    guards: list[CallGuard] = [MetricsGuard(), ErrorGuard()]
+    if token:
+        guards.append(TokenGuard(token))  # calls without ARK's internal token are refused (health checks excepted)
     health_servicer = health.aio.HealthServicer()
     # Probes are guarded too: their calls show in the metrics, which is how an operator sees them arrive.
     health_pb2_grpc.add_HealthServicer_to_server(guarded(health_servicer, health.SERVICE_NAME, guards), server)
@@ -95,12 +99,13 @@ async def serve(
     grace_seconds: float = 10.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     metrics_port: int | None = None,
+    token: str | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain: NOT_SERVING first, stop accepting, finish in-flight calls.
 
     `metrics_port` defaults to `ARK_METRICS_PORT`; Prometheus metrics are served on the gRPC address's host.
     """
-    server, port, health_servicer = create_server(services, address)
+    server, port, health_servicer = create_server(services, address, token=token)
     metrics_port = metrics_port if metrics_port is not None else metrics.port_from_env()
     host = address.rpartition(":")[0].strip("[]")
     metrics_server = metrics.MetricsServer(host, metrics_port) if metrics_port else None

@@ -39,7 +39,7 @@ async def main() -> int:
             await embedder.close()
 
     address = args.address or config.services.embeddings.address
-    await serve([embeddings_service(embedders)], address, on_stop=close_embedders)
+    await serve([embeddings_service(embedders)], address, on_stop=close_embedders, token=config.services.internal_token)
     return 0
 
 

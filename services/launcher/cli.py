@@ -145,12 +145,20 @@ Press Ctrl-C to stop.
 """
 
 
+# The environment override of `services.internal_token` (services/common/internal_auth.py).
+INTERNAL_TOKEN_ENV = "ARK__SERVICES__INTERNAL_TOKEN"
+
+
 def up(args: argparse.Namespace) -> int:
     env: dict[str, str] = {}
     try:
         config = load_config(args.config)
         if not config.auth.api_keys:
             env["ARK_API_KEY"] = os.environ.get("ARK_API_KEY") or f"ark-dev-{secrets.token_urlsafe(18)}"
+            config = load_config(args.config, {**os.environ, **env})
+        if config.services.internal_token is None:
+            # Every process of this run shares one token, so nothing else on the host can call the services.
+            env[INTERNAL_TOKEN_ENV] = secrets.token_urlsafe(32)
             config = load_config(args.config, {**os.environ, **env})
     except ConfigError as exc:
         print(f"ark: {exc}", file=sys.stderr)

@@ -49,7 +49,7 @@ async def main() -> None:
     config = load_config(args.config)
     store = await connect(config.sessions)
     log.info("session store: %s", config.sessions.store.partition("@")[2] or config.sessions.store)
-    workers = WorkerClients()
+    workers = WorkerClients(token=config.services.internal_token)
     registry = Registry(store, on_drop=workers.drop_state)
     sweeper = asyncio.create_task(sweep_forever(registry))
 
@@ -58,7 +58,12 @@ async def main() -> None:
         await workers.close()
         await registry.close()
 
-    await serve([registry_service(registry)], args.address or config.services.registry.address, on_stop=stop)
+    await serve(
+        [registry_service(registry)],
+        args.address or config.services.registry.address,
+        on_stop=stop,
+        token=config.services.internal_token,
+    )
 
 
 if __name__ == "__main__":

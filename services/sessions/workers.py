@@ -6,21 +6,23 @@ import grpc
 
 from ark.chat.v1 import chat_service_pb2 as chat_pb
 from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
+from services.common.internal_auth import internal_channel
 from services.common.server import CHANNEL_OPTIONS
 
 
 class WorkerClients:
     """One channel per worker address, opened on first use."""
 
-    def __init__(self, timeout: float = 2.0) -> None:
+    def __init__(self, timeout: float = 2.0, *, token: str | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._timeout = timeout
+        self._token = token
 
     async def drop_state(self, address: str, session_id: str) -> bool:
         """True when the worker acknowledged; False when it could not be reached (it will learn at renewal)."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = internal_channel(address, CHANNEL_OPTIONS, self._token)
         stub = chat_grpc.ChatServiceStub(channel)
         try:
             await stub.DeleteSessionState(

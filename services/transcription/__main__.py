@@ -38,7 +38,7 @@ async def main() -> None:
         for transcriber in transcribers.values():
             await transcriber.close()
 
-    await serve([transcription_service(transcribers)], address, on_stop=close)
+    await serve([transcription_service(transcribers)], address, on_stop=close, token=config.services.internal_token)
 
 
 if __name__ == "__main__":
