@@ -18,28 +18,33 @@ import grpc
 METADATA_KEY = "x-ark-internal-token"
 
 
-class _WithToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds the token to every unary and server-streaming call of a channel (the only kinds ARK's protos use)."""
+def _with_token(details: grpc.aio.ClientCallDetails, pair: tuple[str, str]) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), pair)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
 
+
+class _UnaryWithToken(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
         self._pair = (METADATA_KEY, token)
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._pair)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
     async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_token(details, self._pair), request)
+
+
+class _StreamWithToken(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._pair = (METADATA_KEY, token)
 
     async def intercept_unary_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_token(details, self._pair), request)
 
 
 def internal_channel(address: str, options: Sequence[tuple[str, Any]], token: str | None) -> grpc.aio.Channel:
     """A channel to one of ARK's services; with a token, every call on it carries the token."""
-    interceptors = [_WithToken(token)] if token else None
+    # One interceptor per call kind (a channel files each under one kind only); ARK's protos use only these two.
+    interceptors = [_UnaryWithToken(token), _StreamWithToken(token)] if token else None
     return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
 
 
