@@ -152,7 +152,18 @@ def test_the_rate_limit_answers_in_openais_envelope_with_retry_after():
 
 # -- compose ----------------------------------------------------------------------------------------------------------
 
-SERVICES = {"envoy", "edge", "registry", "chat-1", "chat-2", "embeddings", "transcription"}
+SERVICES = {
+    "envoy",
+    "edge-1",
+    "edge-2",
+    "registry-1",
+    "registry-2",
+    "valkey",
+    "chat-1",
+    "chat-2",
+    "embeddings",
+    "transcription",
+}
 
 
 @pytest.fixture(scope="module")
@@ -178,30 +189,36 @@ def test_compose_file_follows_the_compose_schema(compose):
     errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
     assert not errors, "\n".join(errors)
     # The schema does catch mistakes: a misspelt key fails it.
-    broken = {**compose, "services": {**compose["services"], "edge": {**compose["services"]["edge"], "helthcheck": {}}}}
+    edge = compose["services"]["edge-1"]
+    broken = {**compose, "services": {**compose["services"], "edge-1": {**edge, "helthcheck": {}}}}
     assert any(validator.iter_errors(broken))
 
 
-def test_compose_has_the_topology_of_make_run(compose):
+def test_compose_has_the_scaled_topology(compose):
     services = compose["services"]
     cpu = {name for name, s in services.items() if "gpu" not in s.get("profiles", [])}
     assert cpu == SERVICES
     assert services["envoy"]["ports"] == ["${ARK_PORT:-8080}:8080"], "Envoy owns the public port"
-    assert services["edge"]["ports"] == ["127.0.0.1:${ARK_EDGE_PORT:-8000}:8000"], "the edge stays reachable"
-    assert services["envoy"]["depends_on"]["edge"]["condition"] == "service_healthy"
+    assert services["edge-1"]["ports"] == ["127.0.0.1:${ARK_EDGE_PORT:-8000}:8000"], "an edge stays reachable"
+    for edge in ("edge-1", "edge-2"):
+        assert services["envoy"]["depends_on"][edge]["condition"] == "service_healthy"
     for name, service in services.items():
-        assert service["healthcheck"]["test"][:3] == ["CMD", "ark", "probe"], name
+        probe = ["CMD", "valkey-cli", "ping"] if name == "valkey" else ["CMD", "ark", "probe"]
+        assert service["healthcheck"]["test"][:3] == probe, name
     assert (DEPLOY / ".env").read_text().count("COMPOSE_PROFILES=cpu") == 1
 
 
 def test_every_compose_service_gets_a_valid_configuration_and_envoy_validates(compose, tmp_path):
     for name, service in compose["services"].items():
+        if name == "valkey":
+            continue
         config = load_config(env=compose_env(service))
         address = next((a for a in service["command"] if re.fullmatch(r"[\w.-]+:\d+", a)), None)
         if address is not None:  # what a gRPC service listens on is where the others look for it
             host, port = address.split(":")
             configured = {
-                "registry": [config.services.registry.address],
+                "registry-1": [config.services.registry.address],
+                "registry-2": [config.services.registry.address],
                 "embeddings": [config.services.embeddings.address],
                 "transcription": [config.services.transcription.address],
             }.get(name.removesuffix("-gpu"), config.services.chat.workers)
@@ -210,10 +227,28 @@ def test_every_compose_service_gets_a_valid_configuration_and_envoy_validates(co
 
 
 def test_compose_grace_periods_cover_the_drain(compose):
-    config = load_config(env=compose_env(compose["services"]["edge"]))
-    for name in ("envoy", "edge", "chat-1", "chat-2"):
+    config = load_config(env=compose_env(compose["services"]["edge-1"]))
+    for name in ("envoy", "edge-1", "edge-2", "chat-1", "chat-2"):
         grace = int(compose["services"][name]["stop_grace_period"].removesuffix("s"))
         assert grace > config.edge.drain_grace_seconds, name
+
+
+def test_replicas_share_one_name_and_the_registries_share_one_store(compose):
+    services = compose["services"]
+    for alias, replicas in {"edge": ("edge-1", "edge-2"), "registry": ("registry-1", "registry-2")}.items():
+        for name in replicas:
+            assert services[name]["networks"]["default"]["aliases"] == [alias], name
+    envs = [compose_env(s) for n, s in services.items() if n != "valkey"]
+    configs = [load_config(env=env) for env in envs]
+    assert {c.sessions.store for c in configs} == {"redis://valkey:6379/0"}
+    # gRPC resolves the alias to every registry and balances over them (edge/backends.py).
+    assert {c.services.registry.address for c in configs} == {"dns:///registry:50050"}
+    assert load_config(env=compose_env(services["envoy"])).envoy.edge_address == "edge:8000"
+    for name in ("registry-1", "registry-2"):
+        assert services[name]["depends_on"]["valkey"]["condition"] == "service_healthy"
+    valkey = services["valkey"]
+    assert "--appendonly" in valkey["command"] and valkey["volumes"] == ["valkey-data:/data"], "sessions persist"
+    assert re.fullmatch(r"valkey/valkey:\d+\.\d+\.\d+", valkey["image"]), "pinned"
 
 
 def test_the_gpu_profile_selects_tensorrt_llm_engines(compose):
@@ -268,6 +303,7 @@ def test_kubernetes_runs_every_component_with_probes(manifests):
     assert set(deployments) == {
         f"ark-{c}" for c in ("envoy", "edge", "registry", "chat", "embeddings", "transcription")
     }
+    assert set(of_kind(manifests, "StatefulSet")) == {"ark-valkey"}
     for name, deployment in deployments.items():
         spec = deployment["spec"]
         labels = spec["template"]["metadata"]["labels"]
@@ -290,7 +326,7 @@ def test_kubernetes_runs_every_component_with_probes(manifests):
 
 
 def test_kubernetes_services_select_pods_and_ports_that_exist(manifests):
-    deployments = of_kind(manifests, "Deployment")
+    deployments = of_kind(manifests, "Deployment") | of_kind(manifests, "StatefulSet")
     for name, service in of_kind(manifests, "Service").items():
         matching = [
             d
@@ -318,6 +354,24 @@ def test_chat_workers_scale_horizontally_and_register_their_own_address(manifest
     assert headless["spec"]["clusterIP"] == "None"
 
 
+def test_registries_and_edges_scale_over_one_valkey(manifests, cluster_config):
+    deployments, services = of_kind(manifests, "Deployment"), of_kind(manifests, "Service")
+    assert deployments["ark-registry"]["spec"]["replicas"] >= 2 and deployments["ark-edge"]["spec"]["replicas"] >= 2
+    assert "strategy" not in deployments["ark-registry"]["spec"], "rolling updates: registries share the store"
+    assert services["ark-registry"]["spec"]["clusterIP"] == "None", "clients balance over every registry pod"
+    assert cluster_config.services.registry.address == "dns:///ark-registry:50050"
+    assert cluster_config.sessions.store == "redis://ark-valkey:6379/0"
+    valkey = of_kind(manifests, "StatefulSet")["ark-valkey"]
+    assert valkey["spec"]["serviceName"] == "ark-valkey" and "ark-valkey" in services
+    [container] = valkey["spec"]["template"]["spec"]["containers"]
+    assert re.fullmatch(r"valkey/valkey:\d+\.\d+\.\d+", container["image"]), "pinned"
+    assert "--appendonly" in container["command"] and container["volumeMounts"][0]["mountPath"] == "/data"
+    assert valkey["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert "readinessProbe" in container and "livenessProbe" in container
+    ports = {p["name"] for p in container["ports"]}
+    assert {p["targetPort"] for p in services["ark-valkey"]["spec"]["ports"]} <= ports
+
+
 def test_kubernetes_grace_periods_cover_the_drain(manifests, cluster_config):
     deployments = of_kind(manifests, "Deployment")
     for name in ("ark-edge", "ark-envoy", "ark-chat"):
@@ -335,7 +389,7 @@ def test_the_cluster_configuration_loads_and_points_at_the_services(manifests, c
         cluster_config.envoy.edge_address,
     ]
     for address in addresses:
-        host, port = address.split(":")
+        host, port = address.removeprefix("dns:///").split(":")
         assert host in services, address
         assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, address
     assert [m.id for m in cluster_config.models] == [m.id for m in load_config(env={}).models]
