@@ -394,3 +394,67 @@ def test_the_cluster_configuration_loads_and_points_at_the_services(manifests, c
         assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, address
     assert [m.id for m in cluster_config.models] == [m.id for m in load_config(env={}).models]
     envoy_validate(cluster_config, tmp_path)
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_network_policies_open_only_envoy_to_everyone_and_each_port_to_its_callers(manifests):
+    policies = of_kind(manifests, "NetworkPolicy")
+    pods = {
+        name: d["spec"]["template"]["metadata"]["labels"]
+        for name, d in (of_kind(manifests, "Deployment") | of_kind(manifests, "StatefulSet")).items()
+    }
+    ports = {
+        name: {p["name"] for c in d["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        for name, d in (of_kind(manifests, "Deployment") | of_kind(manifests, "StatefulSet")).items()
+    }
+    # Every ARK pod is under the default deny: nothing reaches it unless a policy says so.
+    deny = policies["ark-default-deny"]["spec"]
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    assert all(_selects(deny["podSelector"], labels) for labels in pods.values())
+    allowed: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for name, policy in policies.items():
+        if name == "ark-default-deny":
+            continue
+        selected = [pod for pod, labels in pods.items() if _selects(policy["spec"]["podSelector"], labels)]
+        assert selected, f"{name} selects no pods"
+        for rule in policy["spec"]["ingress"]:
+            for port in rule["ports"]:
+                for pod in selected:
+                    assert port["port"] in ports[pod], f"{name}: {pod} has no port {port['port']}"
+                    allowed.setdefault((pod, port["port"]), []).extend(rule.get("from", [{}]))
+    # Only Envoy's port is open to any source; the gRPC ports only to ARK's own pods.
+    open_to_all = {key for key, sources in allowed.items() if {} in sources}
+    assert open_to_all == {("ark-envoy", "http")}
+    callers = {
+        "ark-edge": {"ark-envoy"},
+        "ark-registry": {"ark-edge", "ark-chat"},
+        "ark-chat": {"ark-edge", "ark-registry"},
+        "ark-embeddings": {"ark-edge"},
+        "ark-transcription": {"ark-edge"},
+    }
+    for pod, expected in callers.items():
+        port = "grpc" if pod != "ark-edge" else "http"
+        sources = {
+            s["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+            for s in allowed[(pod, port)]
+            if "podSelector" in s
+        }
+        assert sources == expected, pod
+    assert all("ipBlock" not in s for sources in allowed.values() for s in sources)
+
+
+def test_every_service_reads_the_internal_token_from_an_optional_secret(manifests):
+    for name in ("ark-edge", "ark-registry", "ark-chat", "ark-embeddings", "ark-transcription"):
+        container = of_kind(manifests, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        ref = env["ARK__SERVICES__INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "ark-internal-token", "key": "token", "optional": True}, name
