@@ -75,7 +75,7 @@ local function end_session(id)
 end
 """
 
-# ARGV: prefix, name, address, models (newline-separated), capacity, incarnation, lease ms
+# ARGV: prefix, name, address, models (newline-separated), capacity, incarnation, lease ms, record ms
 _RENEW = """
 local name = ARGV[2]
 local wk = P .. 'w:' .. name
@@ -86,6 +86,8 @@ if redis.call('HGET', wk, 'incarnation') ~= ARGV[6] then
   redis.call('DEL', wk .. ':load')
 end
 redis.call('HSET', wk, 'address', ARGV[3], 'models', ARGV[4], 'capacity', ARGV[5], 'incarnation', ARGV[6])
+-- The record (and its epoch) outlives every placement made on it, so a name that comes back is fenced too.
+redis.call('PEXPIRE', wk, ARGV[8])
 redis.call('SADD', P .. 'workers', name)
 redis.call('SET', wk .. ':lease', ARGV[6], 'PX', ARGV[7])
 local drops = redis.call('SMEMBERS', wk .. ':drops')
@@ -215,6 +217,11 @@ return end_session(ARGV[2])
 
 # ARGV: prefix, limit
 _END_EXPIRED = """
+-- Workers whose lease is gone leave the set every placement scans (pods come and go under new names); their record
+-- stays, so a worker that returns under the same name still gets a new epoch.
+for _, name in ipairs(redis.call('SMEMBERS', P .. 'workers')) do
+  if redis.call('EXISTS', P .. 'w:' .. name .. ':lease') == 0 then redis.call('SREM', P .. 'workers', name) end
+end
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
   out[#out + 1] = end_session(id)
@@ -292,8 +299,10 @@ class RedisSessionStore(SessionStore):
         await self._client.aclose()
 
     async def renew_worker(self, name, address, models, capacity, incarnation, lease_seconds):
+        lease_ms = int(lease_seconds * 1000)
+        record_ms = (self.policy.max_age_seconds + 3600) * 1000 + lease_ms
         epoch, expires_ms, placed, drops = await self._run(
-            self._renew, name, address, "\n".join(models), capacity, incarnation, int(lease_seconds * 1000)
+            self._renew, name, address, "\n".join(models), capacity, incarnation, lease_ms, record_ms
         )
         record = WorkerRecord(name, address, tuple(models), capacity, epoch, expires_ms / 1000, placed)
         return record, sorted(drops)

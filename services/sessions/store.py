@@ -333,6 +333,11 @@ class InMemorySessionStore(SessionStore):
 
     async def end_expired(self, limit=256):
         now = self._clock()
+        # Housekeeping rides on the sweep: expired placements, and workers gone for longer than any placement lives.
+        self._conversations = {k: c for k, c in self._conversations.items() if c.expires_at > now}
+        forgotten = now - self.policy.max_age_seconds - 3600
+        self._workers = {n: w for n, w in self._workers.items() if w.lease_expires_at > forgotten}
+        self._drops = {n: d for n, d in self._drops.items() if n in self._workers}
         expired = [sid for sid, s in self._sessions.items() if self._expires_at(s) <= now][:limit]
         return [e for e in map(self._end, expired) if e is not None]
 

@@ -134,6 +134,15 @@ async def test_a_restarted_worker_gets_a_new_epoch_and_its_placements_are_not_tr
     assert again.placed_now and again.worker.epoch == restarted.epoch
 
 
+async def test_a_worker_that_left_and_returns_is_still_fenced(make_store):
+    store = await make_store()
+    first, _ = await store.renew_worker("w3", "w3:1", (MODEL,), 4, "one", 0.2)
+    await wait_until(lambda: _names(store, exclude="w3"))
+    await store.end_expired()  # the sweep forgets departed workers in what placement scans
+    back, _ = await store.renew_worker("w3", "w3:1", (MODEL,), 4, "two", 30)
+    assert back.epoch == first.epoch + 1
+
+
 async def test_a_failed_worker_moves_the_conversation_once_and_renews_the_session(make_store):
     store = await make_store()
     first = await place(store, conversation="c1")
