@@ -7,10 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from edge.backends import ChatWorkers, EmbeddingsBackend, SessionRegistryClient, TranscriptionBackend
+from edge.backends import EmbeddingsBackend, SessionRegistryClient, TranscriptionBackend
 from edge.catalog import Catalog
 from edge.chat.router import router as chat_router
 from edge.chat.serving import ChatCompletions
+from edge.chat_workers import ChatWorkers, WorkerPolicy
 from edge.dependencies import EdgeState
 from edge.drain import Drain, DrainMiddleware
 from edge.embeddings.router import router as embeddings_router
@@ -42,7 +43,8 @@ def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, EdgeState]]:
         token = config.services.internal_token  # sent on every call to the services, when configured
-        workers = ChatWorkers(config.services.chat.workers, token=token)
+        workers = ChatWorkers(config.services.chat.workers, WorkerPolicy.from_config(config.edge), token=token)
+        workers.start()  # health probes: failure detection and outlier ejection
         embeddings_backend = EmbeddingsBackend(config.services.embeddings.address, token=token)
         transcription_backend = TranscriptionBackend(config.services.transcription.address, token=token)
         registry = (

@@ -1,15 +1,15 @@
-"""gRPC channels from the edge to the services, opened in the app's lifespan (they belong to its event loop)."""
+"""gRPC channels from the edge to the services, opened in the app's lifespan (they belong to its event loop).
+
+The chat workers, with their failure detection and retry rules, are in edge/chat_workers.py.
+"""
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import AsyncIterator
 
 import grpc
 
-from ark.chat.v1 import chat_service_pb2 as chat_pb
-from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
 from ark.embeddings.v1 import embeddings_service_pb2 as embeddings_pb
 from ark.embeddings.v1 import embeddings_service_pb2_grpc as embeddings_grpc
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
@@ -19,92 +19,7 @@ from ark.transcription.v1 import transcription_service_pb2_grpc as transcription
 from services.common.errors import UnavailableError
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
-from services.common.metrics import ChatStreamObserver
 from services.common.server import CHANNEL_OPTIONS
-
-
-class ChatStream:
-    """A started generation: its `started` event, then the remaining messages (read with `read()`, because
-    grpc.aio forbids mixing `read()` and iteration on one call)."""
-
-    def __init__(
-        self,
-        call: grpc.aio.UnaryStreamCall,
-        started: chat_pb.GenerationStarted,
-        observer: ChatStreamObserver | None = None,
-    ) -> None:
-        self._call = call
-        self.started = started
-        self._observer = observer
-
-    async def __aiter__(self) -> AsyncIterator[chat_pb.StreamGenerateChatCompletionResponse]:
-        while (message := await self._call.read()) is not grpc.aio.EOF:
-            if self._observer is not None:
-                self._observer.observe(message)  # time to first token, decode rate, token counts
-            yield message
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
-class WorkerUnavailableError(UnavailableError):
-    """The one worker a session is pinned to cannot be reached (the caller re-places the session)."""
-
-
-class ChatWorkers:
-    """The chat workers. Stateless requests go round-robin, skipping a worker that is down; a session's requests go
-    to its worker. Either way, failures surface before any byte reaches the client."""
-
-    def __init__(self, addresses: list[str], *, token: str | None = None) -> None:
-        self._token = token
-        self._addresses = list(addresses)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._next = itertools.cycle(range(len(self._addresses)))
-
-    def _stub(self, address: str) -> chat_grpc.ChatServiceStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = internal_channel(address, CHANNEL_OPTIONS, self._token)
-        return chat_grpc.ChatServiceStub(channel)
-
-    async def open_stream(
-        self, request: chat_pb.StreamGenerateChatCompletionRequest, *, address: str | None = None
-    ) -> ChatStream:
-        """Start a generation and wait for its `started` event, so errors surface before the HTTP response.
-
-        With `address`, only that worker is tried and WorkerUnavailableError says it is gone.
-        """
-        if address is not None:
-            try:
-                return await self._start(address, request)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    raise WorkerUnavailableError(f"chat worker {address} is unavailable") from None
-                raise from_rpc_error(exc) from None
-        start = next(self._next)
-        last: grpc.RpcError | None = None
-        for i in range(len(self._addresses)):
-            try:
-                return await self._start(self._addresses[(start + i) % len(self._addresses)], request)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_rpc_error(exc) from None
-                last = exc
-        raise from_rpc_error(last) if last else UnavailableError("No chat worker is configured.")
-
-    async def _start(self, address: str, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
-        observer = ChatStreamObserver(request.model)
-        call = self._stub(address).StreamGenerateChatCompletion(request)
-        first = await call.read()
-        if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
-            call.cancel()
-            raise UnavailableError("The chat worker closed the stream before starting.")
-        return ChatStream(call, first.started, observer)
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-
 
 # Registries are stateless over a shared store, so any of them may answer. A target naming several (`dns:///registry`
 # resolving to each replica, or `ipv4:10.0.0.1:50050,10.0.0.2:50050`) is balanced round robin (CHANNEL_OPTIONS), and a

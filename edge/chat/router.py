@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from edge.chat.schemas import ChatCompletionRequest
@@ -16,6 +16,7 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
+    request: Request,
     body: Annotated[ChatCompletionRequest, json_body(ChatCompletionRequest)],
     ctx: Ctx,
     chat: Chat,
@@ -32,4 +33,7 @@ async def create_chat_completion(
     if body.stream:
         headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(chat.sse_events(job, running), media_type="text/event-stream", headers=headers)
-    return JSONResponse(await chat.complete(job, running), headers=headers)
+    completion = await chat.complete(job, running, request.receive)
+    if completion is None:  # the client went away: nobody reads this
+        return Response(status_code=499)
+    return JSONResponse(completion, headers=headers)

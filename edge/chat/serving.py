@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from starlette.types import Receive
 
 from ark.chat.v1 import chat_service_pb2 as pb
-from edge.backends import ChatStream, ChatWorkers, WorkerUnavailableError
 from edge.catalog import Catalog
 from edge.chat import translate
 from edge.chat.schemas import ChatCompletionRequest
+from edge.chat_workers import ChatStream, ChatWorkers, WorkerUnavailableError
 from edge.compat import CHAT_COMPLETIONS, apply_policy
 from edge.sessions.conversation import conversation_key
 from edge.sessions.placement import Placement, SessionPlacer
@@ -86,6 +87,12 @@ class _Choice:
         return message
 
 
+async def _disconnect(receive: Receive) -> None:
+    """Return when the client disconnects (the body is already read: the server has nothing else to deliver)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -140,7 +147,8 @@ class ChatCompletions:
             placement = await self._sessions.replace(placement, api_key_hash)
             if placement is None:
                 job.request.session.session_id = ""
-                return Running(await self._workers.open_stream(job.request), None)
+                # The failed attempt on the pinned worker was this request's one retry.
+                return Running(await self._workers.open_stream(job.request, retry=False), None)
             return Running(await self._open_in_session(job, placement), placement)
 
     async def _open_in_session(self, job: Prepared, placement: Placement) -> ChatStream:
@@ -162,8 +170,30 @@ class ChatCompletions:
             },
         }
 
-    async def complete(self, job: Prepared, running: Running) -> dict[str, Any]:
-        """Run to the end and return a `chat.completion` object."""
+    async def complete(self, job: Prepared, running: Running, receive: Receive | None = None) -> dict[str, Any] | None:
+        """Run to the end and return a `chat.completion` object; None if the client went away first.
+
+        With the request's ASGI `receive`, the client's connection is watched while the worker generates: a client
+        that disconnects gets its generation cancelled (the worker aborts it within one token) rather than left
+        running for nobody.
+        """
+        if receive is None:
+            return await self._complete(job, running)
+        work = asyncio.ensure_future(self._complete(job, running))
+        gone = asyncio.ensure_future(_disconnect(receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                running.stream.cancel()
+        if not work.done() or work.cancelled():
+            log.info("request %s: the client went away; generation cancelled", job.request.request_id)
+            return None
+        return work.result()
+
+    async def _complete(self, job: Prepared, running: Running) -> dict[str, Any]:
         choices: dict[int, _Choice] = {}
         try:
             async for message in running.stream:

@@ -63,6 +63,27 @@ CHAT_CACHED_RATIO = Histogram(
     buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
 )
 
+# -- chat workers, as the edge sees them (failure detection and retries: edge/chat_workers.py) ----------------------
+
+CHAT_WORKER_UP = Gauge(
+    "ark_chat_worker_routable", "1 while the edge routes new requests to this chat worker, else 0", ["worker"]
+)
+CHAT_WORKER_EJECTIONS = Counter(
+    "ark_chat_worker_ejections",
+    "Times the edge stopped routing to a chat worker: probe_failed, call_failed, hung (its streams were ended)",
+    ["worker", "reason"],
+)
+CHAT_RETRIES = Counter(
+    "ark_chat_requests_retried", "Requests sent to another worker because theirs failed before admitting them"
+)
+CHAT_WORKER_FAILURES = Counter(
+    "ark_chat_requests_worker_failed",
+    "Requests whose worker died or hung while processing them (never retried; their fingerprint is quarantined)",
+)
+CHAT_QUARANTINED = Counter(
+    "ark_chat_requests_quarantined", "Requests refused because the same request was being processed when a worker died"
+)
+
 # -- every gRPC service -------------------------------------------------------------------------------------------
 
 GRPC_REQUESTS = Counter("ark_grpc_requests", "gRPC calls handled, by final status code", ["service", "method", "code"])
@@ -73,6 +94,21 @@ GRPC_DURATION = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 GRPC_IN_FLIGHT = Gauge("ark_grpc_requests_in_flight", "gRPC calls in progress", ["service", "method"])
+
+# -- admission to engine slots (chat workers, transcription) -------------------------------------------------------
+
+QUEUE_WAIT = Histogram(
+    "ark_queue_wait_seconds",
+    "Time an admitted request waited for an engine slot",
+    ["model"],
+    buckets=(0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
+)
+ADMISSION_REJECTED = Counter(
+    "ark_admission_rejected",
+    "Requests refused before queueing for an engine slot: queue_full, wait_too_long (the expected wait exceeds the "
+    "bound), timed_out (waited past the bound), shutting_down",
+    ["model", "reason"],
+)
 
 # -- embeddings ---------------------------------------------------------------------------------------------------
 

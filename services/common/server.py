@@ -19,9 +19,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import metrics
+from services.common import admission, metrics
 from services.common.grpc_metrics import MetricsGuard
 from services.common.guards import CallGuard, ErrorGuard, TokenGuard, guarded
+from services.common.shutdown import EXIT_MARGIN_SECONDS, ShutdownGuard, exit_after
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # Detect a vanished edge within ~40 s even on an idle connection, so its aborted streams free their slots.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    # The edge pings idle channels every 30 s (see CHANNEL_OPTIONS); accept that rather than GOAWAY it.
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Clients ping every 4 s (see CHANNEL_OPTIONS); accept that rather than answer with GOAWAY (too many pings).
+    ("grpc.http2.min_ping_interval_without_data_ms", 2_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
@@ -45,10 +46,15 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Keep the edge's idle channels warm and notice a dead worker quickly instead of on the next request.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    # A peer that stops answering (a stopped or wedged process: its kernel still accepts the TCP bytes) fails every
+    # call on the channel within 4 + 4 s: the bound on hang detection for callers without their own probes (the
+    # edge probes chat workers faster, edge/chat_workers.py). A ping is 17 bytes; one per 4 s costs nothing.
+    ("grpc.keepalive_time_ms", 4_000),
+    ("grpc.keepalive_timeout_ms", 4_000),
+    # Also on idle channels, so a dead service is noticed before the next request rather than by it.
     ("grpc.keepalive_permit_without_calls", 1),
+    # Keep pinging a stream that only receives (a long generation): the default stops after two pings without data.
+    ("grpc.http2.max_pings_without_data", 0),
     # Reconnect fast after a worker restart: the default backoff can reach two minutes.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
@@ -65,15 +71,21 @@ class Service:
 
 
 def create_server(
-    services: Iterable[Service], address: str, *, token: str | None = None
+    services: Iterable[Service], address: str, *, shutdown: ShutdownGuard | None = None, token: str | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Build a server for `services` bound to `address` (`host:0` for a free port)."""
+    """Build a server for `services` bound to `address` (`host:0` for a free port).
+
+    With `shutdown`, its calls can be ended with a status when the server stops (services/common/shutdown.py).
+    """
     services = list(services)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    # Metrics outermost: they record the status the error guard produced.
+    # Metrics outermost: they record the status the error guard produced; the shutdown guard innermost, so that
+    # the error it raises for a call it ended becomes that call's status.
     guards: list[CallGuard] = [MetricsGuard(), ErrorGuard()]
     if token:
         guards.append(TokenGuard(token))  # calls without ARK's internal token are refused (health checks excepted)
+    if shutdown is not None:
+        guards.append(shutdown)
     health_servicer = health.aio.HealthServicer()
     # Probes are guarded too: their calls show in the metrics, which is how an operator sees them arrive.
     health_pb2_grpc.add_HealthServicer_to_server(guarded(health_servicer, health.SERVICE_NAME, guards), server)
@@ -101,11 +113,15 @@ async def serve(
     metrics_port: int | None = None,
     token: str | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain: NOT_SERVING first, stop accepting, finish in-flight calls.
+    """Run until SIGTERM or SIGINT, then stop gracefully (services/common/shutdown.py): NOT_SERVING, queued work
+    refused (the edge sends it elsewhere), calls in flight given `grace_seconds`, then ended with UNAVAILABLE; the
+    process is gone by grace + a few seconds whatever happens.
 
-    `metrics_port` defaults to `ARK_METRICS_PORT`; Prometheus metrics are served on the gRPC address's host.
+    `metrics_port` defaults to `ARK_METRICS_PORT`; Prometheus metrics are served on the gRPC address's host. With
+    `token` (`services.internal_token`), only calls carrying it are served (services/common/internal_auth.py).
     """
-    server, port, health_servicer = create_server(services, address, token=token)
+    shutdown = ShutdownGuard()
+    server, port, health_servicer = create_server(services, address, shutdown=shutdown, token=token)
     metrics_port = metrics_port if metrics_port is not None else metrics.port_from_env()
     host = address.rpartition(":")[0].strip("[]")
     metrics_server = metrics.MetricsServer(host, metrics_port) if metrics_port else None
@@ -118,11 +134,17 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining (grace %.0f s)", grace_seconds)
+    watchdog = exit_after(grace_seconds + EXIT_MARGIN_SECONDS)
+    log.info("stopping: %d call(s) in flight get up to %.0f s", shutdown.in_flight, grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_seconds)
+    admission.close_all()
+    if not await shutdown.wait_idle(grace_seconds):
+        log.warning("grace over: ending %d call(s)", shutdown.end_all())
+        await shutdown.wait_idle(2)
+    await server.stop(1)
     if on_stop is not None:
         await on_stop()
+    watchdog.cancel()
     if metrics_server is not None:
         metrics_server.close()
 

@@ -1,0 +1,393 @@
+"""The chat workers as the edge sees them: routing, failure detection, and when a request may go elsewhere.
+
+Routing: stateless requests go round-robin over the workers that are up; a session's request goes to its worker.
+
+Failure detection (the figures are in docs/operations.md):
+
+- every worker's gRPC health is probed each `edge.worker_probe_interval_seconds`, each probe waiting at most
+  `edge.worker_probe_timeout_seconds`. A worker whose last probe failed, that answered NOT_SERVING (it is
+  stopping), or whose call just failed or timed out, gets no new request until a probe finds it SERVING again
+  (outlier ejection);
+- once its probes have failed for `edge.worker_hang_seconds` (a stopped or wedged process), every stream on it ends
+  with one error event. A crashed worker's streams end at once: its connection drops;
+- deadlines: `edge.first_event_timeout_seconds` for a worker to take a request up, `edge.event_timeout_seconds`
+  between two messages of a generation; keepalive on every channel (services/common/server.py) underneath.
+
+When a request may go elsewhere: the worker sends `admitted` when the request leaves its queue and it begins work.
+A request whose worker failed before that only waited: it is retried once on another worker, or refused with 503
+and Retry-After. One whose worker failed after it is never retried: it may be what killed the worker (a poison
+pill). It gets WorkerFailedError (`x-should-retry: false`) and its fingerprint is refused for a while
+(edge/quarantine.py).
+
+Errors that reach clients never name a worker's address; the log does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from ark.chat.v1 import chat_service_pb2 as chat_pb
+from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
+from edge.quarantine import Quarantine
+from services.common.config import EdgeConfig
+from services.common.errors import (
+    ERROR_DOMAIN,
+    ArkError,
+    InternalError,
+    OverloadedError,
+    UnavailableError,
+    WorkerFailedError,
+)
+from services.common.grpc_errors import from_rpc_error
+from services.common.internal_auth import internal_channel
+from services.common.metrics import (
+    CHAT_RETRIES,
+    CHAT_WORKER_EJECTIONS,
+    CHAT_WORKER_FAILURES,
+    CHAT_WORKER_UP,
+    ChatStreamObserver,
+)
+from services.common.server import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPolicy:
+    """How fast the edge gives up on a worker (the `edge` section of the configuration)."""
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 2.0
+    hang_after: float = 4.0
+    first_event_timeout: float = 60.0
+    event_timeout: float = 60.0
+    quarantine_seconds: float = 300.0
+
+    @classmethod
+    def from_config(cls, edge: EdgeConfig) -> WorkerPolicy:
+        return cls(
+            probe_interval=edge.worker_probe_interval_seconds,
+            probe_timeout=edge.worker_probe_timeout_seconds,
+            hang_after=edge.worker_hang_seconds,
+            first_event_timeout=edge.first_event_timeout_seconds,
+            event_timeout=edge.event_timeout_seconds,
+            quarantine_seconds=edge.quarantine_seconds,
+        )
+
+
+class WorkerUnavailableError(UnavailableError):
+    """The one worker a session is pinned to cannot take the request (the caller re-places the session)."""
+
+
+class _NotAdmitted(Exception):
+    """The worker failed before taking the request up: it may go to another worker."""
+
+
+def _ark_error(exc: grpc.RpcError) -> ArkError | None:
+    """The ArkError a worker sent (its status carries ARK's ErrorInfo); None for a transport failure."""
+    status = rpc_status.from_call(exc) if hasattr(exc, "trailing_metadata") else None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                if info.domain == ERROR_DOMAIN:
+                    return from_rpc_error(exc)
+    return None
+
+
+class _Worker:
+    """One worker address: its channel, what the edge believes about it, and the calls running on it."""
+
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self.address = address
+        self.channel = internal_channel(address, CHANNEL_OPTIONS, token)
+        self.chat = chat_grpc.ChatServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.serving = True  # the launcher and the orchestrators start the edge after the workers are healthy
+        self.ejected = False
+        self.failing_since: float | None = None
+        self.calls: set[_Call] = set()
+        self.prober: asyncio.Task[None] | None = None
+        CHAT_WORKER_UP.labels(address).set(1)
+
+    @property
+    def routable(self) -> bool:
+        return self.serving and not self.ejected
+
+    def eject(self, reason: str, detail: str) -> None:
+        if not self.ejected:
+            log.warning("chat worker %s: not routing to it (%s)", self.address, detail)
+            CHAT_WORKER_EJECTIONS.labels(self.address, reason).inc()
+        self.ejected = True
+        CHAT_WORKER_UP.labels(self.address).set(0)
+
+    def probed(self, status: int) -> None:
+        serving = status == health_pb2.HealthCheckResponse.SERVING
+        if (self.ejected or not self.serving) and serving:
+            log.warning("chat worker %s: serving again", self.address)
+        elif self.serving and not serving:
+            log.warning("chat worker %s: not serving (stopping)", self.address)
+        self.failing_since = None
+        self.ejected = False
+        self.serving = serving
+        CHAT_WORKER_UP.labels(self.address).set(int(serving))
+
+
+class _Call:
+    """A generation call with the deadline of its next read, which failure detection can bring forward."""
+
+    def __init__(self, worker: _Worker, call: grpc.aio.UnaryStreamCall) -> None:
+        self.worker = worker
+        self._call = call
+        self.lost: str | None = None  # why failure detection ended it
+        self._deadline: asyncio.Timeout | None = None
+        worker.calls.add(self)
+
+    async def read(self, seconds: float) -> chat_pb.StreamGenerateChatCompletionResponse | object:
+        """The next message or grpc.aio.EOF; TimeoutError past `seconds` or when the worker is declared lost."""
+        if self.lost is not None:
+            raise TimeoutError
+        async with asyncio.timeout(seconds) as deadline:
+            self._deadline = deadline
+            try:
+                return await self._call.read()
+            finally:
+                self._deadline = None
+
+    def lose(self, reason: str) -> None:
+        """End the call now: its pending read raises TimeoutError."""
+        self.lost = reason
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+
+    def close(self) -> None:
+        self._call.cancel()
+        self.worker.calls.discard(self)
+
+
+class ChatStream:
+    """A started generation: its `started` event, then the remaining messages.
+
+    Iterating raises ArkError only: the worker's own errors as it sent them, WorkerFailedError when the worker
+    died or hung (then the request is quarantined).
+    """
+
+    def __init__(
+        self,
+        workers: ChatWorkers,
+        call: _Call,
+        request: chat_pb.StreamGenerateChatCompletionRequest,
+        started: chat_pb.GenerationStarted,
+        observer: ChatStreamObserver | None = None,
+    ) -> None:
+        self._workers = workers
+        self._call = call
+        self._request = request
+        self.started = started
+        self._observer = observer
+
+    async def __aiter__(self) -> AsyncIterator[chat_pb.StreamGenerateChatCompletionResponse]:
+        timeout = self._workers.policy.event_timeout
+        while True:
+            try:
+                message = await self._call.read(timeout)
+            except TimeoutError:
+                raise self._workers.failed_while_processing(
+                    self._call, self._request, "hung", self._call.lost or f"sent nothing for {timeout:g} s"
+                ) from None
+            except grpc.RpcError as exc:
+                self._call.close()
+                error = _ark_error(exc)
+                if error is None:
+                    raise self._workers.failed_while_processing(
+                        self._call, self._request, "call_failed", f"stream broke: {exc.code().name}"
+                    ) from None
+                raise error from None
+            if message is grpc.aio.EOF:
+                return
+            if self._observer is not None:
+                self._observer.observe(message)  # time to first token, decode rate, token counts
+            yield message
+
+    def cancel(self) -> None:
+        self._call.close()
+
+
+class ChatWorkers:
+    """The chat workers: routing, failure detection and retries (see the module docstring)."""
+
+    def __init__(self, addresses: list[str], policy: WorkerPolicy | None = None, *, token: str | None = None) -> None:
+        self._token = token  # ARK's internal token, sent on every call (services/common/internal_auth.py)
+        self.policy = policy or WorkerPolicy()
+        self._workers: dict[str, _Worker] = {}
+        self._configured = [self._worker(a) for a in addresses]
+        self._next = itertools.cycle(range(len(self._configured)))
+        self.quarantine = Quarantine(self.policy.quarantine_seconds)
+        self._started = False
+
+    def start(self) -> None:
+        """Begin probing the workers (from within the app's event loop)."""
+        self._started = True
+        for worker in self._workers.values():
+            self._probe_in_background(worker)
+
+    def _worker(self, address: str) -> _Worker:
+        worker = self._workers.get(address)
+        if worker is None:
+            # A session may live on a worker outside the configured list (a pod that registered its own address).
+            worker = self._workers[address] = _Worker(address, self._token)
+            if self._started:
+                self._probe_in_background(worker)
+        return worker
+
+    def _probe_in_background(self, worker: _Worker) -> None:
+        if worker.prober is None:
+            worker.prober = asyncio.create_task(self._probe_forever(worker), name=f"probe {worker.address}")
+
+    async def _probe_forever(self, worker: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        request = health_pb2.HealthCheckRequest(service="")
+        while True:
+            sent = loop.time()
+            try:
+                reply = await worker.health.Check(request, timeout=self.policy.probe_timeout)
+            except grpc.RpcError as exc:
+                self._probe_failed(worker, sent, exc.code())
+            except Exception:  # never let the prober die: log and go on probing
+                log.exception("probing chat worker %s", worker.address)
+            else:
+                worker.probed(reply.status)
+            await asyncio.sleep(max(0.0, self.policy.probe_interval - (loop.time() - sent)))
+
+    def _probe_failed(self, worker: _Worker, sent: float, code: grpc.StatusCode) -> None:
+        if worker.failing_since is None:
+            worker.failing_since = sent
+        worker.eject("probe_failed", f"health probe failed: {code.name}")
+        failing_for = asyncio.get_running_loop().time() - worker.failing_since
+        if failing_for >= self.policy.hang_after and worker.calls:
+            reason = f"health probes failing for {failing_for:.1f} s"
+            log.error("chat worker %s: ending its %d call(s): %s", worker.address, len(worker.calls), reason)
+            CHAT_WORKER_EJECTIONS.labels(worker.address, "hung").inc()
+            for call in list(worker.calls):
+                call.lose(reason)
+
+    # -- starting a generation -----------------------------------------------------------------------------------
+
+    async def open_stream(
+        self,
+        request: chat_pb.StreamGenerateChatCompletionRequest,
+        *,
+        address: str | None = None,
+        retry: bool = True,
+    ) -> ChatStream:
+        """Start a generation and wait for its `started` event, so errors surface before the HTTP response.
+
+        With `address`, only that worker is tried, and WorkerUnavailableError says it cannot take the request (the
+        caller places the session elsewhere: that is the request's one retry). Otherwise a worker that fails
+        before admitting the request is replaced by another once (if `retry`), and one that refuses it for load by
+        the next.
+        """
+        self.quarantine.check(request)
+        if address is not None:
+            worker = self._worker(address)
+            if not worker.routable:
+                raise WorkerUnavailableError("The chat worker holding this session is unavailable.")
+            try:
+                return await self._start(worker, request)
+            except _NotAdmitted:
+                raise WorkerUnavailableError("The chat worker holding this session is unavailable.") from None
+        first = next(self._next) if self._configured else 0
+        ordered = self._configured[first:] + self._configured[:first]
+        candidates = [w for w in ordered if w.routable]
+        overloaded: OverloadedError | None = None
+        retries = 1 if retry else 0
+        for worker in candidates:
+            try:
+                return await self._start(worker, request)
+            except OverloadedError as exc:  # that worker's queue is full: the next may have room
+                if overloaded is None or (exc.retry_after or 1) < (overloaded.retry_after or 1):
+                    overloaded = exc
+            except _NotAdmitted:
+                if retries == 0:
+                    break
+                retries -= 1
+                CHAT_RETRIES.inc()
+        if overloaded is not None:
+            raise overloaded
+        raise UnavailableError("No chat worker is available right now. Retry shortly.", retry_after=1)
+
+    async def _start(self, worker: _Worker, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
+        observer = ChatStreamObserver(request.model)
+        call = _Call(worker, worker.chat.StreamGenerateChatCompletion(request))
+        admitted = False
+        try:
+            while True:
+                message = await call.read(self.policy.first_event_timeout)
+                if message is grpc.aio.EOF:
+                    raise InternalError("The chat worker closed the stream before starting.")
+                kind = message.WhichOneof("event")
+                if kind == "admitted":
+                    admitted = True
+                elif kind == "started":
+                    return ChatStream(self, call, request, message.started, observer)
+                else:
+                    raise InternalError("The chat worker sent output before starting.")
+        except TimeoutError:
+            reason = call.lost or f"did not take the request up within {self.policy.first_event_timeout:g} s"
+            if admitted:
+                raise self.failed_while_processing(call, request, "hung", reason) from None
+            call.close()
+            worker.eject("call_failed", reason)
+            raise _NotAdmitted from None
+        except grpc.RpcError as exc:
+            call.close()
+            error = _ark_error(exc)
+            if error is None:  # the connection failed or dropped: the worker is gone
+                if admitted:
+                    raise self.failed_while_processing(
+                        call, request, "call_failed", f"stream broke: {exc.code().name}"
+                    ) from None
+                worker.eject("call_failed", f"call failed: {exc.code().name} {exc.details()}")
+                raise _NotAdmitted from None
+            if isinstance(error, UnavailableError) and not admitted:
+                worker.serving = False  # it is stopping (it refused its queue); probes will tell when it is back
+                raise _NotAdmitted from None
+            raise error from None
+        except BaseException:
+            call.close()
+            raise
+
+    def failed_while_processing(
+        self, call: _Call, request: chat_pb.StreamGenerateChatCompletionRequest, reason: str, detail: str
+    ) -> WorkerFailedError:
+        """The worker died or hung with this request in progress: no retry anywhere, and quarantine it."""
+        call.close()
+        call.worker.eject(reason, detail)
+        self.quarantine.add(request)
+        CHAT_WORKER_FAILURES.inc()
+        log.error(
+            "request %s: chat worker %s failed while processing it: %s", request.request_id, call.worker.address, detail
+        )
+        return WorkerFailedError(
+            "The chat worker failed while processing this request. It was not retried, because the request itself "
+            "may have caused the failure."
+        )
+
+    async def close(self) -> None:
+        for worker in self._workers.values():
+            if worker.prober is not None:
+                worker.prober.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker.prober
+            await worker.channel.close()
