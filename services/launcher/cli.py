@@ -2,7 +2,8 @@
 
 Starts each service as its own process (the same topology as in containers), Envoy in front as the public entry
 point, waits for every health check, prints the base URL and an example, and on Ctrl-C or SIGTERM drains the edge,
-stops every child and frees every port.
+stops every child and frees every port. While it runs, a service that dies or hangs is restarted
+(services/launcher/supervisor.py); `ark status` shows each one's state and restarts.
 
 Also `ark envoy` (generate Envoy's configuration, run Envoy and drain it on SIGTERM: the entry point of Envoy's
 container), `ark envoy-config` (print that configuration) and `ark probe` (a health check for container runtimes
@@ -23,6 +24,7 @@ from pathlib import Path
 from services.common.config import ArkConfig, Capability, ConfigError, load_config
 from services.common.metrics import METRICS_PORT_ENV
 from services.launcher.processes import Child, Stack, grpc_serving, http_ok, python_module, reachable
+from services.launcher.supervisor import STATUS_FILE, RestartPolicy, Supervisor, format_status
 
 # Envoy's modules are imported where they are used: its typed configuration takes a third of a second to import,
 # which `ark probe` (a container health check, run every few seconds) should not pay.
@@ -184,12 +186,16 @@ def up(args: argparse.Namespace) -> int:
     chat_model = next((m for m in config.models if m.capability == "chat"), config.models[0])
     print(_example(base_url, key, chat_model.aliases[0] if chat_model.aliases else chat_model.id), flush=True)
     print(f"ARK_BASE_URL={base_url}", flush=True)
+    supervisor = Supervisor(
+        stack.children,
+        stack.env,
+        log_dir,
+        RestartPolicy(max_restarts=args.max_restarts, window=args.restart_window),
+        say=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     while not stop.wait(0.5):
-        for child in stack.children:
-            code = child.exited()
-            if code is not None and not getattr(child, "reported", False):
-                child.reported = True
-                print(f"ark: {child.name} exited with code {code}; see {child.log_path}", file=sys.stderr, flush=True)
+        supervisor.tick()  # restarts what died (services/launcher/supervisor.py)
+    supervisor.stopping()
     print("\nStopping ARK…", flush=True)
     stack.stop()
     print("Stopped.", flush=True)
@@ -207,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     p_up = sub.add_parser("up", help="start the whole stack and print the base URL")
     p_up.add_argument("--config", default=os.environ.get("ARK_CONFIG"), help="configuration file")
     p_up.add_argument("--log-dir", default=str(ROOT / ".run" / "logs"), help="where child processes log")
+    p_up.add_argument(
+        "--max-restarts", type=int, default=5, help="restarts of one service within --restart-window before giving up"
+    )
+    p_up.add_argument("--restart-window", type=float, default=300.0, help="seconds (see --max-restarts)")
+    p_status = sub.add_parser("status", help="what `ark up` runs: each service's state, pid and restarts")
+    p_status.add_argument("--log-dir", default=str(ROOT / ".run" / "logs"), help="the log directory of `ark up`")
     p_check = sub.add_parser("check-config", help="validate a configuration file and exit")
     p_check.add_argument("--config", default=os.environ.get("ARK_CONFIG"))
     p_print = sub.add_parser("envoy-config", help="print the Envoy configuration generated from ARK's")
@@ -222,6 +234,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(up(args))
     if args.command == "probe":
         sys.exit(probe(args.kind, args.target))
+    if args.command == "status":
+        path = Path(args.log_dir) / STATUS_FILE
+        if not path.exists():
+            print(f"ark: no status in {path.parent} (is `ark up` running with this --log-dir?)", file=sys.stderr)
+            sys.exit(1)
+        print(format_status(path))
+        sys.exit(0)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
