@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from services.chat.engines import create_engine
+from services.chat.generator import Generator
 from services.chat.registration import keep_lease
 from services.chat.servicer import chat_service
 from services.common.config import Capability, load_config
@@ -22,7 +23,8 @@ async def main() -> None:
     config = load_config(args.config)
     address = args.address or config.services.chat.workers[0]
     engines = {
-        m.id: create_engine(m, max_queue=config.services.chat.max_queue) for m in config.models_for(Capability.CHAT)
+        m.id: Generator(create_engine(m), max_queue=config.services.chat.max_queue)
+        for m in config.models_for(Capability.CHAT)
     }
     register_chat_engines(engines)  # queue depth and resident sessions, for Prometheus
 

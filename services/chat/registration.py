@@ -14,7 +14,7 @@ import grpc
 
 from ark.sessions.v1 import session_registry_service_pb2 as pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as pb_grpc
-from services.chat.engines.base import ChatEngine
+from services.chat.generator import Generator
 from services.common.internal_auth import internal_channel
 from services.common.server import CHANNEL_OPTIONS
 
@@ -28,7 +28,7 @@ INCARNATION = uuid.uuid4().hex
 async def keep_lease(
     registry_address: str,
     address: str,
-    engines: dict[str, ChatEngine],
+    engines: dict[str, Generator],
     lease_seconds: float,
     *,
     token: str | None = None,

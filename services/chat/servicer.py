@@ -25,7 +25,7 @@ from services.chat.domain import (
     ToolChoice,
     ToolChoiceMode,
 )
-from services.chat.engines.base import ChatEngine
+from services.chat.generator import Generator
 from services.common.errors import InvalidRequestError, ModelNotFoundError
 from services.common.server import Service
 
@@ -97,6 +97,7 @@ def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> Generatio
         tool_choice=ToolChoice(
             _TOOL_MODES.get(req.tool_choice.mode, ToolChoiceMode.AUTO), req.tool_choice.function_name
         ),
+        parallel_tool_calls=req.parallel_tool_calls,
         session_id=req.session.session_id,
         api_key_hash=req.session.api_key_hash,
         idle_timeout=float(req.session.idle_timeout_seconds),
@@ -104,10 +105,10 @@ def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> Generatio
 
 
 class ChatServicer(pb_grpc.ChatServiceServicer):
-    def __init__(self, engines: dict[str, ChatEngine]) -> None:
-        self._engines = engines
+    def __init__(self, generators: dict[str, Generator]) -> None:
+        self._engines = generators
 
-    def _engine(self, model: str) -> ChatEngine:
+    def _engine(self, model: str) -> Generator:
         engine = self._engines.get(model)
         if engine is None:
             raise ModelNotFoundError(model)
@@ -191,5 +192,5 @@ def _logprob(entry: TokenLogprob) -> pb.TokenLogprob:
     return pb.TokenLogprob(token=entry.token, logprob=entry.logprob, token_bytes=entry.token_bytes)
 
 
-def chat_service(engines: dict[str, ChatEngine]) -> Service:
-    return Service(SERVICE_NAME, ChatServicer(engines), pb_grpc.add_ChatServiceServicer_to_server)
+def chat_service(generators: dict[str, Generator]) -> Service:
+    return Service(SERVICE_NAME, ChatServicer(generators), pb_grpc.add_ChatServiceServicer_to_server)

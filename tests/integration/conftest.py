@@ -10,6 +10,7 @@ import pytest
 
 from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
 from services.chat.engines import create_engine
+from services.chat.generator import Generator
 from services.chat.servicer import chat_service
 from services.common.config import Capability, load_config
 from services.common.server import create_server, mark_serving
@@ -25,7 +26,7 @@ class ChatServer:
 
 async def start_chat_server(max_queue: int) -> tuple[grpc.aio.Server, ChatServer]:
     model = load_config(env={}).models_for(Capability.CHAT)[0]
-    service = chat_service({model.id: create_engine(model, max_queue=max_queue)})
+    service = chat_service({model.id: Generator(create_engine(model), max_queue=max_queue)})
     server, port, health = create_server([service], "127.0.0.1:0")
     await server.start()
     await mark_serving(health, [service.name])

@@ -8,16 +8,16 @@ from services.common.config import EngineKind, ModelConfig
 from services.common.errors import ArkError
 
 
-def create_engine(model: ModelConfig, *, max_queue: int) -> ChatEngine:
+def create_engine(model: ModelConfig) -> ChatEngine:
     """Load the engine named by `model.engine` (this loads the weights: seconds to minutes)."""
     if model.engine is EngineKind.LLAMA_CPP:
         from services.chat.engines.llama_cpp import LlamaCppEngine
 
-        return LlamaCppEngine(model, max_queue=max_queue)
+        return LlamaCppEngine(model)
     if model.engine is EngineKind.TENSORRT_LLM:
         from services.chat.engines.tensorrt_llm import TensorRTLLMEngine
 
-        return TensorRTLLMEngine(model, max_queue=max_queue)
+        return TensorRTLLMEngine(model)
     raise ArkError(f"engine {model.engine} cannot serve chat models")
 
 

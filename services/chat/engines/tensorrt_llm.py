@@ -11,32 +11,18 @@ Not verified on CPU: no GPU is available to ARK's CI (see docs/engines.md); its 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.chat.domain import (
-    Delta,
-    Finished,
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    ResponseFormatType,
-    Started,
-    Timings,
-    Usage,
-)
-from services.chat.engines.base import ChatEngine, EngineStatus
-from services.chat.engines.llama_cpp import _to_template_message
-from services.common.admission import Admission
+from services.chat.engines.base import ChatEngine, EngineEvent, EngineRun, PromptReuse, SequenceEnd, TokenSample
 from services.common.config import ModelConfig, resolve_model_path
-from services.common.errors import InvalidRequestError, UnavailableError, UnsupportedParameterError
+from services.common.errors import UnavailableError, UnsupportedParameterError
 
-_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+_END = {"stop": "eog", "length": "length"}
 
 
 class TensorRTLLMEngine(ChatEngine):
-    def __init__(self, model: ModelConfig, *, max_queue: int) -> None:
+    def __init__(self, model: ModelConfig) -> None:
         try:
             import tensorrt_llm
             from tensorrt_llm.llmapi import KvCacheConfig
@@ -59,86 +45,73 @@ class TensorRTLLMEngine(ChatEngine):
             **settings,
         )
         self._tokenizer = self._llm.tokenizer
-        self._admission = Admission(slots=self._max_batch, max_queue=max_queue)
+        self.max_concurrency = self._max_batch
+        self.context_window = self._max_seq_len
+        self.vocab_size = int(self._tokenizer.vocab_size)
+        self.eog_token = int(self._tokenizer.eos_token_id)
 
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        messages = [_to_template_message(m) for m in request.messages]
-        return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def render(self, messages, *, open_turn: bool = True) -> str:
+        return self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=open_turn, tokenize=False)
 
-    def _guided(self, request: GenerationRequest) -> Any:
-        """JSON mode and JSON Schema through TensorRT-LLM's guided decoding (the llama.cpp engine uses GBNF)."""
-        from tensorrt_llm.sampling_params import GuidedDecodingParams
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-        fmt = request.response_format
-        if fmt.type is ResponseFormatType.JSON_OBJECT:
-            return GuidedDecodingParams(json_object=True)
-        if fmt.type is ResponseFormatType.JSON_SCHEMA:
-            return GuidedDecodingParams(json=fmt.json_schema)
-        return None
+    def encode_prompt(self, messages) -> list[int]:
+        return list(self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
 
-    def _sampling(self, request: GenerationRequest, budget: int) -> Any:
-        s = request.sampling
+    def is_eog(self, token: int) -> bool:
+        return token == self.eog_token
+
+    def validate(self, request) -> None:
         if request.tools:
             raise UnsupportedParameterError("tools are not yet available on the tensorrt_llm engine", param="tools")
+
+    def _guided(self, job: EngineRun) -> Any:
+        """JSON modes through TensorRT-LLM's guided decoding."""
+        from tensorrt_llm.sampling_params import GuidedDecodingParams
+
+        if job.constraint is None:
+            return None
+        return GuidedDecodingParams(grammar=job.constraint.gbnf)
+
+    def _sampling(self, job: EngineRun) -> Any:
+        s = job.sampling
         return self._tllm.SamplingParams(
-            n=max(1, s.n),
+            n=max(1, job.n),
             logprobs=s.top_logprobs if s.logprobs else None,
-            guided_decoding=self._guided(request),
-            max_tokens=budget,  # always explicit: TensorRT-LLM's default is 32
+            guided_decoding=self._guided(job),
+            max_tokens=job.max_new_tokens,  # always explicit: TensorRT-LLM's default is 32
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
             min_p=s.min_p,
             seed=s.seed,
-            stop=list(s.stop) or None,
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty,
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        t_queued = time.perf_counter()
-        async with self._admission.slot():
-            t_admitted = time.perf_counter()
-            ids = self._prompt_ids(request)
-            room = self._max_seq_len - len(ids)
-            if room <= 0 or (request.sampling.max_tokens or 0) > room:
-                raise InvalidRequestError(
-                    f"This model's maximum context length is {self._max_seq_len} tokens; the request needs more.",
-                    param="messages",
-                    code="context_length_exceeded",
-                )
-            budget = request.sampling.max_tokens or room
-            yield Started(prompt_tokens=len(ids), cached_tokens=0)
-            result = self._llm.generate_async(
-                ids, sampling_params=self._sampling(request, budget), streaming=True, cache_salt=request.api_key_hash
-            )
-            generated, t_first, finish = 0, 0.0, FinishReason.LENGTH
-            try:
-                async for output in result:
-                    completion = output.outputs[0]
-                    t_first = t_first or time.perf_counter()
-                    generated += len(completion.token_ids_diff)
-                    if completion.text_diff or completion.token_ids_diff:
-                        yield Delta(completion.text_diff, tuple(completion.token_ids_diff))
+    async def run(self, job: EngineRun) -> AsyncIterator[EngineEvent]:
+        result = self._llm.generate_async(
+            list(job.prompt),
+            sampling_params=self._sampling(job),
+            streaming=True,
+            cache_salt=job.cache_salt or None,
+        )
+        reported = False
+        try:
+            async for output in result:
+                if not reported:
+                    yield PromptReuse(int(getattr(output, "cached_tokens", 0) or 0))
+                    reported = True
+                for completion in output.outputs:
+                    for token in completion.token_ids_diff:
+                        yield TokenSample(completion.index, token, self._tokenizer.decode([token]).encode())
                     if completion.finish_reason:
-                        finish = _FINISH.get(completion.finish_reason, FinishReason.STOP)
-            except (asyncio.CancelledError, GeneratorExit):
-                result.abort()
-                raise
-            cached = int(getattr(result, "cached_tokens", 0) or 0)
-            t_end = time.perf_counter()
-            yield Finished(
-                finish,
-                Usage(len(ids), generated, cached),
-                Timings((t_first or t_end) - t_admitted, t_end - (t_first or t_end), t_admitted - t_queued),
-            )
-
-    async def drop_session(self, session_id: str) -> bool:
-        return False
-
-    def status(self) -> EngineStatus:
-        return EngineStatus(session_capacity=0, resident_sessions=0, queued_requests=self._admission.queued)
+                        yield SequenceEnd(completion.index, _END.get(completion.finish_reason, "eog"))
+        except (asyncio.CancelledError, GeneratorExit):
+            result.abort()
+            raise
 
     async def close(self) -> None:
         self._llm.shutdown()
