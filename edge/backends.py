@@ -6,6 +6,8 @@ The chat workers, with their failure detection and retry rules, are in edge/chat
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,7 +18,7 @@ from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as sessions_grpc
 from ark.transcription.v1 import transcription_service_pb2 as transcription_pb
 from ark.transcription.v1 import transcription_service_pb2_grpc as transcription_grpc
-from services.common.errors import UnavailableError
+from services.common.errors import ArkError, OverloadedError, UnavailableError
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
 from services.common.server import CHANNEL_OPTIONS
@@ -110,17 +112,37 @@ class TranscriptionStream:
 
 
 class TranscriptionBackend:
-    """The transcription service: one address; uploads travel in one message (CHANNEL_OPTIONS lifts gRPC's 4 MiB)."""
+    """The transcription service: one address; uploads travel in one message (CHANNEL_OPTIONS lifts gRPC's 4 MiB).
+
+    When the service refuses a request for load, it says for how long (Retry-After); until then the edge refuses
+    new uploads itself, from the headers (`refuse_if_saturated`), instead of reading and forwarding up to 25 MB only
+    to hear the same answer.
+    """
 
     def __init__(self, address: str, *, token: str | None = None) -> None:
         self._channel = internal_channel(address, CHANNEL_OPTIONS, token)
         self._stub = transcription_grpc.TranscriptionServiceStub(self._channel)
+        self._saturated_until = 0.0
+
+    def refuse_if_saturated(self) -> None:
+        """Raise OverloadedError while the service's last refusal for load still holds."""
+        wait = self._saturated_until - time.monotonic()
+        if wait > 0:
+            raise OverloadedError(
+                "The server is busy transcribing other requests. Retry shortly.", retry_after=math.ceil(wait)
+            )
+
+    def _error(self, exc: grpc.RpcError) -> ArkError:
+        error = from_rpc_error(exc)
+        if isinstance(error, OverloadedError):
+            self._saturated_until = max(self._saturated_until, time.monotonic() + (error.retry_after or 1))
+        return error
 
     async def transcribe(self, request: transcription_pb.TranscribeRequest) -> transcription_pb.TranscribeResponse:
         try:
             return await self._stub.Transcribe(request)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise self._error(exc) from None
 
     async def open_stream(self, request: transcription_pb.StreamTranscribeRequest) -> TranscriptionStream:
         """Start transcribing and wait for `started`, so that a bad file is an HTTP error, not a broken stream."""
@@ -128,7 +150,7 @@ class TranscriptionBackend:
         try:
             first = await call.read()
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise self._error(exc) from None
         if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
             call.cancel()
             raise UnavailableError("The transcription service closed the stream before starting.")

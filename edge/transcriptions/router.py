@@ -13,6 +13,7 @@ router = APIRouter()
 
 @router.post("/v1/audio/transcriptions", response_model=None)
 async def create_transcription(request: Request, ctx: Ctx, state: State, transcriptions: TranscriptionsDep) -> Response:
+    transcriptions.admit()  # saturated: 429 before reading up to 25 MB
     body = await read_transcription_request(request, max_file_bytes=state.config.limits.max_audio_bytes)
     job = transcriptions.prepare(body, request_id=ctx.request_id)
     headers = {"x-ark-ignored-params": ",".join(job.ignored_params)} if job.ignored_params else {}

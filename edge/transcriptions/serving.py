@@ -56,6 +56,10 @@ class Transcriptions:
         self._catalog = catalog
         self._backend = backend
 
+    def admit(self) -> None:
+        """Refuse at once, before the upload is read, while the service is known to be saturated (429)."""
+        self._backend.refuse_if_saturated()
+
     def prepare(self, body: TranscriptionRequest, *, request_id: str) -> Prepared:
         model = self._catalog.resolve(body.model, Capability.TRANSCRIPTION)
         ignored = apply_policy(TRANSCRIPTIONS, body)

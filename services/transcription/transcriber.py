@@ -36,7 +36,10 @@ class Transcriber:
         self.engine = engine
         self._max_bytes = limits.max_audio_bytes
         self._max_seconds = limits.max_audio_seconds
-        self._admission = Admission(slots=1, max_queue=engine.max_queue)
+        # Refused for load before the audio is decoded (decoding happens while holding the slot).
+        self._admission = Admission(
+            slots=1, max_queue=engine.max_queue, max_wait_seconds=limits.max_queue_wait_seconds, name=engine.model_id
+        )
 
     def options(self, request: TranscriptionRequest) -> DecodeOptions:
         """Validate a request against the limits and the engine's capabilities; raises InvalidRequestError."""
