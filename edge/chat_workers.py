@@ -231,10 +231,10 @@ class ChatWorkers:
         self._token = token  # ARK's internal token, sent on every call (services/common/internal_auth.py)
         self.policy = policy or WorkerPolicy()
         self._workers: dict[str, _Worker] = {}
+        self._started = False  # before the workers are made: _worker() reads it
         self._configured = [self._worker(a) for a in addresses]
         self._next = itertools.cycle(range(len(self._configured)))
         self.quarantine = Quarantine(self.policy.quarantine_seconds)
-        self._started = False
 
     def start(self) -> None:
         """Begin probing the workers (from within the app's event loop)."""
