@@ -23,7 +23,11 @@ async def main() -> None:
     config = load_config(args.config)
     address = args.address or config.services.chat.workers[0]
     engines = {
-        m.id: Generator(create_engine(m), max_queue=config.services.chat.max_queue)
+        m.id: Generator(
+            create_engine(m),
+            max_queue=config.services.chat.max_queue,
+            max_queue_wait=config.limits.max_queue_wait_seconds,
+        )
         for m in config.models_for(Capability.CHAT)
     }
     register_chat_engines(engines)  # queue depth and resident sessions, for Prometheus

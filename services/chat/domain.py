@@ -102,6 +102,7 @@ class GenerationRequest:
     response_format: ResponseFormat = ResponseFormat()
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True  # the model may make several calls in one turn
     session_id: str = ""
     api_key_hash: str = ""
     idle_timeout: float = 0.0
@@ -118,6 +119,15 @@ class Usage:
 class Timings:
     time_to_first_token_seconds: float
     decode_seconds: float
+    queue_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The request left the queue and now holds a slot: from here on the worker works on it (rendering, tokenising,
+    compiling its output constraint, generating). The edge never retries a request elsewhere once it was admitted
+    (it may be what killed the worker), so nothing risky may happen before this event."""
+
     queue_seconds: float
 
 
@@ -170,4 +180,4 @@ class Finished:
     more_choices: bool = False
 
 
-GenerationEvent = Started | Delta | Finished
+GenerationEvent = Admitted | Started | Delta | Finished

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from services.chat.constraints import build_constraint
 from services.chat.domain import (
+    Admitted,
     Delta,
     Finished,
     FinishReason,
@@ -61,10 +62,16 @@ class _Choice:
 class Generator:
     """Chat completions for one model, on one engine."""
 
-    def __init__(self, engine: ChatEngine, *, max_queue: int) -> None:
+    def __init__(self, engine: ChatEngine, *, max_queue: int, max_queue_wait: float | None = None) -> None:
         self.engine = engine
         self.model_id = engine.model_id
-        self._admission = Admission(slots=max(1, engine.max_concurrency), max_queue=max_queue)
+        # Refused for load (429) on arrival when the queue is full or the expected wait exceeds `max_queue_wait`.
+        self._admission = Admission(
+            slots=max(1, engine.max_concurrency),
+            max_queue=max_queue,
+            max_wait_seconds=max_queue_wait,
+            name=engine.model_id,
+        )
         self._pool: SessionPool = SessionPool(
             [engine.new_context() for _ in range(engine.context_slots)], reset=engine.reset_context
         )
@@ -125,7 +132,8 @@ class Generator:
     # -- generation ------------------------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Stream `Started`, then `Delta`s, then one `Finished` per choice (the last with `more_choices` False).
+        """Stream `Admitted`, `Started`, then `Delta`s, then one `Finished` per choice (the last with `more_choices`
+        False).
 
         Bad input raises before `Started`; closing the iterator aborts the engine's work within one token.
         """
@@ -136,6 +144,8 @@ class Generator:
         n = max(1, request.sampling.n)
         async with self._admission.slot():
             t_admitted = time.perf_counter()
+            # Before any risky work (rendering, tokenising, compiling the constraint): see Admitted.
+            yield Admitted(queue_seconds=t_admitted - t_queued)
             resident = None
             if request.session_id:
                 self._pool.expire_idle()

@@ -9,9 +9,10 @@ import grpc
 from ark.chat.v1 import chat_service_pb2 as pb
 from ark.chat.v1 import chat_service_pb2_grpc as pb_grpc
 from services.chat.domain import (
+    Admitted,
     Delta,
-    Finished,
     FinishReason,
+    GenerationEvent,
     GenerationRequest,
     Message,
     ResponseFormat,
@@ -146,7 +147,11 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
         )
 
 
-def _event_to_proto(event: Started | Delta | Finished) -> pb.StreamGenerateChatCompletionResponse:
+def _event_to_proto(event: GenerationEvent) -> pb.StreamGenerateChatCompletionResponse:
+    if isinstance(event, Admitted):
+        return pb.StreamGenerateChatCompletionResponse(
+            admitted=pb.GenerationAdmitted(queue_seconds=event.queue_seconds)
+        )
     if isinstance(event, Delta):
         return pb.StreamGenerateChatCompletionResponse(
             delta=pb.GenerationDelta(

@@ -53,13 +53,13 @@ async def test_stream_starts_then_deltas_then_finishes_with_usage(chat_server):
         chat_server.stub.StreamGenerateChatCompletion(request(chat_server, "What is the capital of France?"))
     )
     kinds = [m.WhichOneof("event") for m in messages]
-    assert kinds[0] == "started" and kinds[-1] == "finished" and set(kinds[1:-1]) == {"delta"}
-    text = "".join(m.delta.text for m in messages[1:-1])
+    assert kinds[:2] == ["admitted", "started"] and kinds[-1] == "finished" and set(kinds[2:-1]) == {"delta"}
+    text = "".join(m.delta.text for m in messages[2:-1])
     assert "Paris" in text
     finished = messages[-1].finished
     assert finished.finish_reason == pb.FINISH_REASON_STOP
-    assert finished.usage.prompt_tokens == messages[0].started.prompt_tokens > 10
-    assert finished.usage.completion_tokens == sum(len(m.delta.token_ids) for m in messages[1:-1])
+    assert finished.usage.prompt_tokens == messages[1].started.prompt_tokens > 10
+    assert finished.usage.completion_tokens == sum(len(m.delta.token_ids) for m in messages[2:-1])
 
 
 async def test_max_tokens_ends_with_length(chat_server):
@@ -104,7 +104,7 @@ async def test_cancel_aborts_generation_at_once(chat_server):
     started = time.perf_counter()
     follow = chat_server.stub.StreamGenerateChatCompletion(request(chat_server, "Say hi.", max_tokens=2))
     first = await follow.read()
-    assert first.WhichOneof("event") == "started"
+    assert first.WhichOneof("event") == "admitted"
     await collect(follow)
     assert time.perf_counter() - started < 15
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from services.chat.domain import (
+    Admitted,
     Delta,
     Finished,
     FinishReason,
@@ -150,7 +151,10 @@ def request(
 
 
 async def collect(generator: Generator, req: GenerationRequest) -> list:
-    return [event async for event in generator.generate(req)]
+    """The events after `Admitted` (which test_admitted_comes_first_and_bad_input_never_gets_it covers)."""
+    events = [event async for event in generator.generate(req)]
+    assert isinstance(events[0], Admitted)
+    return events[1:]
 
 
 def text_of(events: list, choice: int = 0) -> str:
@@ -198,7 +202,8 @@ async def test_bad_input_raises_before_started_and_before_the_engine(req, param)
     with pytest.raises(InvalidRequestError) as err:
         async for event in generator.generate(req):
             seen.append(event)
-    assert err.value.param == param and seen == [] and engine.runs == []
+    # The context budget needs the prompt's tokens, so it is checked once admitted: nothing but Admitted is seen.
+    assert err.value.param == param and not [e for e in seen if not isinstance(e, Admitted)] and engine.runs == []
 
 
 async def test_engine_refusal_comes_before_started():
@@ -233,6 +238,7 @@ async def test_closing_the_stream_aborts_the_engine():
     engine.hold = asyncio.Event()
     generator = Generator(engine, max_queue=4)
     stream = generator.generate(request())
+    assert isinstance(await anext(stream), Admitted)
     assert isinstance(await anext(stream), Started)
     engine.hold.set()
     assert isinstance(await anext(stream), Delta)
@@ -347,3 +353,19 @@ async def test_a_tool_call_cut_by_max_tokens_finishes_with_length():
     )
     events = await collect(Generator(engine, max_queue=4), req)
     assert events[-1].finish_reason is FinishReason.LENGTH
+
+
+async def test_admitted_comes_first_and_bad_input_never_gets_it():
+    """The edge retries a request elsewhere only if its worker died before `Admitted`: bad input checked before the
+    queue must raise without it, and work on a request must come after it."""
+    engine = FakeEngine()
+    generator = Generator(engine, max_queue=4)
+    stream = generator.generate(request())
+    admitted = await anext(stream)
+    assert isinstance(admitted, Admitted) and admitted.queue_seconds >= 0
+    assert not engine.runs  # nothing ran yet
+    assert isinstance(await anext(stream), Started)
+    await stream.aclose()
+    bad = request(sampling=Sampling(logit_bias={10**6: 1.0}))
+    with pytest.raises(InvalidRequestError):
+        await anext(generator.generate(bad))
