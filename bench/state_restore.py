@@ -1,0 +1,194 @@
+"""Restoring a conversation's state from the host and disk tiers against recomputing it, in one run, in-process.
+
+A 2,000-token conversation history (a report of about 1,500 tokens and a few turns, through the model's own chat
+template) on the embedded SmolLM2 model, with the worker's llama.cpp settings. Each round brings an empty context
+to holding that history, four ways, side by side:
+
+    (a) recompute: prefill the 2,000 tokens (what a turn costs when its state was lost);
+    (b) host tier: take the saved state from host memory and import it into the context;
+    (c) disk tier: take it from the disk tier (the file was just written, so it is read from the page cache);
+    (d) disk tier, cold: the same after the file was flushed and dropped from the page cache, so it is read from
+        the device.
+
+Each restore is checked: the next turn's first greedy tokens must equal those after the recompute. Saving (the
+export and the write to disk) happens when a state leaves the resident contexts, off the path of a turn; its time
+is printed apart. Goal: (c) and (d) at least 10x faster than (a).
+
+    .venv/bin/python -m bench.state_restore [--rounds 5] [--tokens 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from services.chat.engines.llama_context import ArkLlama
+from services.chat.state_tiers import StateTiers, Tier
+from services.common.config import Capability, load_config, resolve_model_path
+
+_LLAMA_SETTINGS = ("n_ctx", "n_threads", "n_batch", "n_threads_batch")
+QUESTIONS = [
+    "Which division grew the fastest last year, and why, according to the report?",
+    "What does the report say about the risks facing the northern warehouses?",
+    "Who is responsible for logistics, and what did they change recently?",
+    "List the three most important recommendations, each in a few words.",
+]
+
+
+def report() -> str:
+    paragraphs = [
+        f"Section {i + 1}. The river ferries division reported that quarter {i % 4 + 1} revenue rose by {3 + i % 7} "
+        f"percent, driven by new routes, longer opening hours and a loyalty scheme launched in spring. Manager "
+        f"number {i + 1} noted that staffing at the northern warehouses remained a concern, while the logistics "
+        f"team under Director Alvarez replaced the old scheduling software with a simpler system."
+        for i in range(26)
+    ]
+    return "\n\n".join(paragraphs)
+
+
+def history_tokens(llama: ArkLlama, n_tokens: int) -> tuple[list[int], list[int]]:
+    """A conversation of exactly `n_tokens` tokens, and the tokens of the next user turn."""
+    meta = llama.metadata
+    vocab = llama._model
+    formatter = Jinja2ChatFormatter(
+        template=meta["tokenizer.chat_template"],
+        eos_token=vocab.token_get_text(llama.token_eos()),
+        bos_token=vocab.token_get_text(llama.token_bos()),
+    )
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant that answers questions about reports."},
+        {"role": "user", "content": f"Here is a report:\n\n{report()}\n\n{QUESTIONS[0]}"},
+    ]
+    for question in QUESTIONS[1:]:
+        messages += [
+            {"role": "assistant", "content": "The report says the river ferries division grew the fastest."},
+            {"role": "user", "content": question},
+        ]
+    tokens = llama.tokenize(formatter(messages=messages).prompt.encode(), add_bos=False, special=True)
+    if len(tokens) < n_tokens + 40:
+        raise SystemExit(f"the conversation has only {len(tokens)} tokens; ask for fewer")
+    return tokens[:n_tokens], tokens[n_tokens : n_tokens + 40]
+
+
+def empty(llama: ArkLlama) -> None:
+    llama.reset()
+    llama._ctx.kv_cache_clear()
+
+
+def next_turn(llama: ArkLlama, history: list[int], turn: list[int], limit: int = 8) -> list[int]:
+    """The first greedy tokens after the history and the next turn (reusing what the context holds)."""
+    out: list[int] = []
+    for token in llama.generate([*history, *turn], temp=0.0, reset=True):
+        if len(out) == limit or llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+            break
+        out.append(token)
+    return out
+
+
+def drop_from_page_cache(directory: Path) -> None:
+    for path in directory.iterdir():
+        if path.name.startswith("."):
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # written pages must be clean before they can be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=2000, help="length of the history")
+    args = parser.parse_args()
+
+    model = load_config().models_for(Capability.CHAT)[0]
+    settings = {k: v for k, v in model.settings.items() if k in _LLAMA_SETTINGS}
+    llama = ArkLlama(model_path=str(resolve_model_path(model.path)), verbose=False, **settings)
+    history, turn = history_tokens(llama, args.tokens)
+    print(f"{model.id}, {settings}: a history of {len(history)} tokens, {args.rounds} rounds")
+
+    empty(llama)
+    llama.eval(history)
+    state = llama.export_state()
+    expected = next_turn(llama, history, turn)
+    llama.n_tokens = len(history)
+    print(f"state: {len(state) / 1e6:.1f} MB ({len(state) / len(history) / 1024:.1f} KiB per token)")
+
+    times: dict[str, list[float]] = {"recompute": [], "host": [], "disk": [], "disk, cold": []}
+    saving: dict[str, list[float]] = {"export": [], "write": []}
+    answers_agree = True
+    with tempfile.TemporaryDirectory(prefix="ark-bench-") as scratch:
+        host = StateTiers(host_bytes=len(state) * 2, disk_bytes=0, model="bench")
+        disk = StateTiers(host_bytes=0, disk_bytes=len(state) * 2, disk_dir=scratch, model="bench")
+
+        def save(tiers: StateTiers, tier: Tier, cold: bool = False) -> Callable[[], None]:
+            """Save the context's state (the history) to `tier`; returns the restore to time."""
+            t0 = time.perf_counter()
+            blob = llama.export_state()
+            t1 = time.perf_counter()
+            entry = tiers.put(api_key_hash="k", session_id="s", conversation_key="c", tokens=history, blob=blob)
+            t2 = time.perf_counter()
+            assert entry is not None and tiers.tier_of(entry.entry_id) is tier
+            if tier is Tier.DISK and not cold:
+                saving["export"].append(t1 - t0)
+                saving["write"].append(t2 - t1)
+            if cold:
+                assert tiers.directory is not None
+                drop_from_page_cache(tiers.directory)
+            return lambda: _restore(tiers, entry.entry_id, tier)
+
+        def _restore(tiers: StateTiers, entry_id: str, tier: Tier) -> None:
+            assert tiers.restore(entry_id, lambda blob: llama.import_state(blob, history)) is tier
+
+        sides: dict[str, Callable[[], Callable[[], None]]] = {
+            "recompute": lambda: lambda: llama.eval(history),
+            "host": lambda: save(host, Tier.HOST),
+            "disk": lambda: save(disk, Tier.DISK),
+            "disk, cold": lambda: save(disk, Tier.DISK, cold=True),
+        }
+        for round_ in range(args.rounds):
+            for name, prepare in sides.items():
+                run = prepare()  # the context holds exactly the history here
+                empty(llama)
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+                answers_agree &= next_turn(llama, history, turn) == expected
+                llama.n_tokens = len(history)  # back to the history (export drops the cells past it)
+            print(f"round {round_ + 1}: " + "  ".join(f"{n} {t[-1] * 1000:.1f} ms" for n, t in times.items()))
+        host.close()
+        disk.close()
+
+    base = statistics.median(times["recompute"])
+    print(f"\nbringing an empty context to a {len(history)}-token history (median of {args.rounds} rounds)")
+    print(f"{'side':<28} {'median ms':>10} {'vs recompute':>13}")
+    labels = {
+        "recompute": "(a) recompute (prefill)",
+        "host": "(b) host tier",
+        "disk": "(c) disk tier (page cache)",
+        "disk, cold": "(d) disk tier, cold read",
+    }
+    for name, label in labels.items():
+        median = statistics.median(times[name])
+        print(f"{label:<28} {median * 1000:10.1f} {base / median:12.1f}x")
+    print(
+        f"saving, off the turn's path: export {statistics.median(saving['export']) * 1000:.1f} ms, "
+        f"write to disk {statistics.median(saving['write']) * 1000:.1f} ms"
+    )
+    print(f"next turn's greedy tokens equal after every restore: {'yes' if answers_agree else 'NO'}")
+    worst = min(base / statistics.median(times[n]) for n in ("disk", "disk, cold"))
+    print(f"disk restore is {worst:.1f}x faster than recomputing (goal >= 10x): {'met' if worst >= 10 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
