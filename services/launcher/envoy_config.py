@@ -359,7 +359,7 @@ def _openai_local_replies(config: ArkConfig) -> LocalReplyConfig:
             mapper(
                 eq,
                 404,
-                _envelope("Invalid URL (%REQ(:METHOD)% %REQ(:PATH)%)", "invalid_request_error", "unknown_url"),
+                _envelope("Invalid URL (%REQ(:METHOD)% %REQ(:PATH):256%)", "invalid_request_error", "unknown_url"),
                 retry=False,
             ),
             mapper(
