@@ -27,6 +27,7 @@ async def main() -> None:
             create_engine(m),
             max_queue=config.services.chat.max_queue,
             max_queue_wait=config.limits.max_queue_wait_seconds,
+            constraint_limits=config.limits.structured_output,
         )
         for m in config.models_for(Capability.CHAT)
     }

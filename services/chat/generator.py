@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from services.chat.constraints import build_constraint
+from services.chat.constraints import ConstraintCompiler
 from services.chat.domain import (
     Admitted,
     Delta,
@@ -42,6 +42,7 @@ from services.chat.text import StopMatcher, Utf8Stream
 from services.chat.tools import ToolCallParser
 from services.chat.transcript import Transcript, continue_tokens
 from services.common.admission import Admission
+from services.common.config import StructuredOutputLimits
 from services.common.errors import InternalError, InvalidRequestError
 
 
@@ -62,9 +63,20 @@ class _Choice:
 class Generator:
     """Chat completions for one model, on one engine."""
 
-    def __init__(self, engine: ChatEngine, *, max_queue: int, max_queue_wait: float | None = None) -> None:
+    def __init__(
+        self,
+        engine: ChatEngine,
+        *,
+        max_queue: int,
+        max_queue_wait: float | None = None,
+        constraint_limits: StructuredOutputLimits | None = None,
+    ) -> None:
         self.engine = engine
         self.model_id = engine.model_id
+        # Output constraints (JSON, schemas, tools): checked, compiled in a bounded child process, cached.
+        self._constraints = ConstraintCompiler(
+            constraint_limits or StructuredOutputLimits(), gguf_path=engine.grammar_vocabulary
+        )
         # Refused for load (429) on arrival when the queue is full or the expected wait exceeds `max_queue_wait`.
         self._admission = Admission(
             slots=max(1, engine.max_concurrency),
@@ -139,7 +151,7 @@ class Generator:
         """
         t_queued = time.perf_counter()
         self._check(request)
-        constraint = build_constraint(request)
+        constraint = await self._constraints.build(request)
         messages = with_tool_instructions(request)
         n = max(1, request.sampling.n)
         async with self._admission.slot():
@@ -301,6 +313,7 @@ class Generator:
         )
 
     async def close(self) -> None:
+        self._constraints.close()
         await self.engine.close()
 
 

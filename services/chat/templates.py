@@ -6,12 +6,11 @@ TensorRT-LLM through the Hugging Face tokenizer), and both take the same diction
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 
 from services.chat.domain import GenerationRequest, Message, Role, ToolChoiceMode
-from services.chat.tools import tool_instructions
+from services.chat.tools import format_calls, tool_instructions
 
 
 def with_tool_instructions(request: GenerationRequest) -> tuple[Message, ...]:
@@ -29,9 +28,8 @@ def template_message(message: Message) -> dict[str, Any]:
     """One message as a chat-template dictionary (OpenAI's shape, which Hugging Face templates read)."""
     content = message.content
     if message.tool_calls and not content:
-        # Templates without tool support would drop the call: show the model its own call as it made it.
-        calls = [{"name": c.function_name, "arguments": _arguments(c.arguments_json)} for c in message.tool_calls]
-        content = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+        # Templates without tool support would drop the calls: show the model its calls as it writes them.
+        content = format_calls(message.tool_calls)
     out: dict[str, Any] = {"role": str(message.role), "content": content}
     if message.name:
         out["name"] = message.name
@@ -43,11 +41,3 @@ def template_message(message: Message) -> dict[str, Any]:
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     return out
-
-
-def _arguments(arguments_json: str) -> Any:
-    # The edge validates arguments as JSON; a worker reached directly still never fails on them.
-    try:
-        return json.loads(arguments_json or "{}")
-    except ValueError:
-        return arguments_json

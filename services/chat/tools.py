@@ -1,10 +1,11 @@
-"""Tool calls on models without native tool support: prompt, grammar, and a streaming parser.
+"""Tool calls on models without native tool support: the prompt, the call format, and a streaming parser.
 
-The model is told which functions exist and how to call one: a JSON object `{"name": ..., "arguments": {...}}`.
-When a call is required (or one function is named) a grammar makes that object the only possible output, so the
-arguments always parse and match the function's schema; with `auto` the grammar allows either plain text or such
-an object. The parser turns the generated text, as it streams, into OpenAI's tool-call deltas: the name first,
-then the arguments' JSON in fragments.
+The model is told which functions exist and how to call them: one JSON object per call, one call per line,
+`{"name": <name>, "arguments": {...}}`. The grammar (services.chat.grammar.lark.tool_calls_grammar) makes that the
+only possible output when a call is required, or the alternative to plain text under `auto`, so names always
+exist and arguments always match the function's schema. The parser turns the generated text, as it streams, into
+OpenAI's tool-call deltas: for each call, first its index, id, name and empty arguments, then the arguments' JSON in
+fragments carrying only the index.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from services.chat.domain import Tool, ToolCallDelta
+from services.chat.domain import Tool, ToolCall, ToolCallDelta
+from services.chat.grammar.lark import call_prefix
 
-_HEAD = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 
-def tool_instructions(tools: tuple[Tool, ...]) -> str:
+def tool_instructions(tools: Sequence[Tool]) -> str:
     """A system-prompt section describing the functions and the calling convention."""
     specs = [
-        {"name": t.name, "description": t.description, "parameters": json.loads(t.parameters_json or "{}")}
-        for t in tools
+        {"name": t.name, "description": t.description, "parameters": _json_or_empty(t.parameters_json)} for t in tools
     ]
     return (
         "You can call functions. Available functions (JSON):\n"
@@ -32,78 +33,96 @@ def tool_instructions(tools: tuple[Tool, ...]) -> str:
     )
 
 
-def call_schema(tools: tuple[Tool, ...]) -> dict:
-    """JSON Schema of one call to any of `tools`."""
-    options = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": json.loads(t.parameters_json or "{}") or {}},
-            "required": ["name", "arguments"],
-        }
-        for t in tools
-    ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+def format_calls(calls: Sequence[ToolCall]) -> str:
+    """An assistant turn's calls as the model writes them (for rendering earlier turns back into the prompt)."""
+    return "\n".join(f"{call_prefix(c.function_name)}{c.arguments_json or '{}'}}}" for c in calls)
 
 
-@dataclass
-class _Call:
-    id: str
-    name: str
+def _json_or_empty(text: str) -> object:
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        return {}
 
 
 class ToolCallParser:
-    """Streams generated text into either content or one tool call."""
+    """Streams generated text into content, or into one or more tool calls (one per line)."""
 
     def __init__(self, *, expect_call: bool) -> None:
-        self._buffer = ""
-        self._mode = "call" if expect_call else "undecided"
-        self._call: _Call | None = None
-        self._held = ""  # trailing '}' and spaces that may be the wrapper's closing brace
-        self._emitted = False
+        self._mode = "between" if expect_call else "undecided"
+        self._buffer = ""  # text not yet assigned (a call's head being read, or leading whitespace)
+        self._calls = 0
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
 
     @property
     def made_call(self) -> bool:
-        return self._call is not None
+        return self._calls > 0
 
     def push(self, text: str) -> tuple[str, list[ToolCallDelta]]:
         """Feed text; returns (content to show, tool-call deltas)."""
         if self._mode == "text":
             return text, []
-        self._buffer += text
-        if self._mode == "undecided":
-            stripped = self._buffer.lstrip()
-            if not stripped:
-                return "", []
-            if not stripped.startswith("{"):
-                self._mode = "text"
-                out, self._buffer = self._buffer, ""
-                return out, []
-            self._mode = "call"
         deltas: list[ToolCallDelta] = []
-        if self._call is None:
-            match = _HEAD.match(self._buffer)
-            if match is None:
-                return "", []
-            self._call = _Call(f"call_{uuid.uuid4().hex[:24]}", json.loads(f'"{match.group(1)}"'))
-            deltas.append(ToolCallDelta(0, self._call.id, self._call.name, ""))
-            self._buffer = self._buffer[match.end() :]
-        pending = self._held + self._buffer
-        if not self._emitted:
-            pending = pending.lstrip()
-        self._buffer = ""
-        keep = len(pending) - len(pending.rstrip("} \n\t"))
-        emit, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        if emit:
-            self._emitted = True
-            deltas.append(ToolCallDelta(0, arguments_delta=emit))
+        fragment: list[str] = []
+        for i, ch in enumerate(text):
+            if self._mode == "undecided":
+                self._buffer += ch
+                if ch.isspace():
+                    continue
+                if ch != "{":  # plain text: everything so far and from here on is content
+                    self._mode = "text"
+                    out, self._buffer = self._buffer + text[i + 1 :], ""
+                    return out, deltas
+                self._mode, self._buffer = "head", "{"
+            elif self._mode == "between":
+                if ch == "{":
+                    self._mode, self._buffer = "head", "{"
+            elif self._mode == "head":
+                self._buffer += ch
+                match = _HEAD.match(self._buffer)
+                if match is not None:
+                    name = json.loads(f'"{match.group(1)}"')
+                    deltas.append(ToolCallDelta(self._calls, f"call_{uuid.uuid4().hex[:24]}", name, ""))
+                    self._calls += 1
+                    self._mode, self._depth, self._in_string, self._escaped = "args", 0, False, False
+                    self._buffer = ""
+            elif self._mode == "args":
+                self._argument(ch, fragment)
+                if self._mode != "args":
+                    deltas.append(ToolCallDelta(self._calls - 1, arguments_delta="".join(fragment)))
+                    fragment.clear()
+            elif self._mode == "close" and ch == "}":
+                self._mode = "between"
+        if fragment:
+            deltas.append(ToolCallDelta(self._calls - 1, arguments_delta="".join(fragment)))
         return "", deltas
 
+    def _argument(self, ch: str, fragment: list[str]) -> None:
+        """One character of a call's arguments; the arguments end when their top-level value closes."""
+        if self._depth == 0 and ch.isspace():
+            return
+        fragment.append(ch)
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif ch == "\\":
+                self._escaped = True
+            elif ch == '"':
+                self._in_string = False
+        elif ch == '"':
+            self._in_string = True
+        elif ch in "{[":
+            self._depth += 1
+        elif ch in "}]":
+            self._depth -= 1
+            if self._depth == 0:
+                self._mode = "close"
+
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
-        """End of generation: drop the wrapper's closing brace; text that never became a call is content."""
-        if self._call is None:
+        """End of generation: text that never became a call is content; a call cut short keeps what it streamed."""
+        if self._mode == "undecided":
             out, self._buffer = self._buffer, ""
             return out, []
-        closing = self._held.rstrip()
-        tail = (closing[:-1] if closing.endswith("}") else closing).rstrip()
-        self._held = ""
-        return "", [ToolCallDelta(0, arguments_delta=tail)] if tail else []
+        return "", []

@@ -87,6 +87,9 @@ class ChatEngine(ABC):
     eog_token: int  # the token that closes an assistant turn in this model's template
     max_concurrency: int = 1  # generations the engine runs at once
     context_slots: int = 0  # resident session contexts the engine can hold
+    # GGUF file whose vocabulary output constraints compile against, for engines that sample through ARK's token
+    # matchers; None: the engine applies `Constraint.grammar` itself (TensorRT-LLM's guided decoding).
+    grammar_vocabulary: str | None = None
 
     # -- prompt ---------------------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """A llama.cpp context with the sampling chain and the state export ARK needs.
 
-llama-cpp-python builds its sampler chain inside `generate()`; this subclass rebuilds that chain with a logit-bias
-stage first (OpenAI's `logit_bias`), which the library's own chain lacks.
+llama-cpp-python builds its sampler chain inside `generate()`; this subclass rebuilds that chain with two stages
+the library's own chain lacks: the output constraint's token mask first (services.chat.grammar.matcher), then a
+logit-bias stage (OpenAI's `logit_bias`).
 
 It also saves and restores a conversation's state (its KV cells) as bytes, for the host and disk tiers
 (`services.chat.state_tiers`). The library's own `save_state()` adds its `scores` array (up to n_batch x n_vocab
@@ -14,15 +15,18 @@ samples from. Everything else is the library's.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals as internals
 
 from services.common.errors import ArkError
 
 _SEQ = 0  # llama-cpp-python keeps a context's tokens in sequence 0
+# llama.cpp's llama_token_data as numpy sees it: the mask stage reads the logits in place.
+_TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 
 
 class StateImportError(ArkError):
@@ -31,11 +35,13 @@ class StateImportError(ArkError):
 
 
 class ArkLlama(llama_cpp.Llama):
-    """`Llama` plus a per-request logit bias (set `logit_bias` before calling `generate`)."""
+    """`Llama` plus a per-request token mask and logit bias (set `token_mask` and `logit_bias` before `generate`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.logit_bias: dict[int, float] = {}
+        # Called with the logits (indexed by token id) before any other stage; sets forbidden tokens to -inf.
+        self.token_mask: Callable[[np.ndarray], None] | None = None
 
     # -- saved state ----------------------------------------------------------------------------------------------
 
@@ -95,6 +101,8 @@ class ArkLlama(llama_cpp.Llama):
         grammar: Any = None,
     ) -> internals.LlamaSampler:
         sampler = internals.LlamaSampler()
+        if self.token_mask is not None:
+            sampler.add_custom(_mask_stage(self.token_mask))
         if self.logit_bias:
             sampler.add_logit_bias(self._n_vocab, self.logit_bias)
         sampler.add_penalties(
@@ -116,3 +124,14 @@ class ArkLlama(llama_cpp.Llama):
             sampler.add_temp(temp)
             sampler.add_dist(self._seed)
         return sampler
+
+
+def _mask_stage(mask: Callable[[np.ndarray], None]) -> Callable[[Any], None]:
+    """A sampler stage applying `mask` to the candidates' logits, still in token-id order as the first stage."""
+
+    def apply(candidates: Any) -> None:
+        array = candidates.contents
+        raw = (ctypes.c_char * (array.size * _TOKEN_DATA.itemsize)).from_address(ctypes.addressof(array.data.contents))
+        mask(np.frombuffer(raw, dtype=_TOKEN_DATA)["logit"])
+
+    return apply

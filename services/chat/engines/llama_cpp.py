@@ -36,7 +36,7 @@ from services.chat.engines.base import (
 )
 from services.chat.engines.llama_context import ArkLlama
 from services.common.config import ModelConfig, resolve_model_path
-from services.common.errors import ArkError, InvalidRequestError
+from services.common.errors import ArkError
 from services.common.threaded import stream_from_thread
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class LlamaCppEngine(ChatEngine):
             raise ArkError(f"models[{model.id}].settings: unknown llama_cpp settings {sorted(unknown)}")
         self.model_id = model.id
         self._path = str(resolve_model_path(model.path))
+        self.grammar_vocabulary = self._path  # output constraints compile against this GGUF's vocabulary
         self._settings = settings
         log.info("loading %s from %s", model.id, self._path)
         # The weights are memory-mapped once and shared; each further context costs its KV cache and buffers.
@@ -143,7 +144,7 @@ class LlamaCppEngine(ChatEngine):
         cached = min(_prefix_length(llama._input_ids, job.prompt), len(job.prompt) - 1)
         return stream_from_thread(
             self._thread,
-            lambda post, abort: self._run(llama, job, grammar, cached, abort, post),
+            lambda post, abort: self._run(llama, job, cached, abort, post),
             is_last=lambda item: item is None,
         )
 
@@ -167,7 +168,6 @@ class LlamaCppEngine(ChatEngine):
         self,
         llama: ArkLlama,
         job: EngineRun,
-        grammar: LlamaGrammar | None,
         cached: int,
         abort: threading.Event,
         post: Callable[[EngineEvent | BaseException | None], None],
@@ -179,17 +179,18 @@ class LlamaCppEngine(ChatEngine):
             sampling = job.sampling
             if index and sampling.seed is not None:
                 sampling = replace(sampling, seed=sampling.seed + index)  # n choices, not n copies
-            if index and grammar is not None:
-                grammar.reset()
-            reason = self._sequence(llama, tokens, index, sampling, job, grammar, abort, post)
+            reason = self._sequence(llama, tokens, index, sampling, job, abort, post)
             if reason is None:
                 return  # aborted: the consumer is gone
             post(SequenceEnd(index, reason))
         post(None)
 
-    def _sequence(self, llama, tokens, index, sampling, job, grammar, abort, post) -> str | None:
+    def _sequence(self, llama, tokens, index, sampling, job, abort, post) -> str | None:
         llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
         llama.logit_bias = dict(sampling.logit_bias)
+        # The output constraint: a fresh matcher per sequence masks every step and consumes every sampled token.
+        matcher = job.constraint.matcher() if job.constraint is not None else None
+        llama.token_mask = matcher.mask_logits if matcher is not None else None
         top = sampling.top_logprobs if sampling.logprobs else -1
         stream = llama.generate(
             tokens,
@@ -200,7 +201,6 @@ class LlamaCppEngine(ChatEngine):
             repeat_penalty=sampling.repetition_penalty or 1.0,
             frequency_penalty=sampling.frequency_penalty,
             presence_penalty=sampling.presence_penalty,
-            grammar=grammar,
         )
         for generated, token in enumerate(stream, start=1):
             if abort.is_set() or job.abort.is_set():
@@ -215,6 +215,8 @@ class LlamaCppEngine(ChatEngine):
                 post(TokenSample(index, token, piece))
             if self.is_eog(token):
                 return "eog"
+            if matcher is not None and (not matcher.accept(token) or matcher.terminated):
+                return "grammar"  # the output is complete: nothing but end-of-generation could follow
             if generated >= job.max_new_tokens:
                 return "length"
         return "length"

@@ -72,7 +72,7 @@ class TensorRTLLMEngine(ChatEngine):
 
         if job.constraint is None:
             return None
-        return GuidedDecodingParams(grammar=job.constraint.gbnf)
+        return GuidedDecodingParams(grammar=job.constraint.grammar)  # llguidance Lark
 
     def _sampling(self, job: EngineRun) -> Any:
         s = job.sampling
