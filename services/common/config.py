@@ -200,6 +200,11 @@ class ServicesConfig(_Strict):
     # `ark up` generates one per run; containers read it from a secret (docs/operations.md, "Trust boundary").
     internal_token: Annotated[str, Field(min_length=16)] | None = None
 
+    @field_validator("internal_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return value or None  # `ARK__SERVICES__INTERNAL_TOKEN=` (compose's default) means no token
+
     @field_validator("registry", "chat", "embeddings", "transcription", mode="after")
     @classmethod
     def _addresses_have_ports(cls, value: Any) -> Any:

