@@ -154,6 +154,7 @@ class ChatCompletions:
     async def _open_in_session(self, job: Prepared, placement: Placement) -> ChatStream:
         job.request.session.session_id = placement.session_id
         job.request.session.idle_timeout_seconds = self._sessions.policy.idle_timeout_seconds
+        job.request.session.conversation_key = placement.conversation_key
         return await self._workers.open_stream(job.request, address=placement.worker_address)
 
     def _ark(self, running: Running, finished: pb.GenerationFinished) -> dict[str, Any]:
@@ -162,6 +163,8 @@ class ChatCompletions:
         t = finished.timings
         return {
             "cached_tokens": finished.usage.cached_tokens,
+            # Where the reused state was: resident (a live context), host or disk (restored); null when none was.
+            "state_tier": running.stream.started.state_tier or None,
             "session": session,
             "timings": {
                 "queue_seconds": round(t.queue_seconds, 6),

@@ -9,6 +9,7 @@ from services.chat.engines import create_engine
 from services.chat.generator import Generator
 from services.chat.registration import keep_lease
 from services.chat.servicer import chat_service
+from services.chat.state_tiers import StateTiers
 from services.common.config import Capability, load_config
 from services.common.metrics import register_chat_engines
 from services.common.server import configure_logging, serve
@@ -27,6 +28,9 @@ async def main() -> None:
             create_engine(m),
             max_queue=config.services.chat.max_queue,
             max_queue_wait=config.limits.max_queue_wait_seconds,
+            # Saved conversation states (host memory, then local disk) only matter when sessions keep state.
+            tiers=StateTiers.from_config(config.sessions, m.id) if config.sessions.enabled else None,
+            key_share=config.sessions.key_share,
             constraint_limits=config.limits.structured_output,
         )
         for m in config.models_for(Capability.CHAT)

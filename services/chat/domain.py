@@ -106,6 +106,7 @@ class GenerationRequest:
     session_id: str = ""
     api_key_hash: str = ""
     idle_timeout: float = 0.0
+    conversation_key: str = ""  # the edge's name for the conversation within the session (ties, replacement)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,7 @@ class Started:
 
     prompt_tokens: int
     cached_tokens: int
+    state_tier: str = ""  # where the reused state came from: resident, host, disk ("" when nothing was reused)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from services.chat.constraints import ConstraintCompiler
+from services.chat.conversations import Checkout, ConversationStates
 from services.chat.domain import (
     Admitted,
     Delta,
@@ -36,7 +37,7 @@ from services.chat.domain import (
     Usage,
 )
 from services.chat.engines.base import ChatEngine, EngineRun, EngineStatus, PromptReuse, SequenceEnd, TokenSample
-from services.chat.session_pool import Resident, SessionPool
+from services.chat.state_tiers import StateTiers
 from services.chat.templates import template_message, with_tool_instructions
 from services.chat.text import StopMatcher, Utf8Stream
 from services.chat.tools import ToolCallParser
@@ -69,6 +70,8 @@ class Generator:
         *,
         max_queue: int,
         max_queue_wait: float | None = None,
+        tiers: StateTiers | None = None,
+        key_share: float = 0.5,
         constraint_limits: StructuredOutputLimits | None = None,
     ) -> None:
         self.engine = engine
@@ -84,8 +87,9 @@ class Generator:
             max_wait_seconds=max_queue_wait,
             name=engine.model_id,
         )
-        self._pool: SessionPool = SessionPool(
-            [engine.new_context() for _ in range(engine.context_slots)], reset=engine.reset_context
+        # Conversation states: a few resident contexts, the rest saved in the host and disk tiers.
+        self._states = ConversationStates(
+            engine, [engine.new_context() for _ in range(engine.context_slots)], tiers=tiers, key_share=key_share
         )
 
     # -- checks, all before Started --------------------------------------------------------------------------------
@@ -125,21 +129,23 @@ class Generator:
     def _render(self, messages: Sequence[Message], *, open_turn: bool = True) -> str:
         return self.engine.render([template_message(m) for m in messages], open_turn=open_turn)
 
-    def _session_prompt(self, resident: Resident, messages: Sequence[Message]) -> tuple[str, list[int]]:
-        """The prompt text and tokens, continuing the session's raw tokens when the messages extend its transcript."""
-        text = self._render(messages)
-        if resident.transcript is not None:
-            tokens = continue_tokens(
-                resident.transcript,
-                messages,
-                render_open=self._render,
-                render_closed=lambda m: self._render(m, open_turn=False),
-                tokenize=self.engine.tokenize,
-                eog_token=self.engine.eog_token,
-            )
-            if tokens is not None:
-                return text, tokens
-        return text, self.engine.encode_prompt([template_message(m) for m in messages])
+    def _continue(self, transcript: Transcript, messages: Sequence[Message]) -> list[int] | None:
+        """The prompt continuing a transcript from the worker's own raw tokens, or None if `messages` diverge."""
+        if len(messages) <= len(transcript.messages) + 1 or tuple(messages[: len(transcript.messages)]) != (
+            transcript.messages
+        ):
+            return None  # cheap check first: most states are other conversations
+        return continue_tokens(
+            transcript,
+            messages,
+            render_open=self._render,
+            render_closed=lambda m: self._render(m, open_turn=False),
+            tokenize=self.engine.tokenize,
+            eog_token=self.engine.eog_token,
+        )
+
+    def _encode(self, messages: Sequence[Message]) -> list[int]:
+        return self.engine.encode_prompt([template_message(m) for m in messages])
 
     # -- generation ------------------------------------------------------------------------------------------------
 
@@ -158,14 +164,22 @@ class Generator:
             t_admitted = time.perf_counter()
             # Before any risky work (rendering, tokenising, compiling the constraint): see Admitted.
             yield Admitted(queue_seconds=t_admitted - t_queued)
-            resident = None
+            resident: Checkout | None = None
+            tier = ""
             if request.session_id:
-                self._pool.expire_idle()
-                resident = self._pool.checkout(request.session_id, request.api_key_hash, request.idle_timeout)
-                prompt_text, tokens = self._session_prompt(resident, messages)
-                resident.transcript = None  # until this turn completes
+                resident = await self._states.checkout(
+                    api_key_hash=request.api_key_hash,
+                    session_id=request.session_id,
+                    conversation_key=request.conversation_key,
+                    idle_timeout=request.idle_timeout,
+                    messages=messages,
+                    render=self._render,
+                    continue_from=self._continue,
+                    encode=self._encode,
+                )
+                prompt_text, tokens, tier = resident.prompt_text, resident.tokens, resident.tier
             else:
-                prompt_text, tokens = "", self.engine.encode_prompt([template_message(m) for m in messages])
+                prompt_text, tokens = "", self._encode(messages)
             budget = self._token_budget(len(tokens), request.sampling.max_tokens)
             job = EngineRun(
                 prompt=tokens,
@@ -192,7 +206,7 @@ class Generator:
                 if not isinstance(first, PromptReuse):
                     raise InternalError("The chat engine did not report its prompt.")
                 cached = min(first.cached_tokens, len(tokens))
-                yield Started(prompt_tokens=len(tokens), cached_tokens=cached)
+                yield Started(prompt_tokens=len(tokens), cached_tokens=cached, state_tier=tier if cached else "")
                 completion_tokens = 0
                 open_choices = n
                 t_first = 0.0
@@ -230,13 +244,16 @@ class Generator:
                         finish = FinishReason.TOOL_CALLS
                     open_choices -= 1
                     if choice.index == 0 and resident is not None:
-                        resident.transcript = Transcript(
-                            messages=messages,
-                            prompt_text=prompt_text,
-                            prompt_tokens=tuple(tokens),
-                            generated=tuple(choice.raw),
-                            reply="".join(choice.reply),
-                            ended_with_eog=bool(choice.raw) and self.engine.is_eog(choice.raw[-1]),
+                        self._states.complete(
+                            resident,
+                            Transcript(
+                                messages=messages,
+                                prompt_text=prompt_text,
+                                prompt_tokens=tuple(tokens),
+                                generated=tuple(choice.raw),
+                                reply="".join(choice.reply),
+                                ended_with_eog=bool(choice.raw) and self.engine.is_eog(choice.raw[-1]),
+                            ),
                         )
                     t_end = time.perf_counter()
                     first_at = t_first or t_end
@@ -294,26 +311,28 @@ class Generator:
     # -- sessions and status ---------------------------------------------------------------------------------------
 
     async def drop_session(self, session_id: str) -> bool:
-        """Free a session's resident state; True if there was any."""
+        """Free every state of a session, in every tier; True if there was any."""
         # Under the admission slot: never reset a context a generation is using.
         async with self._admission.slot(priority=True):
-            return self._pool.drop(session_id)
+            return await self._states.drop_session(session_id)
 
-    def expire_idle(self) -> int:
-        """Drop resident session state idle past its timeout; returns how many sessions were dropped."""
+    async def expire_idle(self) -> int:
+        """Drop states idle past their timeout; returns how many were dropped."""
         if self._admission.busy:
             return 0  # the next request expires them
-        return len(self._pool.expire_idle())
+        async with self._admission.slot(priority=True):
+            return await self._states.expire_idle()
 
     def status(self) -> EngineStatus:
         return EngineStatus(
-            session_capacity=self._pool.capacity,
-            resident_sessions=self._pool.resident,
+            session_capacity=self._states.capacity,
+            resident_sessions=self._states.resident,
             queued_requests=self._admission.queued,
         )
 
     async def close(self) -> None:
         self._constraints.close()
+        self._states.close()
         await self.engine.close()
 
 

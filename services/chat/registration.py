@@ -39,7 +39,7 @@ async def keep_lease(
         registered = False
         while True:
             for engine in engines.values():
-                engine.expire_idle()
+                await engine.expire_idle()
             statuses = [e.status() for e in engines.values()]
             worker = pb.Worker(
                 name=address,

@@ -102,6 +102,7 @@ def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> Generatio
         session_id=req.session.session_id,
         api_key_hash=req.session.api_key_hash,
         idle_timeout=float(req.session.idle_timeout_seconds),
+        conversation_key=req.session.conversation_key,
     )
 
 
@@ -172,7 +173,9 @@ def _event_to_proto(event: GenerationEvent) -> pb.StreamGenerateChatCompletionRe
         )
     if isinstance(event, Started):
         return pb.StreamGenerateChatCompletionResponse(
-            started=pb.GenerationStarted(prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens)
+            started=pb.GenerationStarted(
+                prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens, state_tier=event.state_tier
+            )
         )
     return pb.StreamGenerateChatCompletionResponse(
         finished=pb.GenerationFinished(

@@ -22,9 +22,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import LlamaGrammar
 
-from services.chat.constraints import Constraint
 from services.chat.engines.base import (
     ChatEngine,
     EngineEvent,
@@ -34,7 +32,7 @@ from services.chat.engines.base import (
     TokenSample,
     TopLogprob,
 )
-from services.chat.engines.llama_context import ArkLlama
+from services.chat.engines.llama_context import ArkLlama, StateImportError
 from services.common.config import ModelConfig, resolve_model_path
 from services.common.errors import ArkError
 from services.common.threaded import stream_from_thread
@@ -100,7 +98,6 @@ class LlamaCppEngine(ChatEngine):
             template=template, eos_token=eos, bos_token=bos, add_generation_prompt=False, stop_token_ids=[eos_id]
         )
         self._vocab = vocab_model.vocab
-        self._checked_grammars: set[str] = set()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{model.id}")
         self._cache_owner = ""  # cache salt whose tokens the scratch context currently holds
 
@@ -129,12 +126,22 @@ class LlamaCppEngine(ChatEngine):
         context.reset()
 
     def context_tokens(self, context: ArkLlama) -> Sequence[int]:
-        return context._input_ids.tolist()
+        return context.state_tokens()
+
+    def export_state(self, context: ArkLlama) -> bytes | None:
+        return context.export_state()
+
+    def import_state(self, context: ArkLlama, data: bytes, tokens: Sequence[int]) -> bool:
+        try:
+            context.import_state(data, tokens)
+        except StateImportError as exc:
+            log.warning("a saved conversation state could not be loaded (%s); it will be recomputed", exc)
+            return False
+        return True
 
     # -- generation -----------------------------------------------------------------------------------------------
 
     def run(self, job: EngineRun) -> AsyncIterator[EngineEvent]:
-        grammar = self._grammar(job.constraint)
         llama = job.context
         if llama is None:
             llama = self._llama
@@ -147,22 +154,6 @@ class LlamaCppEngine(ChatEngine):
             lambda post, abort: self._run(llama, job, cached, abort, post),
             is_last=lambda item: item is None,
         )
-
-    def _grammar(self, constraint: Constraint | None) -> LlamaGrammar | None:
-        """The compiled grammar, checked once against the vocabulary (llama.cpp rejects what it cannot parse)."""
-        if constraint is None:
-            return None
-        if constraint.gbnf not in self._checked_grammars:
-            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, constraint.gbnf.encode(), b"root")
-            if not sampler:
-                raise InvalidRequestError(
-                    "ARK cannot compile the requested output constraint.",
-                    param="response_format",
-                    code="invalid_schema",
-                )
-            llama_cpp.llama_sampler_free(sampler)
-            self._checked_grammars.add(constraint.gbnf)
-        return LlamaGrammar.from_string(constraint.gbnf, verbose=False)
 
     def _run(
         self,

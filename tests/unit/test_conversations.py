@@ -1,0 +1,125 @@
+"""Many conversations per session, placed by content, saved to the host and disk tiers: the generation layer with
+a fake engine whose state export is its token list, and the real StateTiers store on a temporary directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from services.chat.domain import Delta, Message, Role, Sampling, Started
+from services.chat.generator import Generator
+from services.chat.state_tiers import StateTiers
+from tests.unit.test_generator import FakeContext, FakeEngine, request
+
+
+class SavingEngine(FakeEngine):
+    """A fake engine whose contexts can be saved and loaded (the state is the token list)."""
+
+    context_slots = 1
+
+    def export_state(self, context: FakeContext) -> bytes:
+        return json.dumps(context.tokens).encode()
+
+    def import_state(self, context: FakeContext, data: bytes, tokens: Sequence[int]) -> bool:
+        context.tokens = json.loads(data)
+        return list(tokens) == context.tokens
+
+
+def answer(prompt: str, index: int) -> str:
+    return f"Reply {len(prompt)}."
+
+
+@pytest.fixture
+def tiers(tmp_path):
+    store = StateTiers(host_bytes=10_000, disk_bytes=100_000, disk_dir=tmp_path)
+    yield store
+    store.close()
+
+
+async def turn(generator: Generator, history: list[Message], text: str, *, session="s", key="k1", conv=""):
+    """One user turn appended to `history` (which gets the reply too); returns the Started event."""
+    req = request(text, history=tuple(history), session=session, key=key, conversation_key=conv)
+    events = [e async for e in generator.generate(req)]
+    started = next(e for e in events if isinstance(e, Started))
+    reply = "".join(e.text for e in events if isinstance(e, Delta))
+    history += [Message(Role.USER, text), Message(Role.ASSISTANT, reply)]
+    return started
+
+
+async def test_interleaved_conversations_of_one_session_resume_from_the_host_tier(tiers):
+    engine = SavingEngine(answer)
+    generator = Generator(engine, max_queue=4, tiers=tiers)
+    a, b = [], []
+    await turn(generator, a, "A document about apples " * 5, conv="m:a")
+    await turn(generator, b, "A document about bricks " * 5, conv="m:b")  # takes the only context: A is saved
+    assert generator.status().resident_sessions == 1 and len(tiers) == 1
+    started = await turn(generator, a, "And then?", conv="m:a")
+    assert started.state_tier == "host"
+    assert started.cached_tokens >= len(engine.runs[0].prompt) + len("Reply 00.")
+    started = await turn(generator, b, "And bricks?", conv="m:b")
+    assert started.state_tier == "host" and started.cached_tokens > 100
+
+
+async def test_states_spill_from_host_to_disk_and_come_back(tmp_path):
+    store = StateTiers(host_bytes=0, disk_bytes=100_000, disk_dir=tmp_path)
+    engine = SavingEngine(answer)
+    generator = Generator(engine, max_queue=4, tiers=store)
+    a, b = [], []
+    await turn(generator, a, "alpha " * 20)
+    await turn(generator, b, "beta " * 20)
+    files = [p for p in store.directory.iterdir() if not p.name.startswith(".")]
+    assert len(files) == 1 and (files[0].stat().st_mode & 0o777) == 0o600
+    started = await turn(generator, a, "more")
+    assert started.state_tier == "disk" and started.cached_tokens > 100
+    store.close()
+
+
+async def test_content_never_crosses_api_keys(tiers):
+    engine = SavingEngine(answer)
+    generator = Generator(engine, max_queue=4, tiers=tiers)
+    history: list[Message] = []
+    await turn(generator, history, "shared text " * 10, key="k1")
+    other = list(history[:-2])
+    started = await turn(generator, other, "shared text " * 10, key="k2", session="s2")
+    assert started.cached_tokens == 0
+
+
+async def test_ending_a_session_drops_its_states_from_every_tier(tiers):
+    engine = SavingEngine(answer)
+    generator = Generator(engine, max_queue=4, tiers=tiers)
+    await turn(generator, [], "one " * 10, session="s1")
+    await turn(generator, [], "two " * 10, session="s2")  # s1's state goes to the host tier
+    assert len(tiers) == 1
+    assert await generator.drop_session("s1")
+    assert len(tiers) == 0
+    started = await turn(generator, [], "one " * 10, session="s1")
+    assert started.cached_tokens <= len("<system>S<|end|>")  # only the shared system prompt is left
+
+
+async def test_a_flooding_key_gives_up_its_own_contexts_first(tiers):
+    engine = SavingEngine(answer)
+    engine.context_slots = 2
+    generator = Generator(engine, max_queue=4, tiers=tiers)
+    victim: list[Message] = []
+    await turn(generator, victim, "victim context " * 5, key="victim", session="v")
+    for i in range(4):
+        await turn(generator, [], f"flood {i} " * 5, key="flood", session=f"f{i}")
+    started = await turn(generator, victim, "still there?", key="victim", session="v")
+    assert started.state_tier == "resident"
+
+
+async def test_without_tiers_an_evicted_conversation_is_recomputed_not_an_error():
+    engine = SavingEngine(answer)
+    generator = Generator(engine, max_queue=4)
+    a: list[Message] = []
+    await turn(generator, a, "apples " * 10)
+    await turn(generator, [], "bricks " * 10)
+    started = await turn(generator, a, "again")
+    assert started.state_tier == "" or started.cached_tokens < 20
+    assert isinstance(started, Started)
+
+
+def test_sampling_default_is_greedy():
+    assert request().sampling == Sampling(temperature=0.0)
