@@ -304,19 +304,21 @@ class StateTiers:
         TIER_HITS.labels(self._model, tier).inc()
         return tier, blob
 
-    def restore(self, entry_id: str, load: Callable[[bytes], None]) -> Tier | None:
+    def restore(self, entry_id: str, load: Callable[[bytes], object]) -> Tier | None:
         """`take` the state and hand it to `load` (which puts it into a context), timing both for the restore
-        latency metric. None when the state is gone or `load` failed (logged; the caller recomputes and must
-        leave its context empty, as a failed load should)."""
+        latency metric. None when the state is gone or `load` failed (raised, or returned False; logged): the
+        caller recomputes, and its context must be left empty, as a failed load should."""
         start = time.perf_counter()
         taken = self.take(entry_id)
         if taken is None:
             return None
         tier, blob = taken
         try:
-            load(blob)
+            loaded = load(blob)
         except Exception:
             log.warning("cannot load saved conversation state %s; it will be recomputed", entry_id, exc_info=True)
+            return None
+        if loaded is False:
             return None
         RESTORE_SECONDS.labels(self._model, tier).observe(time.perf_counter() - start)
         return tier
@@ -332,6 +334,8 @@ class StateTiers:
 
     def drop_session(self, session_id: str) -> int:
         """Remove every state saved for a session (expiry, DELETE), from every tier; returns how many."""
+        if not session_id:
+            return 0  # "" marks states saved without a session: they belong to no session to end
         with self._lock:
             ids = [i for i, t in self._where.items() if self._tiers[t].slots[i].entry.session_id == session_id]
             for entry_id in ids:

@@ -103,7 +103,13 @@ def test_a_failed_load_is_a_miss_not_an_error(tmp_path):
     with make(tmp_path) as store:
         entry = put(store, [1])
         assert store.restore(entry.entry_id, broken) is None
+        refused = put(store, [2])
+        assert store.restore(refused.entry_id, lambda blob: False) is None
         assert len(store) == 0
+        count = REGISTRY.get_sample_value(
+            "ark_chat_state_restore_seconds_count", {"model": store._model, "tier": "host"}
+        )
+        assert not count, "a failed load is not a restore"
 
 
 def test_a_vanished_or_unwritable_disk_costs_a_recompute_not_an_error(tmp_path):
@@ -195,6 +201,9 @@ def test_dropping_a_session_or_a_state_removes_it_from_every_tier(tmp_path):
         mine = [put(store, [i], session="mine") for i in range(3)]
         assert store.tier_of(theirs.entry_id) is Tier.DISK
         assert {store.tier_of(e.entry_id) for e in mine} == {Tier.HOST, Tier.DISK}
+        sessionless = put(store, [8], session="")
+        assert store.drop_session("") == 0 and store.tier_of(sessionless.entry_id) is not None
+        store.drop(sessionless.entry_id)
         assert store.drop_session("mine") == 3
         assert store.entries() == [theirs]
         assert len(files(store)) == 1
