@@ -76,6 +76,10 @@ class _Candidate:
 
 Render = Callable[..., str]
 
+# Another conversation's state is reused (and first saved) only for a prefix at least this long, such as a shared
+# system prompt; a few template tokens in common are cheaper to recompute than a state is to save.
+MIN_SHARED_TOKENS = 32
+
 
 def _prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
@@ -142,13 +146,17 @@ class ConversationStates:
             tokens = None
             if state.transcript is not None:
                 tokens = continue_from(state.transcript, messages)
+            continued = tokens is not None
             if tokens is None:
                 plain = plain if plain is not None else encode(messages)
                 tokens = plain
             held = self._engine.context_tokens(slot.context) if slot is not None else state.tokens
             matched = _prefix(held, tokens)
-            rank = (matched, state.conversation_key == conversation_key, slot is not None, state.last_used)
-            if matched and (best is None or rank > best.rank):
+            same = bool(conversation_key) and state.conversation_key == conversation_key
+            if not (matched >= MIN_SHARED_TOKENS or (matched and (same or continued))):
+                continue  # a few template tokens in common: not worth saving another conversation's state for
+            rank = (matched, same, slot is not None, state.last_used)
+            if best is None or rank > best.rank:
                 best = _Candidate(state, slot, prompt_text, tokens, matched, rank)
         now = self._clock()
         if best is None:

@@ -287,9 +287,10 @@ async def test_session_continues_from_its_raw_tokens_including_hidden_ones():
 async def test_edited_history_falls_back_to_a_rendering_and_reuses_up_to_the_divergence():
     engine = FakeEngine()
     generator = Generator(engine, max_queue=4)
-    await collect(generator, request("Hi", session="s1"))
+    # The edge names the conversation by its opening messages, which an edit further on leaves unchanged.
+    await collect(generator, request("Hi", session="s1", conversation_key="m:1"))
     history = (Message(Role.USER, "Hi"), Message(Role.ASSISTANT, "Edited!"))
-    events = await collect(generator, request("More", history=history, session="s1"))
+    events = await collect(generator, request("More", history=history, session="s1", conversation_key="m:1"))
     prompt = engine.runs[1].prompt
     assert list(prompt) == engine.encode_prompt(
         [
