@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from services.chat.state_tiers import StateTiers, Tier
 from services.common.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from services.common.errors import ArkError
 
 KEY, OTHER = "a" * 32, "b" * 32
 
@@ -303,3 +304,10 @@ def test_the_configuration_sizes_the_tiers(tmp_path):
         assert store.directory is not None and store.directory.parent == tmp_path / "d"
         entry = put(store, [1], size=600_000)
         assert store.tier_of(entry.entry_id) is Tier.DISK, "larger than the 0.5 MB host tier"
+
+
+def test_a_disk_dir_that_is_a_link_is_refused(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "states").symlink_to(tmp_path / "real")
+    with pytest.raises(ArkError, match="sessions.disk_dir"):
+        make(tmp_path)
