@@ -48,8 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from services.chat.tier_metrics import RESTORE_SECONDS, TIER_BYTES, TIER_ENTRIES, TIER_EVICTIONS, TIER_HITS
-from services.common.config import SessionsConfig
-from services.common.errors import ArkError
+from services.common.config import ConfigError, SessionsConfig
 
 log = logging.getLogger(__name__)
 
@@ -447,9 +446,9 @@ def _open_store_dir(base: Path) -> tuple[Path, int]:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = base.lstat()
     except OSError as exc:
-        raise ArkError(f"sessions.disk_dir {str(base)!r}: cannot create it ({exc.strerror})") from exc
+        raise ConfigError(f"sessions.disk_dir {str(base)!r}: cannot create it ({exc.strerror})") from exc
     if not base.is_dir() or base.is_symlink() or info.st_uid != os.getuid():
-        raise ArkError(f"sessions.disk_dir {str(base)!r}: must be a directory owned by this user, not a link")
+        raise ConfigError(f"sessions.disk_dir {str(base)!r}: must be a directory owned by this user, not a link")
     os.chmod(base, 0o700)
     _remove_stale(base.iterdir())
     # Made under a name the cleanup ignores, locked, then renamed: another store starting now never deletes it.
