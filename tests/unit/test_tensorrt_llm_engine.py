@@ -90,6 +90,7 @@ def fake(checkpoint):
 def _engine(checkpoint: Path, **settings):
     from services.chat.engines import create_engine
 
+    settings = {"max_seq_len": 256, **settings}  # short: a generation without max_tokens fills the window
     model = ModelConfig(id="m", capability="chat", engine="tensorrt_llm", path=str(checkpoint), settings=settings)
     return create_engine(model)
 
@@ -106,7 +107,9 @@ def _request(text: str = "Tell me a story.", **kwargs) -> GenerationRequest:
 
 
 async def _collect(generator, request) -> list:
-    return [event async for event in generator.generate(request)]
+    """The events a client's stream is made of (from `Started` on)."""
+    events = [event async for event in generator.generate(request)]
+    return events[next(i for i, e in enumerate(events) if isinstance(e, Started)) :]
 
 
 def _generate_calls(fake: FakeModel) -> list[dict]:
@@ -268,6 +271,13 @@ async def test_json_modes_and_tools_are_constrained_by_the_layers_grammar(fake, 
 
 
 async def test_a_session_keeps_its_blocks_for_its_idle_timeout_and_replays_its_raw_tokens(fake, checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    # The model spells its reply one character per token: not how the reply's text tokenizes, so only a replay of
+    # the raw tokens (not a re-rendering) puts them back in the next prompt.
+    fake.script = [[t for ch in "Hello there" for t in tokenizer.encode(ch, add_special_tokens=False)]]
+    assert fake.script[0] != tokenizer.encode("Hello there", add_special_tokens=False)
     generator = _generator(checkpoint)
     first = _request("Hello", session_id="s1", api_key_hash="k", idle_timeout=600.0, sampling=Sampling(0.0))
     events = await _collect(generator, first)
@@ -279,12 +289,32 @@ async def test_a_session_keeps_its_blocks_for_its_idle_timeout_and_replays_its_r
     assert (whole.token_start, whole.token_end, whole.priority) == (0, None, 80)
     raw = [t for e in events if isinstance(e, Delta) for t in e.token_ids] + [2]  # the end token closes the turn
     follow = (Message(Role.USER, "Hello"), Message(Role.ASSISTANT, reply), Message(Role.USER, "And then?"))
-    second = await _collect(generator, _request(messages=follow, session_id="s1", api_key_hash="k", idle_timeout=600))
+    second = await _collect(
+        generator,
+        _request(messages=follow, session_id="s1", api_key_hash="k", idle_timeout=600, sampling=Sampling(0.0)),
+    )
     prompt = _generate_calls(fake)[1]["inputs"]
     assert prompt[: len(call["inputs"]) + len(raw)] == call["inputs"] + raw, "the raw tokens, end token included"
     assert second[0].cached_tokens >= len(call["inputs"])
     await _collect(generator, _request("Stateless", sampling=Sampling(0.0)))
     assert _generate_calls(fake)[2]["kv_cache_retention_config"] is None
+
+
+async def test_the_end_token_the_release_leaves_out_is_reported_as_a_sample(fake, checkpoint):
+    """TensorRT-LLM drops `end_id` / `stop_token_ids` from `token_ids`; the transcript needs it."""
+    from services.chat.engines.base import EngineRun, SequenceEnd, TokenSample
+
+    engine = _engine(checkpoint)
+    fake.script = [[10, 11], [12]]
+    events = [e async for e in engine.run(EngineRun(prompt=[5, 6], sampling=Sampling(0.7), max_new_tokens=8, n=2))]
+    for index, tokens in enumerate(fake.script):
+        samples = [e.token for e in events if isinstance(e, TokenSample) and e.index == index]
+        assert samples == [*tokens, 2] and engine.is_eog(2)
+        assert SequenceEnd(index, "eog") in events
+    fake.script = [[10, 0]]  # the checkpoint's other end token (generation_config.json), a stop token
+    events = [e async for e in engine.run(EngineRun(prompt=[5, 6], sampling=Sampling(0.0), max_new_tokens=8))]
+    assert [e.token for e in events if isinstance(e, TokenSample)] == [10, 0]
+    assert _generate_calls(fake)[-1]["sampling_params"].stop_token_ids == [0]
 
 
 async def test_errors_come_before_started_and_nothing_reaches_the_engine(fake, checkpoint):
@@ -308,6 +338,7 @@ async def test_closing_the_stream_aborts_the_request(fake, checkpoint):
     assert ("abort", 1) in fake.calls
 
 
+@pytest.mark.slow
 def test_a_gpu_image_never_imports_llama_cpp(checkpoint):
     """The GPU worker's modules import with llama_cpp made unimportable, and it is never loaded."""
     script = f"""

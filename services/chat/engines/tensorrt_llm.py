@@ -1,117 +1,397 @@
-"""Chat on NVIDIA GPUs with TensorRT-LLM's LLM API (PyTorch backend, Hugging Face checkpoint).
+"""Chat on NVIDIA GPUs with TensorRT-LLM's LLM API (PyTorch backend, Hugging Face checkpoint), pinned to 1.2.1.
 
-Selected with `engine: tensorrt_llm` in the configuration; `tensorrt_llm` is imported only here, when the engine is
-constructed, so CPU machines never need it. TensorRT-LLM batches in flight by itself, so this engine admits up to
-`max_batch_size` concurrent requests instead of one; a session's tokens get a raised KV-cache retention priority
-for its idle timeout, and `cache_salt` keeps one API key's cached blocks from ever serving another.
+Selected with `engine: tensorrt_llm`; `tensorrt_llm` is imported only when the engine is constructed, and this
+module imports no other engine, so a GPU image never loads llama.cpp. Everything that is not library-specific
+(sessions and transcripts, tools, `n`, stop strings, the context budget, the error order) lives in the generation
+layer above (services/chat/generator.py); this adapter maps one `EngineRun` onto one `generate_async` call:
 
-Not verified on CPU: no GPU is available to ARK's CI (see docs/engines.md); its test skips with the reason.
+- the prompt is the layer's token ids (a session's raw transcript tokens included), never re-rendered here;
+- `n` → `SamplingParams.n`, each `CompletionOutput.index` a choice; `n > 1` at temperature 0 is refused (400):
+  greedy sampling would return `n` copies, and TensorRT-LLM asks for sampling there;
+- temperature 0 → greedy (`top_k=1`); `max_tokens` is always set (TensorRT-LLM's default is 32);
+- logprobs → `SamplingParams.logprobs` (the top count), read from `CompletionOutput.logprobs_diff`;
+- `logit_bias` → a logits processor adding the biases to the logits in place;
+- JSON modes and tools → the layer's llguidance grammar as `GuidedDecodingParams(grammar=...)`, with
+  `guided_decoding_backend="llguidance"` on the `LLM` (without it the grammar would be ignored);
+- `cached_tokens` → `RequestOutput.cached_tokens` of the first output, reported before any token;
+- `cache_salt` → the API key's hash, or None without one (an empty salt is not "no salt");
+- sessions → a `KvCacheRetentionConfig` raising the priority of the prompt's and the reply's blocks for the
+  session's idle timeout, with `KvCacheConfig(enable_block_reuse=True, host_cache_size=...)` so they survive
+  other traffic on the GPU or in host memory;
+- end of generation: the end token is reported as a sample (it belongs to the transcript) even though
+  TensorRT-LLM leaves it out of `token_ids`;
+- 1.2.1's default sampler (`TorchSampler`) ignores min_p, per-request seeds and the three penalties: a request
+  setting them is refused (400, naming the parameter) unless the model runs `sampler_type: TRTLLMSampler`, which
+  honours them.
+
+Checked on CPU against a stub built from the recorded 1.2.1 API (tests/unit/test_tensorrt_llm_engine.py); not run
+on a GPU here (docs/architecture.md says which parts are verified how).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+import json
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from services.chat.engines.base import ChatEngine, EngineEvent, EngineRun, PromptReuse, SequenceEnd, TokenSample
-from services.common.config import ModelConfig, resolve_model_path
-from services.common.errors import UnavailableError, UnsupportedParameterError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-_END = {"stop": "eog", "length": "length"}
+from services.chat.domain import GenerationRequest, Sampling
+from services.chat.engines.base import (
+    ChatEngine,
+    EngineEvent,
+    EngineRun,
+    PromptReuse,
+    SequenceEnd,
+    TokenSample,
+    TopLogprob,
+)
+from services.common.config import ConfigError, ModelConfig, resolve_model_path
+from services.common.errors import InvalidRequestError, UnavailableError, UnsupportedParameterError
+
+
+class TensorRTLLMChatSettings(BaseModel):
+    """`settings:` of a tensorrt_llm chat model (docs/configuration.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: Annotated[int, Field(ge=1)] = 64  # requests batched in flight
+    max_seq_len: Annotated[int, Field(ge=16)] = 8192  # prompt + completion
+    max_num_tokens: Annotated[int, Field(ge=1)] | None = None
+    host_cache_size: Annotated[int, Field(ge=0)] = 8 * 1024**3  # bytes of host memory for offloaded KV blocks
+    free_gpu_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # TensorRT-LLM's default sampler ignores min_p, seed and the penalties in 1.2.1; TRTLLMSampler applies them.
+    sampler_type: Literal["TorchSampler", "TRTLLMSampler"] = "TorchSampler"
+    # Retention priority (TensorRT-LLM's scale 0..100, default 35) of a session's blocks during its idle timeout.
+    session_priority: Annotated[int, Field(ge=36, le=100)] = 80
+    # Conversations whose transcripts the worker keeps (their KV blocks live in TensorRT-LLM's shared cache).
+    session_slots: Annotated[int, Field(ge=0)] = 4096
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    # Further `LLM(...)` arguments, passed as they are (TensorRT-LLM validates them).
+    llm_args: dict[str, Any] = {}
 
 
 class TensorRTLLMEngine(ChatEngine):
     def __init__(self, model: ModelConfig) -> None:
         try:
+            settings = TensorRTLLMChatSettings.model_validate(model.settings)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            raise ConfigError(f"models[{model.id}].settings.{where}: {error['msg']}") from None
+        try:
             import tensorrt_llm
-            from tensorrt_llm.llmapi import KvCacheConfig
+            from tensorrt_llm.llmapi import KvCacheConfig, KvCacheRetentionConfig
+            from tensorrt_llm.sampling_params import GuidedDecodingParams
+            from transformers import AutoTokenizer
         except ImportError as exc:  # pragma: no cover - depends on the machine
             raise UnavailableError(
                 "engine tensorrt_llm needs the `tensorrt-llm` package and an NVIDIA GPU (pip install '.[gpu]')"
             ) from exc
-        settings = dict(model.settings)
+        checkpoint = resolve_model_path(model.path)
         self.model_id = model.id
+        self._settings = settings
         self._tllm = tensorrt_llm
-        self._max_batch = int(settings.pop("max_batch_size", 64))
-        self._max_seq_len = int(settings.pop("max_seq_len", 8192))
-        host_cache = int(settings.pop("host_cache_size", 8 * 1024**3))
-        self._llm = tensorrt_llm.LLM(
-            model=str(resolve_model_path(model.path)),
-            backend="pytorch",
-            max_batch_size=self._max_batch,
-            max_seq_len=self._max_seq_len,
-            kv_cache_config=KvCacheConfig(enable_block_reuse=True, host_cache_size=host_cache),
-            **settings,
-        )
-        self._tokenizer = self._llm.tokenizer
-        self.max_concurrency = self._max_batch
-        self.context_window = self._max_seq_len
-        self.vocab_size = int(self._tokenizer.vocab_size)
+        self._guided_cls = GuidedDecodingParams
+        self._retention_cls = KvCacheRetentionConfig
+        self._tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        self._pieces = token_pieces(self._tokenizer)
+        self.vocab_size = len(self._pieces)
         self.eog_token = int(self._tokenizer.eos_token_id)
+        self._eog = frozenset({self.eog_token, *_generation_eos(checkpoint)})
+        self.context_window = settings.max_seq_len
+        self.max_concurrency = settings.max_batch_size
+        self.context_slots = settings.session_slots
+        extra = {"max_num_tokens": settings.max_num_tokens} if settings.max_num_tokens else {}
+        self._llm = tensorrt_llm.LLM(
+            model=str(checkpoint),
+            tensor_parallel_size=settings.tensor_parallel_size,
+            max_batch_size=settings.max_batch_size,
+            max_seq_len=settings.max_seq_len,
+            kv_cache_config=KvCacheConfig(
+                enable_block_reuse=True,
+                host_cache_size=settings.host_cache_size,
+                free_gpu_memory_fraction=settings.free_gpu_memory_fraction,
+            ),
+            # ARK's constraints are llguidance grammars (services/chat/constraints.py).
+            guided_decoding_backend="llguidance",
+            sampler_type=settings.sampler_type,
+            **extra,
+            **settings.llm_args,
+        )
 
-    def render(self, messages, *, open_turn: bool = True) -> str:
+    # -- prompt ---------------------------------------------------------------------------------------------------
+
+    def render(self, messages: Sequence[dict[str, Any]], *, open_turn: bool = True) -> str:
         return self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=open_turn, tokenize=False)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def encode_prompt(self, messages) -> list[int]:
-        return list(self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
+    def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        # Chat templates write the beginning-of-sequence token themselves where the model needs one.
+        return self.tokenize(self.render(messages))
 
     def is_eog(self, token: int) -> bool:
-        return token == self.eog_token
+        return token in self._eog
 
-    def validate(self, request) -> None:
-        if request.tools:
-            raise UnsupportedParameterError("tools are not yet available on the tensorrt_llm engine", param="tools")
+    def validate(self, request: GenerationRequest) -> None:
+        s = request.sampling
+        if s.n > 1 and s.temperature == 0:
+            raise InvalidRequestError(
+                "n > 1 needs sampling: at temperature 0 every choice would be the same greedy answer. "
+                "Set temperature above 0 or ask for one choice.",
+                param="n",
+            )
+        if self._settings.sampler_type == "TorchSampler":
+            for param in _ignored_by_torch_sampler(s):
+                raise UnsupportedParameterError(
+                    f"'{param}' is not applied by this model's sampler (TensorRT-LLM's TorchSampler); "
+                    "the model's settings.sampler_type: TRTLLMSampler applies it.",
+                    param=param,
+                )
 
-    def _guided(self, job: EngineRun) -> Any:
-        """JSON modes through TensorRT-LLM's guided decoding."""
-        from tensorrt_llm.sampling_params import GuidedDecodingParams
+    # -- generation -----------------------------------------------------------------------------------------------
 
-        if job.constraint is None:
-            return None
-        return GuidedDecodingParams(grammar=job.constraint.grammar)  # llguidance Lark
-
-    def _sampling(self, job: EngineRun) -> Any:
+    def sampling_params(self, job: EngineRun) -> Any:
+        """The `SamplingParams` of one run."""
         s = job.sampling
-        return self._tllm.SamplingParams(
-            n=max(1, job.n),
-            logprobs=s.top_logprobs if s.logprobs else None,
-            guided_decoding=self._guided(job),
-            max_tokens=job.max_new_tokens,  # always explicit: TensorRT-LLM's default is 32
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            seed=s.seed,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            repetition_penalty=s.repetition_penalty,
-        )
+        kwargs: dict[str, Any] = {
+            "n": job.n,
+            "max_tokens": job.max_new_tokens,  # always explicit: TensorRT-LLM's default is 32
+            "end_id": self.eog_token,
+            "stop_token_ids": sorted(self._eog - {self.eog_token}) or None,
+            "detokenize": False,  # the layer assembles text from the tokens' bytes
+        }
+        if s.temperature == 0:
+            kwargs["top_k"] = 1  # greedy
+        else:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        if self._settings.sampler_type == "TRTLLMSampler":
+            kwargs.update(
+                seed=s.seed,
+                min_p=s.min_p,
+                presence_penalty=s.presence_penalty or None,
+                frequency_penalty=s.frequency_penalty or None,
+                repetition_penalty=s.repetition_penalty,
+            )
+        if s.logprobs:
+            kwargs["logprobs"] = max(1, s.top_logprobs)
+        if s.logit_bias:
+            kwargs["logits_processor"] = LogitBias(s.logit_bias)
+        if job.constraint is not None:
+            kwargs["guided_decoding"] = self._guided_cls(grammar=job.constraint.grammar)
+        return self._tllm.SamplingParams(**kwargs)
+
+    def retention(self, seconds: float) -> Any:
+        """Keep a session's blocks (prompt and reply) at raised priority for `seconds`; None: the default policy."""
+        if seconds <= 0:
+            return None
+        duration = timedelta(seconds=seconds)
+        priority = self._settings.session_priority
+        whole = self._retention_cls.TokenRangeRetentionConfig(0, None, priority, duration)
+        return self._retention_cls([whole], priority, duration)
 
     async def run(self, job: EngineRun) -> AsyncIterator[EngineEvent]:
         result = self._llm.generate_async(
             list(job.prompt),
-            sampling_params=self._sampling(job),
+            sampling_params=self.sampling_params(job),
             streaming=True,
+            kv_cache_retention_config=self.retention(job.retention_seconds),
             cache_salt=job.cache_salt or None,
         )
-        reported = False
+        top = job.sampling.top_logprobs if job.sampling.logprobs else 0
+        last: dict[int, int] = {}
+        ended: set[int] = set()
+        reported = finished = False
+        generated: list[int] = []  # sequence 0's tokens: with the prompt, what a session's context now covers
         try:
             async for output in result:
+                finished = bool(output.finished)
                 if not reported:
-                    yield PromptReuse(int(getattr(output, "cached_tokens", 0) or 0))
+                    yield PromptReuse(int(output.cached_tokens or 0))
                     reported = True
                 for completion in output.outputs:
-                    for token in completion.token_ids_diff:
-                        yield TokenSample(completion.index, token, self._tokenizer.decode([token]).encode())
-                    if completion.finish_reason:
-                        yield SequenceEnd(completion.index, _END.get(completion.finish_reason, "eog"))
+                    index = completion.index
+                    if index in ended or index in job.stopped:
+                        continue
+                    logprobs = completion.logprobs_diff if job.sampling.logprobs else None
+                    for position, token in enumerate(completion.token_ids_diff):
+                        last[index] = token
+                        if index == 0:
+                            generated.append(token)
+                        yield self._sample(index, token, logprobs[position] if logprobs else None, top)
+                    reason = completion.finish_reason
+                    if reason == "length":
+                        ended.add(index)
+                        yield SequenceEnd(index, "length")
+                    elif reason == "stop":
+                        ended.add(index)
+                        if not self.is_eog(last.get(index, -1)):
+                            end = completion.stop_reason if isinstance(completion.stop_reason, int) else None
+                            end = end if end is not None else self.eog_token
+                            if index == 0:
+                                generated.append(end)
+                            yield self._sample(index, end, None, 0)
+                        yield SequenceEnd(index, "eog")
+                if job.abort.is_set() or len(ended | job.stopped) >= job.n:
+                    break
         except (asyncio.CancelledError, GeneratorExit):
             result.abort()
             raise
+        finally:
+            if isinstance(job.context, _SessionContext):
+                job.context.tokens = (*job.prompt, *generated)
+        if not finished:
+            result.abort()  # the layer needs no more tokens: free the batch slot and the blocks now
+
+    def _sample(self, index: int, token: int, entry: dict[int, Any] | None, top: int) -> TokenSample:
+        if entry is None:
+            return TokenSample(index, token, self._pieces[token])
+        chosen = entry.get(token)
+        ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:top]
+        return TokenSample(
+            index,
+            token,
+            self._pieces[token],
+            logprob=chosen.logprob if chosen is not None else None,
+            top=tuple(TopLogprob(t, self._pieces[t], lp.logprob) for t, lp in ranked),
+        )
+
+    # -- per-context state --------------------------------------------------------------------------------------
+    # TensorRT-LLM keeps every KV block in one shared cache (GPU, then host memory) and finds them again by prefix,
+    # so a conversation's "context" here is only the list of tokens its blocks cover. Saving one to ARK's tiers
+    # keeps that list and the transcript (so raw tokens are still replayed); the blocks stay TensorRT-LLM's, and
+    # ones it has evicted are recomputed, which changes cost, never output.
+
+    def new_context(self) -> Any:
+        return _SessionContext()
+
+    def reset_context(self, context: Any) -> None:
+        context.tokens = ()
+
+    def context_tokens(self, context: Any) -> Sequence[int]:
+        return context.tokens
+
+    def export_state(self, context: Any) -> bytes | None:
+        return _IN_ENGINE_CACHE if context.tokens else None
+
+    def import_state(self, context: Any, data: bytes, tokens: Sequence[int]) -> bool:
+        if data != _IN_ENGINE_CACHE:
+            return False
+        context.tokens = tuple(tokens)
+        return True
 
     async def close(self) -> None:
         self._llm.shutdown()
+
+
+# What a saved state holds: nothing but the marker; its blocks live (or were evicted) in TensorRT-LLM's cache.
+_IN_ENGINE_CACHE = b"tensorrt_llm:kv-cache"
+
+
+class _SessionContext:
+    """One conversation's place: the tokens whose KV blocks TensorRT-LLM's shared cache was last given."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self) -> None:
+        self.tokens: tuple[int, ...] = ()
+
+
+class LogitBias:
+    """OpenAI's `logit_bias` as a TensorRT-LLM logits processor: adds each bias to its token's logit in place.
+
+    A plain callable with the `LogitsProcessor.__call__` signature, as TensorRT-LLM accepts; the bias tensor is
+    built once per device and dtype.
+    """
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self._ids = list(bias)
+        self._values = [float(v) for v in bias.values()]
+        self._tensors: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+
+    def __call__(
+        self, req_id: int, logits: Any, token_ids: list[list[int]], stream_ptr: int | None, client_id: int | None
+    ) -> None:
+        import torch
+
+        key = (logits.device, logits.dtype)
+        if key not in self._tensors:
+            self._tensors[key] = (
+                torch.tensor(self._ids, dtype=torch.long, device=logits.device),
+                torch.tensor(self._values, dtype=logits.dtype, device=logits.device),
+            )
+        ids, values = self._tensors[key]
+        if stream_ptr is not None and logits.is_cuda:  # pragma: no cover - GPU only
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream_ptr)):
+                logits[..., ids] += values
+        else:
+            logits[..., ids] += values
+
+
+def _ignored_by_torch_sampler(s: Sampling) -> list[str]:
+    """The parameters set in `s` that TensorRT-LLM 1.2.1's TorchSampler accepts but does not apply."""
+    ignored = []
+    if s.seed is not None:
+        ignored.append("seed")
+    if s.min_p:
+        ignored.append("min_p")
+    if s.presence_penalty:
+        ignored.append("presence_penalty")
+    if s.frequency_penalty:
+        ignored.append("frequency_penalty")
+    if s.repetition_penalty not in (None, 1.0):
+        ignored.append("repetition_penalty")
+    return ignored
+
+
+def _generation_eos(checkpoint: Path) -> list[int]:
+    """End tokens from the checkpoint's generation_config.json (instruct models often list several)."""
+    config = checkpoint / "generation_config.json"
+    if not config.is_file():
+        return []
+    eos = json.loads(config.read_text()).get("eos_token_id")
+    return [int(t) for t in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+
+
+def token_pieces(tokenizer: Any) -> list[bytes]:
+    """Each token id's bytes, for the layer's UTF-8 assembly (a piece may end inside a character).
+
+    Byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen) spells bytes as printable characters; SentencePiece (Llama 2,
+    Mistral) writes a space as "▁" and odd bytes as "<0xNN>". Special tokens are their text.
+    """
+    size = len(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+    special = {int(i) for i in tokenizer.added_tokens_decoder}
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    byte_level = "ByteLevel" in json.dumps(decoder)
+    unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    pieces = []
+    for token_id, token in enumerate(tokens):
+        token = token or ""
+        if token_id in special:
+            pieces.append(token.encode())
+        elif byte_level:
+            pieces.append(bytes(unicode_to_byte.get(c, 0) for c in token))
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            pieces.append(bytes([int(token[3:5], 16)]))
+        else:
+            pieces.append(token.replace("\u2581", " ").encode())
+    return pieces
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE vocabularies use it)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
