@@ -83,6 +83,7 @@ format: $(VENV)/.installed ## Rewrite files with ruff
 bench: protos ## Run the benchmarks (side by side with in-process references)
 	$(BIN)/python -m bench.chat_latency
 	$(BIN)/python -m bench.transcription_latency
+	$(BIN)/python -m bench.audio_bounds
 	$(BIN)/python -m bench.embeddings_throughput
 	$(BIN)/python -m bench.session_ttft
 	$(BIN)/python -m bench.state_restore
