@@ -89,7 +89,8 @@ class TensorRTLLMEngine(ChatEngine):
             from transformers import AutoTokenizer
         except ImportError as exc:  # pragma: no cover - depends on the machine
             raise UnavailableError(
-                "engine tensorrt_llm needs the `tensorrt-llm` package and an NVIDIA GPU (pip install '.[gpu]')"
+                "engine tensorrt_llm needs the `tensorrt-llm` package and an NVIDIA GPU: "
+                "use the GPU image (deploy/docker/Dockerfile.gpu)"
             ) from exc
         checkpoint = resolve_model_path(model.path)
         self.model_id = model.id

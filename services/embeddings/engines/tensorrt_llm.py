@@ -38,7 +38,8 @@ class TensorRTLLMEngine(EmbeddingsEngine):
             from tensorrt_llm.runtime import Session, TensorInfo
         except ImportError as exc:  # pragma: no cover - depends on the machine
             raise UnavailableError(
-                "engine tensorrt_llm needs the `tensorrt-llm` package and an NVIDIA GPU (pip install '.[gpu]')"
+                "engine tensorrt_llm needs the `tensorrt-llm` package and an NVIDIA GPU: "
+                "use the GPU image (deploy/docker/Dockerfile.gpu)"
             ) from exc
         if not torch.cuda.is_available():  # pragma: no cover - GPU only
             raise UnavailableError("engine tensorrt_llm needs an NVIDIA GPU; none is visible")

@@ -70,7 +70,8 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
             from tokenizers import Tokenizer
         except ImportError as exc:  # pragma: no cover - depends on the machine
             raise UnavailableError(
-                "engine tensorrt_llm needs the `tensorrt-llm` package and an NVIDIA GPU (pip install '.[gpu]')"
+                "engine tensorrt_llm needs the `tensorrt-llm` package and an NVIDIA GPU: "
+                "use the GPU image (deploy/docker/Dockerfile.gpu)"
             ) from exc
         try:
             settings = TensorRTLLMWhisperSettings.model_validate(model.settings)
