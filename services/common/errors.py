@@ -14,6 +14,8 @@ ERROR_DOMAIN = "ark.dev"
 # Longest client-supplied string an error message quotes (a model name, a parameter name or value): a request may
 # carry megabytes in one field, and an error must never echo them back.
 MAX_QUOTED_CHARS = 256
+# Longest message an error carries: the last bound, for a message that quotes a client's string without clip().
+MAX_MESSAGE_CHARS = 2048
 
 
 def clip(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
@@ -40,6 +42,7 @@ class ArkError(Exception):
         code: str | None = None,
         retry_after: int | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         self.param = None if param is None else clip(param)

@@ -75,3 +75,8 @@ def test_an_error_may_overrule_its_status():
 
     assert error_headers(Poison("x"))["x-should-retry"] == "false"
     assert error_headers(Transient("x"))["x-should-retry"] == "true"
+
+
+def test_no_error_message_grows_past_its_bound_whatever_it_quotes():
+    err = InvalidRequestError(f"Invalid language '{'x' * 100_000}'.", param="language")
+    assert len(err.message) < 2100 and len(str(err)) < 2100
