@@ -2,7 +2,7 @@
 
 The `gpu` extra must resolve for CPython 3.12 on Linux x86_64 (TensorRT-LLM's only wheels) together with ARK's
 own dependencies; the GPU image's base tag, the recorded API and the constraints file must name the same release.
-The resolver check asks PyPI for package metadata (uv, about 5 s with a warm cache): an unreachable index fails
+The resolver check asks PyPI for package metadata (uv: 11 s warm, 13 s cold on this machine): an unreachable index fails
 with a message saying so, never as a dependency conflict.
 """
 
