@@ -67,8 +67,9 @@ class TensorRTLLMChatSettings(BaseModel):
     sampler_type: Literal["TorchSampler", "TRTLLMSampler"] = "TorchSampler"
     # Retention priority (TensorRT-LLM's scale 0..100, default 35) of a session's blocks during its idle timeout.
     session_priority: Annotated[int, Field(ge=36, le=100)] = 80
-    # Conversations whose transcripts the worker keeps (their KV blocks live in TensorRT-LLM's shared cache).
-    session_slots: Annotated[int, Field(ge=0)] = 4096
+    # Conversations kept resident (their token lists; the KV blocks live in TensorRT-LLM's shared cache). The
+    # layer matches each request against every state of its API key, so this also bounds that scan.
+    session_slots: Annotated[int, Field(ge=0)] = 64
     tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
     # Further `LLM(...)` arguments, passed as they are (TensorRT-LLM validates them).
     llm_args: dict[str, Any] = {}
