@@ -52,6 +52,8 @@ class RunningStack:
     log_dir: Path
     addresses: dict[str, str]
     output: list[str] = field(default_factory=list)
+    # The services' internal token, for tests that call a service's gRPC API directly (token_metadata()).
+    internal_token: str = ""
 
     def kill(self, name: str) -> None:
         """SIGKILL one process of the stack (`chat-1`, `registry`, …), as a crash would."""
@@ -99,6 +101,7 @@ def start_stack(
 ) -> RunningStack:
     """Run `python -m services.launcher up` with every port moved to a free one; wait until it is ready."""
     api_key, other_api_key = f"sk-test-{secrets.token_hex(8)}", f"sk-other-{secrets.token_hex(8)}"
+    internal_token = secrets.token_urlsafe(32)
     chat = [f"chat-{i + 1}" for i in range(chat_workers)]
     services = ["registry", *chat, "embeddings", "transcription"]
     names = [*services, *(f"{s}-metrics" for s in services), "edge", "envoy", "envoy-admin"]
@@ -113,6 +116,7 @@ def start_stack(
     env = {
         **os.environ,
         "ARK__AUTH__API_KEYS": f"[{api_key}, {other_api_key}]",
+        "ARK__SERVICES__INTERNAL_TOKEN": internal_token,  # what the launcher would generate, known to the tests
         "ARK_PORT": port("envoy"),  # the public port
         "ARK__ENVOY__ADMIN_PORT": port("envoy-admin"),
         "ARK__EDGE__PORT": port("edge"),
@@ -151,4 +155,5 @@ def start_stack(
     if not ready.wait(timeout) or not base_url:
         process.kill()
         raise RuntimeError("the stack did not start:\n" + "".join(output[-40:]))
-    return RunningStack(base_url[0], api_key, other_api_key, process, log_dir, addresses, output)
+    token = env["ARK__SERVICES__INTERNAL_TOKEN"]
+    return RunningStack(base_url[0], api_key, other_api_key, process, log_dir, addresses, output, token)
