@@ -11,6 +11,7 @@ import re
 import uuid
 from collections.abc import Iterable
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.errors import error_response, internal_error, request_id_of
@@ -78,6 +79,8 @@ class LastResortMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return  # the client left while its body was being read: nobody to answer
         except Exception as exc:  # the point of this middleware
             if started:
                 log.exception("error after the response started, request %s", request_id_of(scope), exc_info=exc)

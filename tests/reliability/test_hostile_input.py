@@ -284,6 +284,16 @@ def test_through_envoy_a_bug_hurts_no_other_clients_request(front):
     assert {status for path, status in results if path != "/v1/models"} == {500}
 
 
+def test_a_client_that_leaves_mid_body_is_not_an_error(front, caplog):
+    port = int(front.edge_url.rpartition(":")[2])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: ark\r\nAuthorization: Bearer {KEY}\r\n"
+        sock.sendall(head.encode() + b"Content-Type: application/json\r\nContent-Length: 10000\r\n\r\n{")
+    _wait(lambda: httpx.get(f"{front.edge_url}/v1/models", headers=AUTH).status_code == 200, 10, "the edge")
+    time.sleep(0.2)  # let the abandoned request finish
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
 # -- headers --------------------------------------------------------------------------------------------------------
 
 
