@@ -4,6 +4,8 @@ Same model file, same settings, same prompts (greedy, so both sides generate the
 between the two so that machine noise hits both alike. Reports, per side, the median time to first token (TTFT)
 and decode speed, and the ratios the foundation issue sets goals for:
     decode through ARK >= 0.95x in-process;  stateless TTFT overhead <= 10 ms.
+A constrained side (`response_format` json_schema, the same prompts) measures what the constraint engine costs:
+    constrained decode >= 0.90x unconstrained decode through ARK.
 
     .venv/bin/python -m bench.chat_latency [--rounds 8] [--max-tokens 128]
 """
@@ -61,7 +63,18 @@ def run_in_process(llama: llama_cpp.Llama, messages, max_tokens: int) -> tuple[f
     return first - start, (tokens - 1) / (last - first), tokens
 
 
-def run_through_ark(http: httpx.Client, base_url: str, key: str, messages, max_tokens: int) -> tuple[float, float, int]:
+# An open-ended string field keeps the constrained output going for the whole token budget, like the stories.
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string", "maxLength": 80}, "story": {"type": "string"}},
+    "required": ["title", "story"],
+    "additionalProperties": False,
+}
+
+
+def run_through_ark(
+    http: httpx.Client, base_url: str, key: str, messages, max_tokens: int, *, constrained: bool = False
+) -> tuple[float, float, int]:
     """TTFT (s) to the first content chunk, decode tokens/s, tokens — over real HTTP/SSE."""
     body = {
         "model": "gpt-4o",
@@ -72,6 +85,8 @@ def run_through_ark(http: httpx.Client, base_url: str, key: str, messages, max_t
         "stream_options": {"include_usage": True},
         "session": "none",  # stateless, like the in-process reference: the figure the issue sets a goal for
     }
+    if constrained:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
     start = time.perf_counter()
     first = last = 0.0
     tokens = 0
@@ -101,17 +116,26 @@ def main() -> None:
     model = load_config(env={}).models_for(Capability.CHAT)[0]
     llama = llama_cpp.Llama(model_path=str(resolve_model_path(model.path)), verbose=False, **model.settings)
     stack = start_stack(Path(tempfile.mkdtemp(prefix="ark-bench-")))
-    results: dict[str, list[tuple[float, float, int]]] = {"in-process": [], "ARK": [], "ARK edge": []}
+    results: dict[str, list[tuple[float, float, int]]] = {
+        "in-process": [],
+        "ARK": [],
+        "ARK edge": [],
+        "ARK schema": [],
+    }
     edge_url = f"http://{stack.addresses['edge']}/v1"  # the in-cluster port, without Envoy in front
     try:
         with httpx.Client(timeout=300) as http:
             warm = prompts(1)[0]
             run_in_process(llama, warm, 8)
             run_through_ark(http, stack.base_url, stack.api_key, warm, 8)
+            run_through_ark(http, stack.base_url, stack.api_key, warm, 8, constrained=True)  # compiles, caches
             for messages in prompts(args.rounds):
                 results["in-process"].append(run_in_process(llama, messages, args.max_tokens))
                 results["ARK"].append(run_through_ark(http, stack.base_url, stack.api_key, messages, args.max_tokens))
                 results["ARK edge"].append(run_through_ark(http, edge_url, stack.api_key, messages, args.max_tokens))
+                results["ARK schema"].append(
+                    run_through_ark(http, stack.base_url, stack.api_key, messages, args.max_tokens, constrained=True)
+                )
     finally:
         stack.stop()
 
@@ -129,6 +153,8 @@ def main() -> None:
     edge_overhead = (med("ARK edge", 0) - med("in-process", 0)) * 1000
     edge_ratio = med("ARK edge", 1) / med("in-process", 1)
     print(f"edge port without Envoy: TTFT {edge_overhead:+.1f} ms, decode {edge_ratio:.3f}x")
+    constrained = med("ARK schema", 1) / med("ARK", 1)
+    print(f"decode ratio json_schema / unconstrained through ARK: {constrained:.3f}x   (goal >= 0.90x)")
 
 
 if __name__ == "__main__":

@@ -64,25 +64,24 @@ class _Choice:
 
     text: list[str] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
-    call_id: str = ""
-    call_name: str = ""
-    call_arguments: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # tool calls by index, as they assemble
     finish_reason: str | None = None
 
     def message(self) -> dict[str, Any]:
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": "".join(self.text) if not self.call_id else None,
+            "content": "".join(self.text) if not self.calls else None,
             "refusal": None,
             "annotations": [],
         }
-        if self.call_id:
+        if self.calls:
             message["tool_calls"] = [
                 {
-                    "id": self.call_id,
+                    "id": call["id"],
                     "type": "function",
-                    "function": {"name": self.call_name, "arguments": "".join(self.call_arguments)},
+                    "function": {"name": call["name"], "arguments": "".join(call["arguments"])},
                 }
+                for _, call in sorted(self.calls.items())
             ]
         return message
 
@@ -207,9 +206,10 @@ class ChatCompletions:
                     choice.text.append(d.text)
                     choice.logprobs += translate.logprobs_to_json(d.logprobs)
                     for call in d.tool_calls:
-                        choice.call_id = choice.call_id or call.id
-                        choice.call_name = choice.call_name or call.function_name
-                        choice.call_arguments.append(call.arguments_delta)
+                        assembled = choice.calls.setdefault(call.index, {"id": "", "name": "", "arguments": []})
+                        assembled["id"] = assembled["id"] or call.id
+                        assembled["name"] = assembled["name"] or call.function_name
+                        assembled["arguments"].append(call.arguments_delta)
                 elif kind == "finished":
                     f = message.finished
                     choices.setdefault(f.choice_index, _Choice()).finish_reason = _finish(f)
@@ -298,7 +298,8 @@ class ChatCompletions:
                         else None
                     )
                     if d.tool_calls:
-                        calls = []
+                        # One chunk per call delta, as OpenAI streams them: a call's first (index, id, type, name,
+                        # empty arguments), then its argument fragments with the index only.
                         for c in d.tool_calls:
                             call_delta: dict[str, Any] = {"index": c.index}
                             if c.id:
@@ -309,8 +310,8 @@ class ChatCompletions:
                                 }
                             else:
                                 call_delta["function"] = {"arguments": c.arguments_delta}
-                            calls.append(call_delta)
-                        yield chunk(d.choice_index, {"tool_calls": calls}, logprobs=logprobs)
+                            yield chunk(d.choice_index, {"tool_calls": [call_delta]}, logprobs=logprobs)
+                            logprobs = None
                     elif d.text or logprobs:
                         yield chunk(d.choice_index, {"content": d.text}, logprobs=logprobs)
                 elif kind == "finished":

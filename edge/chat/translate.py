@@ -30,6 +30,7 @@ SAMPLING_INTEGERS = {
     "n": "n",
 }
 _TOKEN_ID = re.compile(r"^[0-9]{1,20}$")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's pattern for function names
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -156,7 +157,7 @@ def request_to_proto(
         messages=[message_to_proto(i, m) for i, m in enumerate(body.messages)],
         sampling=sampling,
         response_format=_response_format(body.response_format),
-        tools=[_tool(i, t) for i, t in enumerate(body.tools or [])],
+        tools=_tools(body.tools or []),
         tool_choice=_tool_choice(body.tool_choice, bool(body.tools)),
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
@@ -218,6 +219,23 @@ def _response_format(fmt: dict[str, Any] | None) -> pb.ResponseFormat:
     )
 
 
+def _tools(tools: list[dict[str, Any]]) -> list[pb.Tool]:
+    """The tools, each a function with a valid name used once (a name is how a call says which function it is)."""
+    out: list[pb.Tool] = []
+    seen: dict[str, int] = {}
+    for i, tool in enumerate(tools):
+        converted = _tool(i, tool)
+        if converted.name in seen:
+            raise InvalidRequestError(
+                f"Invalid 'tools[{i}].function.name': the name '{converted.name}' is already used by "
+                f"tools[{seen[converted.name]}]; tool names must be unique.",
+                param=f"tools[{i}].function.name",
+            )
+        seen[converted.name] = i
+        out.append(converted)
+    return out
+
+
 def _tool(i: int, tool: dict[str, Any]) -> pb.Tool:
     if tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
         raise UnsupportedParameterError(
@@ -227,6 +245,11 @@ def _tool(i: int, tool: dict[str, Any]) -> pb.Tool:
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidRequestError(f"Missing required parameter: 'tools[{i}].function.name'.", param=f"tools[{i}]")
+    if not _TOOL_NAME.fullmatch(name):
+        raise InvalidRequestError(
+            f"Invalid 'tools[{i}].function.name': {clip(name, 64)!r} must be 1 to 64 letters, digits, '_' or '-'.",
+            param=f"tools[{i}].function.name",
+        )
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
     return pb.Tool(
         name=name,

@@ -104,9 +104,35 @@ def _parse(text: str, limits: SchemaLimits, *, param: str, where: str) -> Any:
     return schema
 
 
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` wherever an object lists its properties and says nothing else.
+
+    A function takes the arguments it declares: an undeclared one would fail the client's call. Small models also
+    tend to continue an arguments object with made-up keys when the schema leaves it open.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _closed(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(sub) for sub in out[key]]
+    if "items" in out:
+        out["items"] = _closed(out["items"])
+    return out
+
+
 def _arguments_schema(tool: Tool, index: int, limits: SchemaLimits) -> dict[str, Any]:
     where = f"tools[{index}].function.parameters"
-    schema = _parse(tool.parameters_json, limits, param=where, where=where) or {}
+    schema = _closed(_parse(tool.parameters_json, limits, param=where, where=where) or {})
     kind = schema.get("type")
     if kind is None and not any(k in schema for k in ("$ref", "anyOf", "oneOf", "allOf")):
         schema = {**schema, "type": "object"}

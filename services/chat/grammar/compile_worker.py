@@ -35,7 +35,10 @@ class ParserLimits:
     def llguidance(self) -> Any:
         import llguidance
 
-        return llguidance.LLParserLimits(**asdict(self), verbose_errors=False)
+        try:  # parser state never goes into messages a client may see
+            return llguidance.LLParserLimits(**asdict(self), verbose_errors=False)
+        except TypeError:  # llguidance before 0.7.30 (TensorRT-LLM 1.2.1 pins 0.7.29) has no such switch
+            return llguidance.LLParserLimits(**asdict(self))
 
 
 class CompileRefused(Exception):
