@@ -185,3 +185,9 @@ async def test_a_compile_past_its_deadline_is_a_400_and_the_next_one_works():
         assert drive(compiler, constraint, '{"y": 2}').terminated
     finally:
         compiler.close()
+
+
+async def test_tool_arguments_take_only_the_declared_properties(compiler):
+    constraint = await compiler.build(tools_request(parallel=False))
+    assert drive(compiler, constraint, '{"name": "get_weather", "arguments": {"city": "Oslo"}}').terminated
+    assert drive(compiler, constraint, '{"name": "get_weather", "arguments": {"city": "Oslo", "type": 1}}') is None
