@@ -17,6 +17,7 @@ The quick part runs in `make test`; the tests marked `chaos` run in `make chaos`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -65,7 +66,8 @@ def faults_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
     for name in ("chat-1", "chat-2"):  # a test may leave a worker stopped
         pid = pid_serving(stack.addresses[name])
         if pid is not None:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     assert stack.stop() == 0, "ark up did not exit cleanly:\n" + "".join(stack.output[-30:])
 
 
@@ -141,7 +143,8 @@ def both_workers_ready(stack: RunningStack) -> None:
     for name in ("chat-1", "chat-2"):
         pid = pid_serving(stack.addresses[name])
         if pid is not None:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     edge = stack.metrics_url("edge")
 
     def ready() -> bool:
@@ -262,19 +265,17 @@ def test_sigkill_mid_stream_ends_the_stream_fast_quarantines_the_request_and_the
     assert complete(stack, "Say hello.").status_code == 200
 
     # The launcher restarts the worker; the edge routes to it again once it is healthy.
-    t0 = time.monotonic()
     wait_for(
         lambda: (s := launcher_status(stack)[name])["state"] == "running" and s["restarts"] == restarts_before + 1,
         180,
         "the launcher to restart the worker",
         interval=0.5,
     )
-    restarted = time.monotonic() - t0
     edge = stack.metrics_url("edge")
     wait_for(lambda: metric(edge, "ark_chat_worker_routable", worker=stack.addresses[victim]) == 1, 30, "routing to it")
     assert any(f"ark: restarting {name}" in line for line in stack.output)
     assert re.search(rf"^{name}\s+running\s+\d+\s+{restarts_before + 1}\s+-9$", ark_status(stack), re.M)
-    record("SIGKILL mid-stream", restart_and_ready_s=restarted + detected)
+    record("SIGKILL mid-stream", routed_to_again_after_kill_s=time.monotonic() - killed_at)
     served_by = set()
     for _ in range(4):
         before = metric(stack.metrics_url(victim), "ark_grpc_requests_total", method="StreamGenerateChatCompletion")
@@ -306,8 +307,10 @@ def test_sigstop_mid_stream_is_detected_and_new_requests_avoid_the_hung_worker(f
         record("SIGSTOP mid-stream", error_event_after_s=detected, slowest_other_request_s=max(latencies))
         assert detected <= 10.0, f"hang detected after {detected:.1f} s (criterion: 10 s)"
     finally:
-        os.kill(pid, signal.SIGCONT)
-    # Resumed, it answers its probes again and is routed to.
+        # Stopped for 30 s (a slow machine), the launcher has killed it as hung and started a new one.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    # Resumed (or restarted), it answers its probes again and is routed to.
     edge = stack.metrics_url("edge")
     wait_for(lambda: metric(edge, "ark_chat_worker_routable", worker=stack.addresses[victim]) == 1, 30, "routing")
 
