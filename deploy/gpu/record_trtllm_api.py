@@ -1,8 +1,8 @@
-"""Record the TensorRT-LLM API surface ARK uses, from the installed package, as JSON on stdout.
+"""Record the TensorRT-LLM API surface ARK uses, from the installed package, as JSON.
 
-Run inside the GPU image (where the real `tensorrt_llm` is installed):
+Run inside the GPU image (where the real `tensorrt_llm` is installed), from the repository root:
 
-    python deploy/gpu/record_trtllm_api.py > tests/support/trtllm_api.json
+    python deploy/gpu/record_trtllm_api.py tests/support/trtllm_api.json
 
 The result pins what ARK may call: the CPU test suite builds a stub `tensorrt_llm` from this file
 (tests/support/trtllm_stub) that refuses any keyword or attribute not recorded here, so a mapping that would fail
@@ -21,7 +21,10 @@ import re
 import sys
 import textwrap
 import typing
+from pathlib import Path
 from typing import Any
+
+DEFAULT_OUTPUT = "tests/support/trtllm_api.json"
 
 # What ARK uses: "module:Name" → how to read it. `exported_from` lists the other modules ARK imports it from.
 SPEC: dict[str, dict[str, Any]] = {
@@ -59,6 +62,7 @@ SPEC: dict[str, dict[str, Any]] = {
         "methods": ["abort", "aresult", "result"],
         "async_iterable": True,
     },
+    "tensorrt_llm.runtime:ModelRunnerCpp": {"kind": "class", "methods": ["from_dir", "generate"]},
 }
 
 _KINDS = {
@@ -190,19 +194,35 @@ def _record(obj: Any, spec: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def record() -> dict[str, Any]:
-    """The JSON document for the installed release."""
+def _keep_accepts(symbols: dict[str, Any], previous: dict[str, Any]) -> None:
+    """Carry over the names a `**kwargs` is read for (`accepts`): introspection cannot see them, the source can."""
+    for name, symbol in symbols.items():
+        for method, params in symbol.get("methods", {}).items():
+            old = previous.get(name, {}).get("methods", {}).get(method, [])
+            accepts = next((p["accepts"] for p in old if p["kind"] == "var_keyword" and "accepts" in p), None)
+            for param in params:
+                if param["kind"] == "var_keyword" and accepts is not None:
+                    param["accepts"] = accepts
+
+
+def record(previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document for the installed release (`previous`: the committed one, for `accepts`)."""
     from importlib.metadata import version
 
+    symbols = {name: _record(_load(name), spec) for name, spec in SPEC.items()}
+    _keep_accepts(symbols, (previous or {}).get("symbols", {}))
     return {
         "package": "tensorrt-llm",
         "version": version("tensorrt-llm"),
         "produced_by": "deploy/gpu/record_trtllm_api.py, by introspection of the installed package",
-        "regenerate": "python deploy/gpu/record_trtllm_api.py > tests/support/trtllm_api.json",
-        "symbols": {name: _record(_load(name), spec) for name, spec in SPEC.items()},
+        "regenerate": f"python deploy/gpu/record_trtllm_api.py {DEFAULT_OUTPUT}",
+        "symbols": symbols,
     }
 
 
 if __name__ == "__main__":
-    json.dump(record(), sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    # The file is read before it is rewritten: its `accepts` lists are carried over.
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / DEFAULT_OUTPUT
+    previous = json.loads(target.read_text()) if target.is_file() else None
+    target.write_text(json.dumps(record(previous), indent=1) + "\n")
+    print(f"wrote {target}")

@@ -68,7 +68,27 @@ def test_the_stub_checks_choices_deprecations_and_attributes(stub):
         retention.TokenRangeRetentionConfig(0, None, 80, None, "extra")
 
 
+def test_a_recorded_kwargs_takes_only_the_names_the_release_reads():
+    from tests.support.trtllm_stub import check_call
+
+    runner = "tensorrt_llm.runtime:ModelRunnerCpp"
+    bound = check_call(runner, "generate", ([1, 2],), {"max_new_tokens": 4, "num_beams": 1})
+    assert bound["batch_input_ids"] == [1, 2] and bound["num_beams"] == 1
+    with pytest.raises(TypeError, match="'beam_width'"):
+        check_call(runner, "generate", ([1, 2],), {"beam_width": 1})  # the release would ignore it silently
+    with pytest.raises(TypeError, match="positional"):
+        check_call(runner, "from_dir", ("/engine", True), {})
+
+
 # -- the generator script, on local classes of each kind ------------------------------------------------------------
+
+
+def test_the_generator_keeps_the_names_a_kwargs_is_read_for():
+    rec = _recorder()
+    symbols = {"m:C": {"methods": {"f": [{"name": "kwargs", "kind": "var_keyword", "required": False}]}}}
+    previous = {"m:C": {"methods": {"f": [{"kind": "var_keyword", "accepts": ["a"]}]}}}
+    rec._keep_accepts(symbols, previous)
+    assert symbols["m:C"]["methods"]["f"][0]["accepts"] == ["a"]
 
 
 def _recorder():

@@ -99,16 +99,31 @@ def test_an_engine_built_like_tensorrt_llms_example_bounds_the_prompt_and_the_ou
     assert tight.fit([50361, 1000, 1001], prefix, _settings())[0] == prefix, "no room: the prompt is dropped whole"
 
 
+RUNNER = "tensorrt_llm.runtime:ModelRunnerCpp"
+
+
+def test_the_runner_is_opened_with_arguments_the_release_has():
+    from services.transcription.engines.tensorrt_llm import runner_options
+    from tests.support.trtllm_stub import check_call
+
+    options = runner_options(_settings())
+    assert check_call(RUNNER, "from_dir", ("/engines/whisper",), options)["is_enc_dec"] is True
+
+
 class _FakeRunner:
-    """ModelRunnerCpp.generate's contract: output_ids hold the input, then the generated tokens."""
+    """ModelRunnerCpp.generate's contract: output_ids hold the input, then the generated tokens. Arguments are
+    checked against the recorded 1.2.1 signature (tests/support/trtllm_api.json)."""
 
     def __init__(self, next_token: int) -> None:
         self.next_token = next_token
         self.calls: list[dict] = []
 
-    def generate(self, **kwargs):
+    def generate(self, *args, **kwargs):
         import torch
 
+        from tests.support.trtllm_stub import check_call
+
+        kwargs = check_call(RUNNER, "generate", args, kwargs)
         self.calls.append(kwargs)
         prompt = kwargs["batch_input_ids"][0].tolist()
         ids = prompt + [self.next_token] * kwargs["max_new_tokens"]

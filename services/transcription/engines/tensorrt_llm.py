@@ -95,16 +95,7 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
         self._window = torch.hann_window(N_FFT).cuda()
         self._special = {name: self._tokenizer.token_to_id(f"<|{name}|>") for name in _SPECIAL}
         self._multilingual = multilingual
-        self._runner = ModelRunnerCpp.from_dir(
-            engine_dir=str(engine_dir),
-            is_enc_dec=True,
-            max_batch_size=1,
-            max_input_len=3000,
-            max_output_len=settings.max_new_tokens,
-            max_beam_width=settings.num_beams,
-            kv_cache_free_gpu_memory_fraction=settings.kv_cache_free_gpu_memory_fraction,
-            cross_kv_cache_fraction=0.5,
-        )
+        self._runner = ModelRunnerCpp.from_dir(str(engine_dir), **runner_options(settings))
         self.capabilities = EngineCapabilities(
             languages=frozenset(WHISPER_LANGUAGES) if multilingual else frozenset({"en"}),
             word_timestamps=False,
@@ -235,6 +226,19 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
 
 
 _SPECIAL = ("startoftranscript", "startofprev", "transcribe", "notimestamps", "endoftext")
+
+
+def runner_options(settings: TensorRTLLMWhisperSettings) -> dict[str, Any]:
+    """`ModelRunnerCpp.from_dir` options, as TensorRT-LLM's Whisper example sets them (one request at a time)."""
+    return {
+        "is_enc_dec": True,
+        "max_batch_size": 1,
+        "max_input_len": 3000,  # encoder frames: 30 s of audio
+        "max_output_len": settings.max_new_tokens,
+        "max_beam_width": settings.num_beams,
+        "kv_cache_free_gpu_memory_fraction": settings.kv_cache_free_gpu_memory_fraction,
+        "cross_kv_cache_fraction": 0.5,
+    }
 
 
 def language_of_token(name: str | None) -> str | None:

@@ -100,11 +100,14 @@ def check_call(qualname: str, method: str, args: tuple[Any, ...], kwargs: dict[s
     """Bind a call to a recorded method's parameters; TypeError for anything the release does not accept."""
     params = API["symbols"][qualname]["methods"][method]
     names = [p["name"] for p in params if p["kind"] != "var_keyword"]
-    if len(args) > len(names):
-        raise TypeError(f"{qualname}.{method}() takes {len(names)} positional arguments")
-    bound = dict(zip(names, args, strict=False))
+    positional = [p["name"] for p in params if p["kind"] in ("positional_only", "positional_or_keyword")]
+    # A recorded **kwargs lists the names the release reads from it ("accepts"); others it would ignore silently.
+    extra = next((p.get("accepts", ()) for p in params if p["kind"] == "var_keyword"), ())
+    if len(args) > len(positional):
+        raise TypeError(f"{qualname}.{method}() takes {len(positional)} positional arguments")
+    bound = dict(zip(positional, args, strict=False))
     for name, value in kwargs.items():
-        if name not in names:
+        if name not in names and name not in extra:
             raise TypeError(f"{qualname}.{method}() got an unexpected keyword argument {name!r}")
         bound[name] = value
     if missing := [p["name"] for p in params if p["required"] and p["name"] not in bound]:
