@@ -11,8 +11,8 @@ to holding that history, four ways, side by side:
         the device.
 
 Each restore is checked: the next turn's first greedy tokens must equal those after the recompute. Saving (the
-export and the write to disk) happens when a state leaves the resident contexts, off the path of a turn; its time
-is printed apart. Goal: (c) and (d) at least 10x faster than (a).
+export and the write to disk) happens when a state leaves the resident contexts, not on its own next turn; its
+time is printed apart. Goal: (c) and (d) at least 10x faster than (a).
 
     .venv/bin/python -m bench.state_restore [--rounds 5] [--tokens 2000]
 """
@@ -182,7 +182,7 @@ def main() -> None:
         median = statistics.median(times[name])
         print(f"{label:<28} {median * 1000:10.1f} {base / median:12.1f}x")
     print(
-        f"saving, off the turn's path: export {statistics.median(saving['export']) * 1000:.1f} ms, "
+        f"saving, when a state leaves its context: export {statistics.median(saving['export']) * 1000:.1f} ms, "
         f"write to disk {statistics.median(saving['write']) * 1000:.1f} ms"
     )
     print(f"next turn's greedy tokens equal after every restore: {'yes' if answers_agree else 'NO'}")
