@@ -78,7 +78,7 @@ class _Slot:
     entry: StateEntry
     tokens: np.ndarray  # entry.tokens as an array, for fast prefix comparison
     tier: Tier
-    blob: bytes | None = None  # host tier
+    blob: bytes | bytearray | None = None  # host tier
     path: Path | None = None  # disk tier
     stamp: int = 0  # when it was stored (larger is more recent)
 
@@ -192,11 +192,13 @@ class StateTiers:
         session_id: str,
         conversation_key: str,
         tokens: Sequence[int],
-        blob: bytes,
+        blob: bytes | bytearray,
     ) -> StateEntry | None:
-        """Save a state; None when no tier can hold it (the caller will recompute, as for any lost state)."""
+        """Save a state; None when no tier can hold it (the caller will recompute, as for any lost state).
+
+        The store keeps `blob` itself (tens of MB: no copy), so the caller must not change it afterwards."""
         entry = StateEntry(uuid.uuid4().hex, api_key_hash, session_id, conversation_key, tuple(tokens), len(blob))
-        slot = _Slot(entry, np.asarray(entry.tokens, dtype=np.int64), Tier.HOST, blob=bytes(blob))  # bytes: no copy
+        slot = _Slot(entry, np.asarray(entry.tokens, dtype=np.int64), Tier.HOST, blob=blob)
         with self._lock:
             for old in self._superseded(entry, slot.tokens):
                 self._drop_locked(old)
@@ -279,7 +281,7 @@ class StateTiers:
                     best, found = rank, slot.entry
         return None if found is None or best is None else (found, best[0])
 
-    def take(self, entry_id: str) -> tuple[Tier, bytes] | None:
+    def take(self, entry_id: str) -> tuple[Tier, bytes | bytearray] | None:
         """Remove a state from the store and return it with the tier it came from (None: it is gone)."""
         with self._lock:
             tier = self._where.get(entry_id)
@@ -303,7 +305,7 @@ class StateTiers:
         TIER_HITS.labels(self._model, tier).inc()
         return tier, blob
 
-    def restore(self, entry_id: str, load: Callable[[bytes], object]) -> Tier | None:
+    def restore(self, entry_id: str, load: Callable[[bytes | bytearray], object]) -> Tier | None:
         """`take` the state and hand it to `load` (which puts it into a context), timing both for the restore
         latency metric. None when the state is gone or `load` failed (raised, or returned False; logged): the
         caller recomputes, and its context must be left empty, as a failed load should."""

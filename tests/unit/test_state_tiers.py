@@ -81,6 +81,10 @@ def test_take_returns_the_blob_and_its_tier_and_removes_it(tmp_path):
         assert store.take(old.entry_id) is None and len(store) == 0
         assert sample("ark_chat_state_tier_hits_total", store, Tier.DISK) == 1
         assert sample("ark_chat_state_tier_hits_total", store, Tier.HOST) == 1
+        exported = bytearray(b"z" * 50)  # what llama.cpp's export gives: kept as it is, not copied
+        kept = store.put(api_key_hash=KEY, session_id="s", conversation_key="", tokens=[3], blob=exported)
+        tier, blob = store.take(kept.entry_id)
+        assert tier is Tier.HOST and blob is exported
 
 
 def test_restore_loads_the_blob_and_records_latency_by_tier(tmp_path):

@@ -49,18 +49,24 @@ class ArkLlama(llama_cpp.Llama):
         """The token ids whose KV cells the context holds, in order: what `export_state()` covers."""
         return tuple(self._input_ids.tolist())
 
-    def export_state(self) -> bytes:
-        """The KV cells of `state_tokens()`, in llama.cpp's sequence-state format (opaque; see `import_state`)."""
+    def export_state(self) -> bytearray:
+        """The KV cells of `state_tokens()`, in llama.cpp's sequence-state format (opaque; see `import_state`).
+
+        A bytearray that llama.cpp writes into directly: one pass over the memory, where a ctypes buffer turned into
+        bytes would take three (zeroing, writing, copying)."""
         ctx = self._ctx.ctx
         self._ctx.kv_cache_seq_rm(_SEQ, self.n_tokens, -1)  # cells past n_tokens are stale (an aborted turn)
         size = llama_cpp.llama_state_seq_get_size(ctx, _SEQ)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, _SEQ)
+        data = bytearray(size)
+        target = (ctypes.c_uint8 * size).from_buffer(data)
+        written = llama_cpp.llama_state_seq_get_data(ctx, target, size, _SEQ)
+        del target  # releases the export of `data`'s buffer, so it can be resized
         if written == 0 and size:
             raise ArkError("llama.cpp could not serialise the context's state")
-        return ctypes.string_at(buffer, written)
+        del data[written:]
+        return data
 
-    def import_state(self, data: bytes, tokens: Sequence[int]) -> None:
+    def import_state(self, data: bytes | bytearray, tokens: Sequence[int]) -> None:
         """Replace the context's state with one from `export_state()` of a context of the same model and
         settings, covering `tokens`; the next `generate()` reuses it as it would its own prefix.
 
@@ -72,9 +78,7 @@ class ArkLlama(llama_cpp.Llama):
         self._requires_eval = True
         if len(tokens) > self._n_ctx:
             raise StateImportError(f"a saved state of {len(tokens)} tokens exceeds the context ({self._n_ctx})")
-        payload = bytes(data)  # no copy when it is bytes already
-        source = ctypes.cast(ctypes.c_char_p(payload), ctypes.POINTER(ctypes.c_uint8))
-        read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, source, len(payload), _SEQ)
+        read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), _SEQ)
         held = llama_cpp.llama_memory_seq_pos_max(memory, _SEQ) + 1
         if read == 0 or held != len(tokens):
             llama_cpp.llama_memory_clear(memory, False)
@@ -135,3 +139,10 @@ def _mask_stage(mask: Callable[[np.ndarray], None]) -> Callable[[Any], None]:
         mask(np.frombuffer(raw, dtype=_TOKEN_DATA)["logit"])
 
     return apply
+
+
+def _pointer(data: bytes | bytearray) -> Any:
+    """A uint8 pointer to the data's own buffer (no copy); it keeps `data` alive."""
+    if isinstance(data, bytearray):
+        return (ctypes.c_uint8 * len(data)).from_buffer(data)
+    return ctypes.cast(ctypes.c_char_p(bytes(data)), ctypes.POINTER(ctypes.c_uint8))
