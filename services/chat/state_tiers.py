@@ -1,16 +1,18 @@
 """Conversation state that outlives a worker's resident contexts: a host-memory tier, then a local-disk tier.
 
 When the resident contexts are full, the generation layer saves the least recently used conversation's state here
-instead of dropping it (an opaque blob from the engine, e.g. llama.cpp's KV cells of the conversation) and takes
-it back on the conversation's next turn: reading a few MB and loading them is far cheaper than recomputing
-thousands of prompt tokens. Each tier is bounded; within a tier the least recently stored state leaves first (from
-host it moves down to disk, from disk it is deleted). A state lost from every tier costs a recompute, never an
-error, so every failure here (a full disk, a vanished file) is logged and reported as "not found".
+instead of dropping it (an opaque blob from the engine, e.g. llama.cpp's KV cells of the conversation) and takes it
+back on the conversation's next turn: reading and loading tens of MB takes milliseconds, recomputing thousands of
+prompt tokens takes seconds (bench/state_restore.py). Each tier is bounded; within a tier the least recently stored
+state leaves first (from host it moves down to disk, from disk it is deleted). A state lost from every tier costs a
+recompute, never an error, so every failure here (a full disk, a vanished file) is logged and reported as "not
+found".
 
 Fair share: when a tier is full, the state that leaves is the least recent one of an API key holding more than
 `key_share` of the tier (then: more than an equal split of it), so a key that floods the worker pushes out its own
-states first and the other keys pay at most a move from host to disk, never a deletion caused by somebody else's
-flood. A key alone on the worker may use the whole tier: the share only decides who leaves when room is needed.
+states first and the other keys, while within their share, pay at most a move from host to disk, never a deletion
+caused by somebody else's flood. A key alone on the worker may use the whole tier: the share only decides who leaves
+when room is needed.
 
 States are found by content: `best_match` returns, among one API key's states, the one sharing the longest token
 prefix with a request (states never serve another key). A newly saved state supersedes the key's states whose
