@@ -43,6 +43,8 @@ pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m-instruct"
 QUEUE_WAIT_SECONDS = 3
 GRACE_SECONDS = 4
+# Long enough to be cut mid-way, short enough that a test failing midway leaves no long generation behind.
+STREAM_TOKENS = 600
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +182,7 @@ class Stream:
         return next((t for t, e in self.events if isinstance(e, dict) and "error" in e), None)
 
 
-def open_stream(stack: RunningStack, prompt: str, max_tokens: int = 600) -> Stream:
+def open_stream(stack: RunningStack, prompt: str, max_tokens: int = STREAM_TOKENS) -> Stream:
     stream = Stream()
 
     def run() -> None:
@@ -258,7 +260,7 @@ def test_sigkill_mid_stream_ends_the_stream_fast_quarantines_the_request_and_the
     assert detected <= 2.0, f"error event {detected:.2f} s after the kill (criterion: 2 s)"
 
     # The request the worker was processing is refused for a while, and says not to retry it.
-    again = complete(stack, prompt, max_tokens=3000)
+    again = complete(stack, prompt, max_tokens=STREAM_TOKENS)  # the same request, not streamed this time
     assert again.status_code == 500 and again.json()["error"]["code"] == "request_quarantined"
     assert again.headers["x-should-retry"] == "false" and again.headers.get("x-request-id")
     # Innocent requests are served meanwhile (by the other worker).
