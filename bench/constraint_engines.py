@@ -157,8 +157,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1: robust to a busy machine)")
     args = parser.parse_args()
-    llama = llama_cpp.Llama(str(resolve_model_path(MODEL)), n_ctx=2048, n_threads=2, verbose=False)
+    llama = llama_cpp.Llama(str(resolve_model_path(MODEL)), n_ctx=2048, n_threads=args.threads, verbose=False)
     prompt = llama.tokenize(
         f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n".encode(), add_bos=False, special=True
     )
