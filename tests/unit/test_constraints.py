@@ -191,3 +191,52 @@ async def test_tool_arguments_take_only_the_declared_properties(compiler):
     constraint = await compiler.build(tools_request(parallel=False))
     assert drive(compiler, constraint, '{"name": "get_weather", "arguments": {"city": "Oslo"}}').terminated
     assert drive(compiler, constraint, '{"name": "get_weather", "arguments": {"city": "Oslo", "type": 1}}') is None
+
+
+# What clients send, as they send it (literal outputs of the libraries' schema generators).
+LANGCHAIN_BIND_TOOLS = {  # langchain-openai bind_tools([GetWeather]) for a pydantic model with an optional enum
+    "properties": {
+        "city": {"description": "The city, e.g. Paris", "type": "string"},
+        "unit": {"anyOf": [{"enum": ["celsius", "fahrenheit"], "type": "string"}, {"type": "null"}], "default": None},
+    },
+    "required": ["city"],
+    "type": "object",
+}
+NODE_ZOD = {  # openai-node zodResponseFormat / zodFunction: draft-07, nullable as a type list, definitions
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "when": {"type": ["string", "null"], "format": "date"},
+        "tags": {"type": "array", "items": {"$ref": "#/definitions/tag"}},
+    },
+    "required": ["city", "when", "tags"],
+    "additionalProperties": False,
+    "definitions": {"tag": {"type": "string", "enum": ["a", "b"]}},
+}
+
+
+@pytest.mark.parametrize(
+    ("schema", "instance"),
+    [
+        (LANGCHAIN_BIND_TOOLS, '{"city": "Paris", "unit": null}'),
+        (NODE_ZOD, '{"city": "Oslo", "when": "2026-11-30", "tags": ["a"]}'),
+    ],
+)
+async def test_client_library_schemas_compile_as_tools_and_as_response_formats(compiler, schema, instance):
+    tool = Tool("get_weather", "", json.dumps(schema))
+    request = GenerationRequest(
+        "r", "m", (Message(Role.USER, "hi"),), tools=(tool,), tool_choice=ToolChoice(ToolChoiceMode.REQUIRED)
+    )
+    call = await compiler.build(request)
+    assert drive(compiler, call, '{"name": "get_weather", "arguments": ' + instance + "}") is not None
+    output = await compiler.build(schema_request(schema))
+    assert drive(compiler, output, instance).terminated
+
+
+@pytest.mark.parametrize("index", range(3))
+async def test_schemas_openai_accepts_compile(compiler, index):
+    from tests.unit.test_schema_check import OPENAI_EXAMPLES
+
+    constraint = await compiler.build(schema_request(OPENAI_EXAMPLES[index]))
+    assert constraint.matcher() is not None
