@@ -1,0 +1,146 @@
+"""The edge's chat worker pool against real gRPC chat servers in-process (the real servicer and generation layer;
+a fake engine below them, which can hold its tokens): when a request moves to another worker, when it never does.
+
+The same rules on real processes killed and stopped: tests/reliability/test_process_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from ark.chat.v1 import chat_service_pb2 as pb
+from edge.chat_workers import ChatWorkers, WorkerPolicy
+from services.chat.generator import Generator
+from services.chat.servicer import chat_service
+from services.common.errors import OverloadedError, QuarantinedRequestError, UnavailableError, WorkerFailedError
+from services.common.server import create_server, mark_serving
+from services.common.shutdown import ShutdownGuard
+from tests.unit.test_generator import FakeEngine
+
+pytestmark = pytest.mark.integration
+
+POLICY = WorkerPolicy(probe_interval=0.1, probe_timeout=0.5, hang_after=1.0, first_event_timeout=10, event_timeout=10)
+
+
+@dataclass
+class Worker:
+    address: str
+    server: grpc.aio.Server
+    engine: FakeEngine
+    generator: Generator
+    shutdown: ShutdownGuard
+
+
+async def _worker(max_queue: int = 4) -> Worker:
+    engine = FakeEngine()
+    engine.hold = asyncio.Event()
+    engine.hold.set()
+    generator = Generator(engine, max_queue=max_queue)
+    service = chat_service({"fake": generator})
+    shutdown = ShutdownGuard()
+    server, port, health = create_server([service], "127.0.0.1:0", shutdown=shutdown)
+    await server.start()
+    await mark_serving(health, [service.name])
+    return Worker(f"127.0.0.1:{port}", server, engine, generator, shutdown)
+
+
+@pytest.fixture
+async def two_workers() -> AsyncIterator[tuple[Worker, Worker, ChatWorkers]]:
+    a, b = await _worker(), await _worker()
+    pool = ChatWorkers([a.address, b.address], POLICY)
+    pool.start()
+    yield a, b, pool
+    await pool.close()
+    for w in (a, b):
+        w.engine.hold.set()
+        await w.server.stop(None)
+
+
+def _request(text: str) -> pb.StreamGenerateChatCompletionRequest:
+    return pb.StreamGenerateChatCompletionRequest(
+        request_id=f"req_{text}", model="fake", messages=[pb.ChatMessage(role=pb.ROLE_USER, content=text)]
+    )
+
+
+async def _text(pool: ChatWorkers, request: pb.StreamGenerateChatCompletionRequest) -> str:
+    stream = await pool.open_stream(request)
+    try:
+        return "".join([m.delta.text async for m in stream if m.WhichOneof("event") == "delta"])
+    finally:
+        stream.cancel()
+
+
+async def test_a_queued_request_moves_when_its_worker_dies_but_the_running_one_does_not(two_workers):
+    a, b, pool = two_workers
+    a.engine.hold.clear()  # a's generation stops after its first token
+    running = await pool.open_stream(_request("first"))  # round robin: a
+    assert await _text(pool, _request("second")) == "Hello!"  # b
+    queued = asyncio.create_task(_text(pool, _request("third")))  # a again: queued behind "first"
+    await asyncio.sleep(0.2)
+    assert not queued.done()
+    await a.server.stop(0)  # a dies
+
+    # The queued request never started there: it moved to b and was served.
+    assert await asyncio.wait_for(queued, 10) == "Hello!"
+    # The running one ends with worker_failed, not retried...
+    with pytest.raises(WorkerFailedError) as info:
+        async for _ in running:
+            pass
+    assert info.value.should_retry is False
+    # ...and is refused for a while, wherever it would go.
+    with pytest.raises(QuarantinedRequestError):
+        await pool.open_stream(_request("first"))
+    # The dead worker is out of rotation: every request now goes to b, at once.
+    for i in range(3):
+        assert await asyncio.wait_for(_text(pool, _request(f"after {i}")), 5) == "Hello!"
+    # a only ever ran "first"; b ran the rest, "third" included, each once.
+    assert len(a.engine.runs) == 1 and len(b.engine.runs) == 5
+
+
+async def test_a_worker_refusing_for_load_passes_the_request_to_the_next():
+    a, b = await _worker(max_queue=0), await _worker(max_queue=0)
+    pool = ChatWorkers([a.address, b.address], POLICY)
+    try:
+        a.engine.hold.clear()
+        b.engine.hold.clear()
+        on_a = await pool.open_stream(_request("one"))
+        on_b = await pool.open_stream(_request("two"))
+        # Both busy with no queue: refused by a, then by b, and the client gets the 429.
+        with pytest.raises(OverloadedError):
+            await pool.open_stream(_request("three"))
+        b.engine.hold.set()
+        async for _ in on_b:
+            pass
+        # a still refuses; b has room again and takes it.
+        assert await _text(pool, _request("four")) == "Hello!"
+        on_a.cancel()
+    finally:
+        await pool.close()
+        for w in (a, b):
+            w.engine.hold.set()
+            await w.server.stop(None)
+
+
+async def test_a_worker_stopping_gracefully_hands_its_queue_over_and_ends_its_streams_with_a_status(two_workers):
+    """What serve() does on SIGTERM (services/common/shutdown.py), one step at a time."""
+    a, b, pool = two_workers
+    a.engine.hold.clear()
+    running = await pool.open_stream(_request("long"))  # a
+    assert await _text(pool, _request("short")) == "Hello!"  # b
+    queued = asyncio.create_task(_text(pool, _request("waiting")))  # a, queued
+    await asyncio.sleep(0.2)
+    a.generator._admission.close()  # the queue is refused: nothing was started, so b takes it
+    assert await asyncio.wait_for(queued, 10) == "Hello!"
+    assert a.shutdown.end_all() == 1  # the grace is over: the running stream ends with a status
+    with pytest.raises(UnavailableError) as info:
+        async for _ in running:
+            pass
+    assert info.value.code == "server_shutting_down"
+    # Not taken for a crash: the same request is not quarantined (b serves it: a refuses new work).
+    assert await _text(pool, _request("long")) == "Hello!"
+    assert len(a.engine.runs) == 1 and len(b.engine.runs) == 3
