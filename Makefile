@@ -90,6 +90,7 @@ bench: protos ## Run the benchmarks (side by side with in-process references)
 	$(BIN)/python -m bench.embeddings_throughput
 	$(BIN)/python -m bench.session_ttft
 	$(BIN)/python -m bench.state_restore
+	$(BIN)/python -m bench.multi_user_sessions
 	$(BIN)/python -m bench.session_store
 
 clean: ## Remove generated stubs and caches (keeps .venv)
