@@ -429,16 +429,58 @@ def test_sigkill_before_the_first_token(faults_stack):
     assert answered <= 2.0
 
 
+def _queue_behind(stack: RunningStack, victim: str) -> tuple[threading.Thread, list[httpx.Response]]:
+    """A request sent so that round robin puts it on `victim`, behind its running generation (or, if the victim's
+    admission refuses it for load, on the other worker: either way it must be served)."""
+    assert complete(stack, "Say hello.").status_code == 200  # the other worker
+    queued: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: queued.append(complete(stack, f"Say hi. {uuid.uuid4().hex[:6]}")))
+    thread.start()
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: metric(stack.metrics_url(victim), "ark_chat_queue_depth") == 1, 5, "a queued request")
+    return thread, queued
+
+
+@pytest.mark.chaos
+def test_sigstop_with_a_request_queued_moves_it_and_ends_the_running_stream(faults_stack):
+    """Stopped before the queued request's first token: that request moves to the other worker at the first failed
+    probe; the running stream ends with an error event within the hang bound."""
+    stack = faults_stack
+    both_workers_ready(stack)
+    running = open_stream(stack, _long_prompt())
+    assert running.first_content.wait(60)
+    victim = serving_worker(stack)
+    thread, queued = _queue_behind(stack, victim)
+    pid = pid_serving(stack.addresses[victim])
+    stopped_at = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        thread.join(60)
+        moved = time.monotonic() - stopped_at
+        assert queued and queued[0].status_code == 200, queued and queued[0].text
+        assert running.done.wait(30) and running.error is not None and running.error["code"] == "worker_failed"
+        detected = running.error_time() - stopped_at
+        record("SIGSTOP with a request queued", queued_request_served_after_s=moved, stream_error_after_s=detected)
+        assert detected <= 10.0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 @pytest.mark.chaos
 def test_sigterm_mid_stream_ends_it_within_the_grace_and_the_worker_exits(faults_stack):
+    """Also before the first token: a request queued on the stopping worker is handed to the other one."""
     stack = faults_stack
     both_workers_ready(stack)
     stream = open_stream(stack, _long_prompt(), max_tokens=4000)
     assert stream.first_content.wait(60)
     victim = serving_worker(stack)
+    thread, queued = _queue_behind(stack, victim)
     pid = pid_serving(stack.addresses[victim])
     termed_at = time.monotonic()
     os.kill(pid, signal.SIGTERM)
+    thread.join(60)
+    assert queued and queued[0].status_code == 200, queued and queued[0].text
     # New requests go to the other worker meanwhile.
     assert complete(stack, "Say hello.", timeout=30).status_code == 200
     assert stream.done.wait(GRACE_SECONDS + 30)
