@@ -260,12 +260,12 @@ class ConversationStates:
         self._saved.pop(entry_id, None)
         if self._tiers is None or not entry_id:
             return ""
-        taken = await asyncio.to_thread(self._tiers.take, entry_id)
-        if taken is None:
-            return ""
-        tier, blob = taken
-        ok = await asyncio.to_thread(self._engine.import_state, slot.context, blob, state.tokens)
-        return str(tier) if ok else ""
+        context, tokens = slot.context, state.tokens
+        # restore() takes the state out of its tier, loads it and records the restore latency (metrics).
+        tier = await asyncio.to_thread(
+            self._tiers.restore, entry_id, lambda blob: self._engine.import_state(context, blob, tokens)
+        )
+        return str(tier) if tier else ""
 
     # -- ending states ----------------------------------------------------------------------------------------------
 

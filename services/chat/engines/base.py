@@ -135,11 +135,11 @@ class ChatEngine(ABC):
         """The token ids whose state `context` currently holds."""
         return ()
 
-    def export_state(self, context: Any) -> bytes | None:
+    def export_state(self, context: Any) -> bytes | bytearray | None:
         """The context's state as bytes (to keep it outside the context), or None if the engine cannot."""
         return None
 
-    def import_state(self, context: Any, data: bytes, tokens: Sequence[int]) -> bool:
+    def import_state(self, context: Any, data: bytes | bytearray, tokens: Sequence[int]) -> bool:
         """Load state produced by `export_state` for `tokens` into `context`; False if it cannot be used."""
         return False
 

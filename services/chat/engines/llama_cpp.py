@@ -128,10 +128,10 @@ class LlamaCppEngine(ChatEngine):
     def context_tokens(self, context: ArkLlama) -> Sequence[int]:
         return context.state_tokens()
 
-    def export_state(self, context: ArkLlama) -> bytes | None:
+    def export_state(self, context: ArkLlama) -> bytearray:
         return context.export_state()
 
-    def import_state(self, context: ArkLlama, data: bytes, tokens: Sequence[int]) -> bool:
+    def import_state(self, context: ArkLlama, data: bytes | bytearray, tokens: Sequence[int]) -> bool:
         try:
             context.import_state(data, tokens)
         except StateImportError as exc:
