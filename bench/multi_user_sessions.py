@@ -113,6 +113,7 @@ class Turn:
     tier: str | None = None
     worker: str = ""
     server_ttft: float | None = None  # the worker's own time to first token (ark_metadata timings)
+    session: str = ""  # x-ark-session: new or resumed
 
 
 @dataclass
@@ -178,7 +179,13 @@ def ask(client: openai.OpenAI, messages: list[dict], max_tokens: int, extra: dic
         stream_options={"include_usage": True},
         extra_body=extra,
     )
-    seen: dict = {"worker": raw.headers.get("x-ark-worker", ""), "parts": [], "usage": None, "ark": None}
+    seen: dict = {
+        "worker": raw.headers.get("x-ark-worker", ""),
+        "session": raw.headers.get("x-ark-session", ""),
+        "parts": [],
+        "usage": None,
+        "ark": None,
+    }
     ttft = 0.0
     for chunk in raw.parse():
         if chunk.choices and chunk.choices[0].delta.content:
@@ -225,10 +232,10 @@ def run_users(
                 computed, offset = computed_tokens(server_log, offset)
                 cached = None if computed is None else max(0, prompt - computed)
             ark = seen["ark"] or {}
-            server_ttft = (ark.get("timings") or {}).get("time_to_first_token_seconds")
-            run.turns.append(
-                Turn(u, t, latency, ttft, prompt, cached, answer, ark.get("state_tier"), seen["worker"], server_ttft)
-            )
+            turn = Turn(u, t, latency, ttft, prompt, cached, answer, ark.get("state_tier"), seen["worker"])
+            turn.server_ttft = (ark.get("timings") or {}).get("time_to_first_token_seconds")
+            turn.session = seen["session"]
+            run.turns.append(turn)
             histories[u].append({"role": "assistant", "content": answer})
         now = [x for x in run.turns if x.turn == t]
         print(
@@ -391,9 +398,10 @@ def report(runs: dict[str, Run], reference: Run | None) -> None:
             tiers = Counter(t.tier or "none" for t in run.at("later"))
             workers = Counter(t.worker for t in run.turns)
             moved = sum(len({t.worker for t in run.turns if t.user == u}) > 1 for u in range(run.users))
+            sessions = sum(t.session == "new" for t in run.turns)
             print(
                 f"  {run.name}: tiers {dict(tiers)}; requests per worker {sorted(workers.values())}; "
-                f"conversations that changed worker {moved}"
+                f"conversations that changed worker {moved}; sessions created {sessions}"
             )
             for note in run.notes:
                 print(f"    {note}")
