@@ -382,10 +382,9 @@ def test_overload_at_twice_capacity_is_refused_with_retry_after(faults_stack):
 
 @pytest.mark.chaos
 def test_a_queued_request_whose_worker_dies_is_served_by_the_other(faults_stack):
-    """First of the chaos tests: the workers have served only short requests, so a request may queue (the expected
-    wait stays under the bound)."""
     stack = faults_stack
     both_workers_ready(stack)
+    _recent_requests_short(stack)
     edge = stack.metrics_url("edge")
     retried_before = metric(edge, "ark_chat_requests_retried_total")
     running = open_stream(stack, _long_prompt())
@@ -429,16 +428,25 @@ def test_sigkill_before_the_first_token(faults_stack):
     assert answered <= 2.0
 
 
-def _queue_behind(stack: RunningStack, victim: str) -> tuple[threading.Thread, list[httpx.Response]]:
+def _recent_requests_short(stack: RunningStack) -> None:
+    """Make each worker's recent requests short ones, so that its admission lets a request queue (the expected wait,
+    recent time per request times the requests ahead, stays under the bound whatever earlier tests ran)."""
+    for i in range(16):
+        assert complete(stack, f"Say hi. {i}", max_tokens=2).status_code == 200
+
+
+def _queue_behind(stack: RunningStack, victim: str) -> tuple[threading.Thread, list[httpx.Response], bool]:
     """A request sent so that round robin puts it on `victim`, behind its running generation (or, if the victim's
     admission refuses it for load, on the other worker: either way it must be served)."""
     assert complete(stack, "Say hello.").status_code == 200  # the other worker
     queued: list[httpx.Response] = []
     thread = threading.Thread(target=lambda: queued.append(complete(stack, f"Say hi. {uuid.uuid4().hex[:6]}")))
     thread.start()
-    with contextlib.suppress(AssertionError):
+    try:
         wait_for(lambda: metric(stack.metrics_url(victim), "ark_chat_queue_depth") == 1, 5, "a queued request")
-    return thread, queued
+    except AssertionError:
+        return thread, queued, False
+    return thread, queued, True
 
 
 @pytest.mark.chaos
@@ -447,10 +455,11 @@ def test_sigstop_with_a_request_queued_moves_it_and_ends_the_running_stream(faul
     probe; the running stream ends with an error event within the hang bound."""
     stack = faults_stack
     both_workers_ready(stack)
+    _recent_requests_short(stack)
     running = open_stream(stack, _long_prompt())
     assert running.first_content.wait(60)
     victim = serving_worker(stack)
-    thread, queued = _queue_behind(stack, victim)
+    thread, queued, was_queued = _queue_behind(stack, victim)
     pid = pid_serving(stack.addresses[victim])
     stopped_at = time.monotonic()
     os.kill(pid, signal.SIGSTOP)
@@ -460,7 +469,12 @@ def test_sigstop_with_a_request_queued_moves_it_and_ends_the_running_stream(faul
         assert queued and queued[0].status_code == 200, queued and queued[0].text
         assert running.done.wait(30) and running.error is not None and running.error["code"] == "worker_failed"
         detected = running.error_time() - stopped_at
-        record("SIGSTOP with a request queued", queued_request_served_after_s=moved, stream_error_after_s=detected)
+        record(
+            "SIGSTOP with a request queued",
+            queued=str(was_queued),
+            queued_request_served_after_s=moved,
+            stream_error_after_s=detected,
+        )
         assert detected <= 10.0
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -472,10 +486,11 @@ def test_sigterm_mid_stream_ends_it_within_the_grace_and_the_worker_exits(faults
     """Also before the first token: a request queued on the stopping worker is handed to the other one."""
     stack = faults_stack
     both_workers_ready(stack)
+    _recent_requests_short(stack)
     stream = open_stream(stack, _long_prompt(), max_tokens=4000)
     assert stream.first_content.wait(60)
     victim = serving_worker(stack)
-    thread, queued = _queue_behind(stack, victim)
+    thread, queued, was_queued = _queue_behind(stack, victim)
     pid = pid_serving(stack.addresses[victim])
     termed_at = time.monotonic()
     os.kill(pid, signal.SIGTERM)
@@ -489,7 +504,7 @@ def test_sigterm_mid_stream_ends_it_within_the_grace_and_the_worker_exits(faults
         assert stream.error is not None and stream.error["code"] == "server_shutting_down", stream.events[-2:]
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), GRACE_SECONDS + 15, "the worker to exit")
     exited = time.monotonic() - termed_at
-    record("SIGTERM mid-stream", stream_ended_after_s=ended, worker_exited_after_s=exited)
+    record("SIGTERM mid-stream", queued=str(was_queued), stream_ended_after_s=ended, worker_exited_after_s=exited)
     assert ended <= GRACE_SECONDS + 3
     assert exited <= GRACE_SECONDS + 10
 
