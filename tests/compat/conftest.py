@@ -98,18 +98,14 @@ def run_node_tests(stack: RunningStack, script: str) -> None:
     """Run one node:test file of tests/compat/node against the stack; fails with Node's report if any test fails."""
     node, modules = shutil.which("node"), NODE_DIR / "node_modules" / "openai"
     assert node, "node is not installed: `make test` installs it (apt-get install nodejs npm)"
-    assert modules.is_dir(), "the Node SDK is not installed: `make test` (or `make node-deps`) runs npm ci in " + str(
-        NODE_DIR
-    )
+    assert modules.is_dir(), f"no Node SDK in {NODE_DIR}: `make test` (or `make node-deps`) runs npm ci there"
     env = {**os.environ, "ARK_BASE_URL": stack.base_url, "ARK_API_KEY": stack.api_key, "ARK_JFK_PATH": str(JFK_PATH)}
-    result = subprocess.run(
-        [node, "--test", "--test-reporter=spec", "--test-timeout=300000", script],
-        cwd=NODE_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    command = [node, "--test", "--test-reporter=spec", "--test-timeout=300000", script]
+    try:
+        # Within pytest's own 600 s per test, so that a failure shows what Node reported so far.
+        result = subprocess.run(command, cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=570)
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"node --test {script} ran for over {expired.timeout} s:\n{expired.output or ''}")
     report = result.stdout + result.stderr
     assert result.returncode == 0, f"node --test {script} failed:\n{report}"
     # The spec reporter ends with its counts, each line led by a symbol: "pass 7", "fail 0".

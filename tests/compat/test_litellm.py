@@ -23,6 +23,7 @@ pytestmark = [
     pytest.mark.e2e,
     # LiteLLM's own TypedDicts, as pydantic builds their schemas when LiteLLM is first used; nothing ARK can change.
     pytest.mark.filterwarnings("ignore:.*using the `ReadOnly` qualifier:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Accessing the 'model_.* attribute on the instance is deprecated"),
 ]
 
 QUESTION = [

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.compat.conftest import run_node_tests
-from tests.support.audio import require_jfk
 
-pytestmark = [pytest.mark.e2e, require_jfk]
+pytestmark = pytest.mark.e2e
 
 
 def test_node_sdk(stack):
