@@ -127,7 +127,10 @@ CHAT_EXTENSIONS: dict[str, str] = {
     "stream_keepalive_seconds": "while the prompt is processed, send an SSE comment (`: keep-alive`) this often "
     "(default 10; 0 = off)",
     "stream_usage_every_chunk": "every chunk carries `usage` so far, not only the last one",
-    "ark_metadata": "the response (or the last chunk) carries `ark`: cached tokens, session state and timings",
+    "ark_metadata": (
+        "the response (or the last chunk) carries `ark`: cached tokens, the tier the reused state came from "
+        "(`state_tier`: `resident`, `host`, `disk` or null), session state and timings"
+    ),
 }
 
 
