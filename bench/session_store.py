@@ -125,6 +125,7 @@ def store_latency(tmp: Path) -> dict[str, float]:
 
 
 def hit_rate(tmp: Path, *, edges: int, registries: int) -> dict[str, float]:
+    tmp.mkdir(parents=True, exist_ok=True)
     stack = start_scaled_stack(tmp, edges=edges, registries=registries)
     try:
         clients = [
@@ -141,24 +142,30 @@ def hit_rate(tmp: Path, *, edges: int, registries: int) -> dict[str, float]:
             for _ in range(CONVERSATIONS)
         ]
         first_worker: dict[int, str] = {}
-        hits = later_turns = 0
+        hits = later_turns = errors = 0
         for t in range(TURNS):
             for c, client in enumerate(clients):
-                raw = client.chat.completions.with_raw_response.create(
-                    model="gpt-4o", messages=histories[c], temperature=0, max_tokens=4
-                )
+                try:
+                    raw = client.chat.completions.with_raw_response.create(
+                        model="gpt-4o", messages=histories[c], temperature=0, max_tokens=4
+                    )
+                except openai.APIStatusError as exc:  # counted, never hidden: a failed turn is not a hit
+                    errors += 1
+                    later_turns += t > 0
+                    print(f"  turn {t + 1} of conversation {c + 1}: HTTP {exc.status_code} {exc.message}")
+                    continue
                 completion = raw.parse()
                 worker = raw.headers["x-ark-worker"]
                 if t == 0:
                     first_worker[c] = worker
                 else:
                     later_turns += 1
-                    hits += worker == first_worker[c] and completion.usage.prompt_tokens_details.cached_tokens > 0
+                    hits += worker == first_worker.get(c) and completion.usage.prompt_tokens_details.cached_tokens > 0
                 histories[c] += [
                     {"role": "assistant", "content": completion.choices[0].message.content},
                     {"role": "user", "content": "And another one?"},
                 ]
-        return {"hits": hits, "turns": later_turns, "rate": hits / later_turns}
+        return {"hits": hits, "turns": later_turns, "rate": hits / later_turns, "errors": errors}
     finally:
         stack.stop_all()
 
@@ -177,9 +184,9 @@ def main() -> None:
         one = hit_rate(Path(tmp) / "one", edges=1, registries=1)
         three = hit_rate(Path(tmp) / "three", edges=3, registries=2)
         print(f"Part 2 - session hits, {CONVERSATIONS} interleaved conversations x {TURNS} turns through Envoy")
-        print(f"  {'topology':<26} {'hits':>10} {'rate':>6}")
-        print(f"  {'1 edge, 1 registry':<26} {one['hits']:>4}/{one['turns']:<5} {one['rate']:>6.0%}")
-        print(f"  {'3 edges, 2 registries':<26} {three['hits']:>4}/{three['turns']:<5} {three['rate']:>6.0%}")
+        print(f"  {'topology':<26} {'hits':>10} {'rate':>6} {'errors':>7}")
+        for name, r in (("1 edge, 1 registry", one), ("3 edges, 2 registries", three)):
+            print(f"  {name:<26} {r['hits']:>4}/{r['turns']:<5} {r['rate']:>6.0%} {r['errors']:>7}")
         ratio = three["rate"] / one["rate"] if one["rate"] else float("nan")
         print(f"  3 edges / 1 edge: {ratio:.2f}x (goal: 1.00x)")
 

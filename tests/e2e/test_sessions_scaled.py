@@ -163,6 +163,7 @@ def test_a_restarted_worker_is_a_new_epoch_and_its_placements_are_redone(scaled)
     scaled.wait_until(
         lambda: any(w.name == name and w.epoch == epoch + 1 for w in scaled.live_workers()), "the new incarnation"
     )
+    scaled.wait_ready()  # and the edges' health probes see it serve again
     raw, completion = turn(client, messages, "Name another.")
     assert raw.status_code == 200 and completion.choices[0].message.content
     assert raw.headers["x-ark-worker"] != old  # never the dead incarnation

@@ -97,12 +97,24 @@ class ScaledStack:
             time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        """Every process listening, both workers registered, and Envoy routing to an edge."""
+        """Every process listening, the workers registered, every edge routing to every worker (its health probes
+        have seen them serve), and Envoy routing to the edges."""
         for process in self.processes.values():
             self.wait_until(lambda p=process: port_in_use(p.address), f"{process.name} to listen", timeout)
         workers = len(self.names("chat-"))
         self.wait_until(lambda: len(self.live_workers()) == workers, "the workers to register", timeout)
+        for edge in self.names("edge-"):
+            self.wait_until(lambda e=edge: self._routes_to_every_worker(e), f"{edge} to route to the workers", timeout)
         self.wait_until(self._edges_ready, "Envoy to route to the edges", timeout)
+
+    def _routes_to_every_worker(self, edge: str) -> bool:
+        try:
+            text = httpx.get(f"http://{self.processes[edge].address}/metrics", timeout=2).text
+        except httpx.HTTPError:
+            return False
+        return all(
+            f'ark_chat_worker_routable{{worker="{self.processes[w].address}"}} 1.0' in text for w in self.names("chat-")
+        )
 
     def _edges_ready(self) -> bool:
         try:
@@ -143,6 +155,10 @@ def start_scaled_stack(
         "ARK__SESSIONS__WORKER_LEASE_SECONDS": str(lease_seconds),
         "ARK__SERVICES__REGISTRY__ADDRESS": registry_target,
         "ARK__SERVICES__CHAT__WORKERS": f"[{','.join(address[f'chat-{i + 1}'] for i in range(chat_workers))}]",
+        # Health probes of the workers may wait behind a prefill on this shared 2-core machine; what is tested here
+        # is placement, not the edge's failure detection (a killed worker still fails its calls at once).
+        "ARK__EDGE__WORKER_PROBE_TIMEOUT_SECONDS": "10",
+        "ARK__EDGE__WORKER_HANG_SECONDS": "60",
         # Not started: this stack serves chat only.
         "ARK__SERVICES__EMBEDDINGS__ADDRESS": address["unused"],
         "ARK__SERVICES__TRANSCRIPTION__ADDRESS": address["unused"],
