@@ -1,5 +1,4 @@
-"""A multi-user application through ARK's sessions, side by side with no sessions and with llama-cpp-python's own
-server, in one run, on the same model file.
+"""A multi-user application through ARK's sessions, without them, and through llama_cpp.server, in one run.
 
 U users (12 by default: more conversations than the two chat workers keep resident) each open a conversation with a
 document of about 1,500 tokens (numbered facts, distinct per user, generated deterministically), then ask T short
@@ -11,10 +10,12 @@ users' turns: on ARK it moves between the resident contexts and the host and dis
         shape of a web application with one global client);
     (b) ARK, one client per user: one session per user;
     (c) ARK without sessions (`extra_body={"session": "none"}`): every turn recomputes its whole history;
-    (d) llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) with its prompt cache on (`--cache true`),
-        RAM and disk variants (`--cache_type ram|disk`, default size 2 GiB): it saves the context's state after
-        each completion, keyed by its tokens, and loads the saved state sharing the longest prefix with the next
-        prompt when that beats what its single context holds.
+    (d) llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) on the chat workers' GGUF file and llama.cpp
+        settings, with its prompt cache on (`--cache true`), RAM and disk variants (`--cache_type ram|disk`,
+        default size 2 GiB): it saves the context's state after each completion, keyed by its tokens, and loads
+        the saved state sharing the longest prefix with the next prompt when that beats what its single context
+        holds. (Its disk cache takes an entry out when it looks one up, used or not: the next user's lookup
+        removes the previous user's state, so interleaved users find nothing but the shared opening.)
 
 Every ARK variant runs on a freshly started stack (as `make run` starts it: Envoy, edge, registry, two chat
 workers), so no variant finds another's states. Each request is streamed; per request it records the latency (to
@@ -26,12 +27,14 @@ from the server's own log (llama.cpp's "prompt eval … tokens" line after each 
 Goals (issue 14), at the last turns: (a) within 1.3x of (b); (a) and (b) >= 15x faster than (c) and than (d).
 
     .venv/bin/python -m bench.multi_user_sessions [--users 12] [--turns 5] [--doc-tokens 1500] [--max-tokens 16]
-                                                  [--d-users N] [--variants a,b,c,d-ram,d-disk]
+                                                  [--d-users N] [--d-disk-users N] [--variants a,b,c,d-ram,d-disk]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import random
 import re
 import statistics
@@ -452,6 +455,7 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=1500)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--d-users", type=int, default=None, help="users for (d) (default: all)")
+    parser.add_argument("--d-disk-users", type=int, default=None, help="users for (d) disk (default: --d-users)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {','.join(VARIANTS)}")
     args = parser.parse_args()
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -472,14 +476,16 @@ def main() -> None:
     runs: dict[str, Run] = {}
     for variant in chosen:
         if variant.startswith("d"):
-            users = min(args.d_users or args.users, args.users)
+            users = min((variant == "d-disk" and args.d_disk_users) or args.d_users or args.users, args.users)
             runs[variant] = run_llama_server(variant, workload, users, args.max_tokens, tmp, model)
             if users < args.users:
                 runs[variant].name += f" ({users} of {args.users} users)"
         else:
             runs[variant] = run_ark(variant, workload, args.users, args.max_tokens, tmp)
     report(runs, runs.get("c"))
-    print(f"\nwhole benchmark: {time.perf_counter() - began:.0f} s (logs under {tmp})")
+    records = {key: [dataclasses.asdict(t) for t in run.turns] for key, run in runs.items()}
+    (tmp / "turns.json").write_text(json.dumps(records, indent=1))
+    print(f"\nwhole benchmark: {time.perf_counter() - began:.0f} s (logs and every turn's record under {tmp})")
 
 
 if __name__ == "__main__":
