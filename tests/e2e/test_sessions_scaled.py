@@ -71,6 +71,20 @@ def edge_chat_requests(stack: ScaledStack) -> dict[str, float]:
     return counts
 
 
+def edges_find_session(stack: ScaledStack, cookie: str) -> bool:
+    """Every edge, asked directly, finds the session (`GET /v1/sessions/current`): it reaches a registry."""
+    for name in stack.names("edge-"):
+        response = httpx.get(
+            f"http://{stack.processes[name].address}/v1/sessions/current",
+            cookies={COOKIE: cookie},
+            headers={"authorization": f"Bearer {stack.api_key}"},
+            timeout=5,
+        )
+        if response.status_code != 200:
+            return False
+    return True
+
+
 def test_ten_turns_through_three_edges_stay_on_one_worker_and_report_reuse(scaled):
     before = edge_chat_requests(scaled)
     client = session_client(scaled)
@@ -116,6 +130,9 @@ def test_sessions_survive_both_registries_restarting(scaled):
     for name in scaled.names("registry-"):
         scaled.start(name)
     scaled.wait_ready()
+    # Each edge's channel reconnects to the registries within its reconnect backoff (at most 2 s); until then a
+    # request would be served statelessly. Wait until every edge finds the session again.
+    scaled.wait_until(lambda: edges_find_session(scaled, cookie), "the edges to reach the registries again")
     raw, completion = turn(client, messages, "Name another.")
     assert raw.headers["x-ark-session"] == "resumed" and cookie_of(client) == cookie
     assert raw.headers["x-ark-worker"] == worker
