@@ -144,11 +144,15 @@ class ChatCompletions:
         except WorkerUnavailableError:
             # The pinned worker is gone: re-place before any byte is sent; the new worker recomputes.
             placement = await self._sessions.replace(placement, api_key_hash)
-            if placement is None:
-                job.request.session.session_id = ""
-                # The failed attempt on the pinned worker was this request's one retry.
-                return Running(await self._workers.open_stream(job.request, retry=False), None)
-            return Running(await self._open_in_session(job, placement), placement)
+            if placement is not None:
+                try:
+                    return Running(await self._open_in_session(job, placement), placement)
+                except WorkerUnavailableError:
+                    pass  # the new worker is out too: session infrastructure never fails a request
+            job.request.session.session_id = ""
+            job.request.session.conversation_key = ""
+            # The failed attempt on the pinned worker was this request's one retry.
+            return Running(await self._workers.open_stream(job.request, retry=False), None)
 
     async def _open_in_session(self, job: Prepared, placement: Placement) -> ChatStream:
         job.request.session.session_id = placement.session_id

@@ -127,6 +127,9 @@ def start_stack(
             f"ARK__SERVICES__{s.upper()}__METRICS_PORT": port(f"{s}-metrics")
             for s in ("registry", "embeddings", "transcription")
         },
+        # Admission by time refuses what would wait longer than this: generous on a slow, shared test machine;
+        # tests of admission by time set their own bound.
+        "ARK__LIMITS__MAX_QUEUE_WAIT_SECONDS": "120",
         **(extra_env or {}),
     }
     env.pop("ARK_API_KEY", None)  # the keys above, whatever the developer's shell says
