@@ -63,10 +63,10 @@ def run_in_process(llama: llama_cpp.Llama, messages, max_tokens: int) -> tuple[f
     return first - start, (tokens - 1) / (last - first), tokens
 
 
-# An open-ended string field keeps the constrained output going for the whole token budget, like the stories.
+# A long required string keeps the constrained output going for the whole token budget, like the stories.
 STORY_SCHEMA = {
     "type": "object",
-    "properties": {"title": {"type": "string", "maxLength": 80}, "story": {"type": "string"}},
+    "properties": {"title": {"type": "string", "maxLength": 80}, "story": {"type": "string", "minLength": 2000}},
     "required": ["title", "story"],
     "additionalProperties": False,
 }
