@@ -47,7 +47,11 @@ CHAT_COMPLETIONS: dict[str, Param] = {
     "presence_penalty": Param(S, "-2..2"),
     "web_search_options": Param(R, "no web search"),
     "top_logprobs": Param(S, "0..20, with logprobs; streamed too"),
-    "response_format": Param(S, "`text`, `json_object`, `json_schema` (strict or not), enforced token by token by llguidance; see structured-output.md"),
+    "response_format": Param(
+        S,
+        "`text`, `json_object`, `json_schema` (strict or not), enforced token by token by llguidance; "
+        "see structured-output.md",
+    ),
     "audio": Param(R, "no audio output"),
     "store": Param(IGN, "ARK stores no completions", (None, False, True)),
     "stream": Param(S, "server-sent events"),
@@ -61,7 +65,9 @@ CHAT_COMPLETIONS: dict[str, Param] = {
     "stream_options": Param(S, "`include_usage`; `include_obfuscation` is ignored"),
     "tools": Param(S, "`function` tools (`strict` too); names unique; arguments constrained to the function's schema"),
     "tool_choice": Param(S, "`auto`, `none`, `required`, or a named function"),
-    "parallel_tool_calls": Param(S, "supported: up to `limits.structured_output.max_parallel_tool_calls` calls per turn; `false` allows one"),
+    "parallel_tool_calls": Param(
+        S, "supported: up to `limits.structured_output.max_parallel_tool_calls` calls per turn; `false` allows one"
+    ),
     "function_call": Param(R, "deprecated by OpenAI; use tools", (None, "none", "auto")),
     "functions": Param(R, "deprecated by OpenAI; use tools", (None, [])),
     "metadata": Param(IGN, "ARK stores no completions"),
