@@ -17,12 +17,14 @@ users' turns: on ARK it moves between the resident contexts and the host and dis
         holds. (Its disk cache takes an entry out when it looks one up, used or not: the next user's lookup
         removes the previous user's state, so interleaved users find nothing but the shared opening.)
 
-Every ARK variant runs on a freshly started stack (as `make run` starts it: Envoy, edge, registry, two chat
-workers), so no variant finds another's states. Each request is streamed; per request it records the latency (to
-the last chunk), the time to first token, the prompt and reused (`cached_tokens`) tokens, and for ARK the tier that
-held the reused state (`ark_metadata`) and the worker that served it (`x-ark-worker`). For (d), which reports no
-usage when streaming, the prompt tokens are counted with the model's chat template and the computed ones are read
-from the server's own log (llama.cpp's "prompt eval … tokens" line after each completion).
+Every ARK variant runs on its own freshly started stack (as `make run` starts it: Envoy, edge, registry, two chat
+workers), so no variant finds another's states; (a) and (b), whose ratio has the tightest goal, run side by side
+(both stacks up, each user's turn played on (a) then on (b)), so that the shared machine's drift hits both alike.
+Each request is streamed; per request it records the latency (to the last chunk), the time to first token, the
+prompt and reused (`cached_tokens`) tokens, and for ARK the tier that held the reused state (`ark_metadata`) and
+the worker that served it (`x-ark-worker`). For (d), which reports no usage when streaming, the prompt tokens are
+counted with the model's chat template and the computed ones are read from the server's own log (llama.cpp's
+"prompt eval … tokens" line after each completion).
 
 Goals (issue 14), at the last turns: (a) within 1.3x of (b); (a) and (b) >= 15x faster than (c) and than (d).
 
@@ -124,7 +126,7 @@ class Run:
     name: str
     users: int
     turns: list[Turn] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the sum of its requests' latencies
     notes: list[str] = field(default_factory=list)
 
     def at(self, which: str) -> list[Turn]:
@@ -203,52 +205,61 @@ def ask(client: openai.OpenAI, messages: list[dict], max_tokens: int, extra: dic
     return latency, ttft or latency, seen
 
 
-def run_users(
-    name: str,
-    workload: Workload,
-    clients: list[openai.OpenAI],
-    users: int,
-    max_tokens: int,
-    extra: dict,
-    server_log: Path | None = None,
-) -> Run:
-    """All users' turns, round robin, one request at a time."""
-    run = Run(name, users)
-    histories = [workload.opening(u) for u in range(users)]
-    offset = 0
-    started = time.perf_counter()
+@dataclass
+class Side:
+    """One variant being played: its clients, its users' histories and what was measured."""
+
+    run: Run
+    clients: list[openai.OpenAI]
+    extra: dict
+    histories: list[list[dict]]
+    server_log: Path | None = None  # llama_cpp.server's log, to read what it computed
+    offset: int = 0
+
+    def step(self, workload: Workload, u: int, t: int, max_tokens: int) -> None:
+        """User `u`'s turn `t`."""
+        history = self.histories[u]
+        if t:
+            history.append(workload.next_question(u, t))
+        latency, ttft, seen = ask(self.clients[u % len(self.clients)], history, max_tokens, self.extra)
+        answer = "".join(seen["parts"])
+        usage = seen["usage"]
+        if usage is not None:
+            prompt = usage.prompt_tokens
+            details = usage.prompt_tokens_details
+            cached = details.cached_tokens if details is not None else None
+        else:
+            prompt = workload.prompt_tokens(history)
+            cached = None
+        if self.server_log is not None:
+            computed, self.offset = computed_tokens(self.server_log, self.offset)
+            cached = None if computed is None else max(0, prompt - computed)
+        ark = seen["ark"] or {}
+        turn = Turn(u, t, latency, ttft, prompt, cached, answer, ark.get("state_tier"), seen["worker"])
+        turn.server_ttft = (ark.get("timings") or {}).get("time_to_first_token_seconds")
+        turn.session = seen["session"]
+        self.run.turns.append(turn)
+        self.run.seconds += latency
+        history.append({"role": "assistant", "content": answer})
+
+
+def play(workload: Workload, sides: list[Side], max_tokens: int) -> None:
+    """All users' turns, round robin, one request at a time; with several sides, each user's turn is played on every
+    side in a row, so that the machine's drift (it is shared) hits them alike."""
     for t in range(workload.turns + 1):
-        for u in range(users):
-            if t:
-                histories[u].append(workload.next_question(u, t))
-            latency, ttft, seen = ask(clients[u % len(clients)], histories[u], max_tokens, extra)
-            answer = "".join(seen["parts"])
-            usage = seen["usage"]
-            if usage is not None:
-                prompt = usage.prompt_tokens
-                details = usage.prompt_tokens_details
-                cached = details.cached_tokens if details is not None else None
-            else:
-                prompt = workload.prompt_tokens(histories[u])
-                cached = None
-            if server_log is not None:
-                computed, offset = computed_tokens(server_log, offset)
-                cached = None if computed is None else max(0, prompt - computed)
-            ark = seen["ark"] or {}
-            turn = Turn(u, t, latency, ttft, prompt, cached, answer, ark.get("state_tier"), seen["worker"])
-            turn.server_ttft = (ark.get("timings") or {}).get("time_to_first_token_seconds")
-            turn.session = seen["session"]
-            run.turns.append(turn)
-            histories[u].append({"role": "assistant", "content": answer})
-        now = [x for x in run.turns if x.turn == t]
-        print(
-            f"  {name}: turn {t + 1}: median latency {statistics.median(x.latency for x in now) * 1000:8.1f} ms, "
-            f"prompt ~{statistics.median(x.prompt_tokens for x in now):.0f} tokens, reused {share(now)}"
-            + (f", tiers {dict(Counter(x.tier for x in now))}" if any(x.tier for x in now) else ""),
-            flush=True,
-        )
-    run.seconds = time.perf_counter() - started
-    return run
+        for u in range(sides[0].run.users):
+            for side in sides:
+                if u < side.run.users:
+                    side.step(workload, u, t, max_tokens)
+        for side in sides:
+            now = [x for x in side.run.turns if x.turn == t]
+            print(
+                f"  {side.run.name}: turn {t + 1}: median latency "
+                f"{statistics.median(x.latency for x in now) * 1000:8.1f} ms, prompt "
+                f"~{statistics.median(x.prompt_tokens for x in now):.0f} tokens, reused {share(now)}"
+                + (f", tiers {dict(Counter(x.tier for x in now))}" if any(x.tier for x in now) else ""),
+                flush=True,
+            )
 
 
 _PROMPT_EVAL = re.compile(r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens")
@@ -278,7 +289,7 @@ def tier_metrics(stack: RunningStack, workers: int) -> str:
         text = httpx.get(stack.metrics_url(f"chat-{i + 1}"), timeout=10).text
         hits: Counter = Counter()
         evictions: Counter = Counter()
-        restore_count = 0.0
+        restore_sum = restore_count = 0.0
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 tier = sample.labels.get("tier", "")
@@ -286,37 +297,44 @@ def tier_metrics(stack: RunningStack, workers: int) -> str:
                     hits[tier] += sample.value
                 elif sample.name == "ark_chat_state_tier_evictions_total":
                     evictions[tier] += sample.value
+                elif sample.name == "ark_chat_state_restore_seconds_sum":
+                    restore_sum += sample.value
                 elif sample.name == "ark_chat_state_restore_seconds_count":
                     restore_count += sample.value
+        mean = f"{restore_sum / restore_count * 1000:.0f} ms" if restore_count else "-"
         lines.append(
             f"chat-{i + 1}: restored {dict((k, int(v)) for k, v in hits.items() if v)}, "
-            f"pushed out {dict((k, int(v)) for k, v in evictions.items() if v)}, "
-            f"restore-time observations {int(restore_count)}"
+            f"pushed out {dict((k, int(v)) for k, v in evictions.items() if v)}, mean restore {mean}"
         )
     return "; ".join(lines)
 
 
-def run_ark(variant: str, workload: Workload, users: int, max_tokens: int, tmp: Path) -> Run:
-    started = time.perf_counter()
-    stack = start_stack(tmp / f"ark-{variant}")
-    print(f"{VARIANTS[variant]} (stack up in {time.perf_counter() - started:.0f} s)", flush=True)
+def run_ark(variants: list[str], workload: Workload, users: int, max_tokens: int, tmp: Path) -> dict[str, Run]:
+    """The variants side by side, each on its own fresh stack (all of them up at once), turns interleaved."""
+    stacks: dict[str, RunningStack] = {}
     try:
-        kwargs = {"base_url": stack.base_url, "api_key": stack.api_key}
-        if variant == "a":
-            clients = [openai.OpenAI(**kwargs)]  # the default client: it keeps the session cookie
-        elif variant == "b":
-            clients = [openai.OpenAI(**kwargs) for _ in range(users)]
-        else:
-            clients = [openai.OpenAI(**kwargs)]
-        extra = {"ark_metadata": True, **({"session": "none"} if variant == "c" else {})}
-        run = run_users(VARIANTS[variant], workload, clients, users, max_tokens, extra)
-        if variant != "c":
-            run.notes.append(tier_metrics(stack, 2))
-        for client in clients:
-            client.close()
+        for variant in variants:
+            started = time.perf_counter()
+            stacks[variant] = start_stack(tmp / f"ark-{variant}")
+            print(f"{VARIANTS[variant]}: stack up in {time.perf_counter() - started:.0f} s", flush=True)
+        sides = []
+        for variant, stack in stacks.items():
+            kwargs = {"base_url": stack.base_url, "api_key": stack.api_key}
+            # (a): the default client, shared: it keeps the session cookie for every user.
+            clients = [openai.OpenAI(**kwargs) for _ in range(users if variant == "b" else 1)]
+            extra = {"ark_metadata": True, **({"session": "none"} if variant == "c" else {})}
+            histories = [workload.opening(u) for u in range(users)]
+            sides.append(Side(Run(VARIANTS[variant], users), clients, extra, histories))
+        play(workload, sides, max_tokens)
+        for variant, side in zip(stacks, sides, strict=True):
+            if variant != "c":
+                side.run.notes.append(tier_metrics(stacks[variant], 2))
+            for client in side.clients:
+                client.close()
     finally:
-        stack.stop()
-    return run
+        for stack in stacks.values():
+            stack.stop()
+    return {variant: side.run for variant, side in zip(stacks, sides, strict=True)}
 
 
 # -- llama-cpp-python's server -----------------------------------------------------------------------------------------
@@ -371,7 +389,10 @@ def run_llama_server(variant: str, workload: Workload, users: int, max_tokens: i
     print(VARIANTS[variant], flush=True)
     try:
         client = openai.OpenAI(base_url=url, api_key="none")
-        run = run_users(VARIANTS[variant], workload, [client], users, max_tokens, {}, server_log=workdir / "server.log")
+        histories = [workload.opening(u) for u in range(users)]
+        side = Side(Run(VARIANTS[variant], users), [client], {}, histories, server_log=workdir / "server.log")
+        play(workload, [side], max_tokens)
+        run = side.run
         client.close()
     finally:
         server.terminate()
@@ -385,7 +406,7 @@ def run_llama_server(variant: str, workload: Workload, users: int, max_tokens: i
 def report(runs: dict[str, Run], reference: Run | None) -> None:
     print(
         f"\n{'variant':<36} {'users':>5} {'last turn: median':>17} {'total':>9} {'TTFT':>8} "
-        f"{'later turns: median':>19} {'total':>9} {'reused':>7} {'turn 1':>8} {'run':>7}"
+        f"{'later turns: median':>19} {'total':>9} {'reused':>7} {'turn 1':>8} {'all':>7}"
     )
     for run in runs.values():
         last, later, first = run.at("last"), run.at("later"), run.at("first")
@@ -474,14 +495,20 @@ def main() -> None:
         ensure_llama_server()
     tmp = Path(tempfile.mkdtemp(prefix="ark-bench-multi-user-"))
     runs: dict[str, Run] = {}
+    # (a) and (b), whose ratio has the tightest goal, are played side by side; then (c), then each (d).
+    together = [v for v in chosen if v in ("a", "b")]
+    if together:
+        runs.update(run_ark(together, workload, args.users, args.max_tokens, tmp))
     for variant in chosen:
-        if variant.startswith("d"):
+        if variant in together:
+            continue
+        if variant == "c":
+            runs.update(run_ark(["c"], workload, args.users, args.max_tokens, tmp))
+        elif variant.startswith("d"):
             users = min((variant == "d-disk" and args.d_disk_users) or args.d_users or args.users, args.users)
             runs[variant] = run_llama_server(variant, workload, users, args.max_tokens, tmp, model)
             if users < args.users:
                 runs[variant].name += f" ({users} of {args.users} users)"
-        else:
-            runs[variant] = run_ark(variant, workload, args.users, args.max_tokens, tmp)
     report(runs, runs.get("c"))
     records = {key: [dataclasses.asdict(t) for t in run.turns] for key, run in runs.items()}
     (tmp / "turns.json").write_text(json.dumps(records, indent=1))
