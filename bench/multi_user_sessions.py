@@ -445,6 +445,16 @@ def report(runs: dict[str, Run], reference: Run | None) -> None:
                 per_turn = " ".join(f"{same[k]}/{run.users}" for k in range(max(t.turn for t in run.turns) + 1))
                 print(f"  {run.name}: greedy answers identical to (c)'s, by turn: {per_turn}")
 
+    if "a" in runs and "b" in runs:
+        pairs = list(zip(sorted(runs["a"].turns, key=_order), sorted(runs["b"].turns, key=_order), strict=True))
+        later = [(x, y) for x, y in pairs if x.turn > 0]
+        print(
+            f"  (a) against (b), turn by turn (what the machine's noise cannot move): the same reused tokens in "
+            f"{sum(x.cached_tokens == y.cached_tokens for x, y in pairs)}/{len(pairs)} requests, the same tier in "
+            f"{sum(x.tier == y.tier for x, y in later)}/{len(later)} later turns, the same answer in "
+            f"{sum(x.answer == y.answer for x, y in pairs)}/{len(pairs)}"
+        )
+
     def ratio(x: str, y: str, goal: str) -> None:
         if x not in runs or y not in runs:
             return
