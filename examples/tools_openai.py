@@ -28,14 +28,19 @@ print("tool call:", call.function.name, json.loads(call.function.arguments))
 
 schema = {
     "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    # Bounded fields: the output always fits in max_tokens, so it always parses.
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+    },
     "required": ["name", "age"],
+    "additionalProperties": False,
 }
 reply = client.chat.completions.create(
     model="gpt-4o",
     messages=[{"role": "user", "content": "Describe a cat."}],
     temperature=0,
     max_tokens=60,
-    response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}},
+    response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema, "strict": True}},
 )
 print("structured:", json.loads(reply.choices[0].message.content))

@@ -175,7 +175,9 @@ def constraint_spec(request: GenerationRequest, config: StructuredOutputLimits) 
         return _Spec(json_object_grammar(), ToolCallMode.NONE, 0, "response_format")
     if fmt.type is ResponseFormatType.JSON_SCHEMA:
         where = "response_format.json_schema.schema"
-        schema = _parse(fmt.json_schema, limits, param="response_format", where=where)
+        # Closed like tool arguments: an application parses the fields it declared, and an open object lets a
+        # small model run on with made-up keys until max_tokens cuts the JSON.
+        schema = _closed(_parse(fmt.json_schema, limits, param="response_format", where=where))
         return _Spec(json_schema_grammar(schema), ToolCallMode.NONE, 0, "response_format")
     return None
 

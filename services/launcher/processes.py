@@ -115,12 +115,19 @@ class Stack:
         if busy:
             names = ", ".join(f"{c.name} ({a})" for c, a in busy)
             raise RuntimeError(f"port already in use: {names}. Is another ARK running? (stop it, or change ports)")
-        for child in self.children:
-            child.start(self.env)
         deadline = time.monotonic() + timeout
-        pending = list(self.children)
-        last_report = 0.0
         started = time.monotonic()
+        # The services first, then the front (Envoy, the edge): an edge that starts before the workers serve would
+        # mark them unreachable and answer its first requests with 503s until its probes see them.
+        for stage in sorted({c.stop_stage for c in self.children}, reverse=True):
+            group = [c for c in self.children if c.stop_stage == stage]
+            for child in group:
+                child.start(self.env)
+            self._wait_healthy(group, deadline, started, progress)
+
+    def _wait_healthy(self, children: list[Child], deadline: float, started: float, progress) -> None:
+        pending = list(children)
+        last_report = 0.0
         while pending:
             for child in list(pending):
                 code = child.exited()

@@ -72,6 +72,15 @@ async def test_json_schema_output_is_constrained_and_terminates(compiler):
     assert drive(compiler, constraint, '{"m": 1}') is None
 
 
+async def test_objects_that_list_properties_are_closed_unless_the_schema_opens_them(compiler):
+    closed = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    constraint = await compiler.build(schema_request(closed))
+    assert drive(compiler, constraint, '{"n": 1, "extra": 2}') is None
+    opened = {**closed, "additionalProperties": True}
+    constraint = await compiler.build(schema_request(opened))
+    assert drive(compiler, constraint, '{"n": 1, "extra": 2}') is not None
+
+
 async def test_strings_never_admit_raw_control_characters(compiler):
     constraint = await compiler.build(schema_request({"type": "object", "properties": {"s": {"type": "string"}}}))
     assert drive(compiler, constraint, '{"s": "a\\nb"}') is not None
