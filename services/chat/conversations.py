@@ -155,6 +155,8 @@ class ConversationStates:
             same = bool(conversation_key) and state.conversation_key == conversation_key
             if not (matched >= MIN_SHARED_TOKENS or (matched and (same or continued))):
                 continue  # a few template tokens in common: not worth saving another conversation's state for
+            if slot is None and not (same or continued) and matched < len(held):
+                continue  # restoring would take another conversation's saved state away from it
             rank = (matched, same, slot is not None, state.last_used)
             if best is None or rank > best.rank:
                 best = _Candidate(state, slot, prompt_text, tokens, matched, rank)

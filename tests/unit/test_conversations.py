@@ -123,3 +123,16 @@ async def test_without_tiers_an_evicted_conversation_is_recomputed_not_an_error(
 
 def test_sampling_default_is_greedy():
     assert request().sampling == Sampling(temperature=0.0)
+
+
+async def test_a_new_conversation_never_takes_another_ones_saved_state(tiers):
+    engine = SavingEngine(answer)
+    generator = Generator(engine, max_queue=4, tiers=tiers)
+    shared = "A long shared opening that every user of this application sends first. " * 2
+    a: list[Message] = []
+    await turn(generator, a, shared + "I am user A.", conv="m:a")
+    await turn(generator, [], shared + "I am user B.", conv="m:b")  # A's state is saved to the host tier
+    started = await turn(generator, [], shared + "I am user C.", conv="m:c")  # shares the opening with A's state
+    assert started.state_tier != "host"  # C did not take A's saved state
+    started = await turn(generator, a, "And then?", conv="m:a")
+    assert started.state_tier == "host" and started.cached_tokens >= len(engine.runs[0].prompt)
