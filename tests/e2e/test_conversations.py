@@ -16,10 +16,17 @@ pytestmark = pytest.mark.e2e
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
 
 
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "pink", "gray"]
+
+
 def user_context(i: int) -> str:
-    """A distinct opening message per user, long enough that reuse is worth measuring."""
-    facts = " ".join(f"Fact {k} of user {i}: the code word number {k} is {uuid.uuid4().hex[:8]}." for k in range(12))
-    return f"I am user {i}. Remember these facts. {facts} What is fact 1?"
+    """A distinct opening message per user, long enough that reuse is worth measuring.
+
+    Plain words, not random strings: a state computed turn by turn and a prompt computed in one pass differ in the
+    last bits of their floating point, which can flip a greedy choice between two nearly equal tokens (random hex
+    is full of those); ordinary words leave clear winners."""
+    facts = " ".join(f"Fact {k} of user {i}: box {k} is {COLORS[(i * 5 + k) % len(COLORS)]}." for k in range(12))
+    return f"I am user {i} ({uuid.uuid4().hex[:6]}). Remember these facts. {facts} What is fact 1?"
 
 
 def ask(client: openai.OpenAI, messages: list[dict]) -> tuple[str, dict, str]:
