@@ -45,7 +45,9 @@ def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
         token = config.services.internal_token  # sent on every call to the services, when configured
         workers = ChatWorkers(config.services.chat.workers, WorkerPolicy.from_config(config.edge), token=token)
         workers.start()  # health probes: failure detection and outlier ejection
-        embeddings_backend = EmbeddingsBackend(config.services.embeddings.address, token=token)
+        embeddings_backend = EmbeddingsBackend(
+            config.services.embeddings.address, token=token, overload_hold=config.edge.overload_hold_seconds
+        )
         transcription_backend = TranscriptionBackend(config.services.transcription.address, token=token)
         registry = (
             SessionRegistryClient(

@@ -6,8 +6,6 @@ The chat workers, with their failure detection and retry rules, are in edge/chat
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,7 +16,8 @@ from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as sessions_grpc
 from ark.transcription.v1 import transcription_service_pb2 as transcription_pb
 from ark.transcription.v1 import transcription_service_pb2_grpc as transcription_grpc
-from services.common.errors import ArkError, OverloadedError, UnavailableError
+from edge.saturation import Saturation
+from services.common.errors import ArkError, UnavailableError
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
 from services.common.server import CHANNEL_OPTIONS
@@ -80,17 +79,24 @@ class SessionRegistryClient:
 
 
 class EmbeddingsBackend:
-    """The embeddings service: one address, which batches concurrent requests itself."""
+    """The embeddings service: one address, which batches concurrent requests itself.
 
-    def __init__(self, address: str, *, token: str | None = None) -> None:
+    While its last refusal for load holds (edge/saturation.py), the edge refuses new requests itself."""
+
+    def __init__(self, address: str, *, token: str | None = None, overload_hold: float = 0.25) -> None:
         self._channel = internal_channel(address, CHANNEL_OPTIONS, token)
         self._stub = embeddings_grpc.EmbeddingsServiceStub(self._channel)
+        self._saturation = Saturation("embeddings", max_hold=overload_hold)
 
     async def embed(self, request: embeddings_pb.EmbedRequest) -> embeddings_pb.EmbedResponse:
+        if refusal := self._saturation.refusal("The server is busy embedding other requests. Retry shortly."):
+            raise refusal
         try:
             return await self._stub.Embed(request)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            error = from_rpc_error(exc)
+            self._saturation.note(error)
+            raise error from None
 
     async def close(self) -> None:
         await self._channel.close()
@@ -122,20 +128,16 @@ class TranscriptionBackend:
     def __init__(self, address: str, *, token: str | None = None) -> None:
         self._channel = internal_channel(address, CHANNEL_OPTIONS, token)
         self._stub = transcription_grpc.TranscriptionServiceStub(self._channel)
-        self._saturated_until = 0.0
+        self._saturation = Saturation("transcription")
 
     def refuse_if_saturated(self) -> None:
         """Raise OverloadedError while the service's last refusal for load still holds."""
-        wait = self._saturated_until - time.monotonic()
-        if wait > 0:
-            raise OverloadedError(
-                "The server is busy transcribing other requests. Retry shortly.", retry_after=math.ceil(wait)
-            )
+        if refusal := self._saturation.refusal("The server is busy transcribing other requests. Retry shortly."):
+            raise refusal
 
     def _error(self, exc: grpc.RpcError) -> ArkError:
         error = from_rpc_error(exc)
-        if isinstance(error, OverloadedError):
-            self._saturated_until = max(self._saturated_until, time.monotonic() + (error.retry_after or 1))
+        self._saturation.note(error)
         return error
 
     async def transcribe(self, request: transcription_pb.TranscribeRequest) -> transcription_pb.TranscribeResponse:

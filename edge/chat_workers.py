@@ -1,6 +1,8 @@
 """The chat workers as the edge sees them: routing, failure detection, and when a request may go elsewhere.
 
 Routing: stateless requests go round-robin over the workers that are up; a session's request goes to its worker.
+A worker that refused a request for load is not called again for `edge.overload_hold_seconds` (edge/saturation.py):
+when that is every worker, the edge answers 429 itself, in well under a millisecond.
 
 Failure detection (the figures are in docs/operations.md):
 
@@ -39,6 +41,7 @@ from grpc_status import rpc_status
 from ark.chat.v1 import chat_service_pb2 as chat_pb
 from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
 from edge.quarantine import Quarantine
+from edge.saturation import Saturation
 from services.common.config import EdgeConfig
 from services.common.errors import (
     ERROR_DOMAIN,
@@ -72,6 +75,7 @@ class WorkerPolicy:
     first_event_timeout: float = 60.0
     event_timeout: float = 60.0
     quarantine_seconds: float = 300.0
+    overload_hold: float = 0.25
 
     @classmethod
     def from_config(cls, edge: EdgeConfig) -> WorkerPolicy:
@@ -82,7 +86,11 @@ class WorkerPolicy:
             first_event_timeout=edge.first_event_timeout_seconds,
             event_timeout=edge.event_timeout_seconds,
             quarantine_seconds=edge.quarantine_seconds,
+            overload_hold=edge.overload_hold_seconds,
         )
+
+
+_BUSY = "The server is busy: every chat worker's queue is full. Retry shortly."
 
 
 class WorkerUnavailableError(UnavailableError):
@@ -109,7 +117,7 @@ def _ark_error(exc: grpc.RpcError) -> ArkError | None:
 class _Worker:
     """One worker address: its channel, what the edge believes about it, and the calls running on it."""
 
-    def __init__(self, address: str, token: str | None = None) -> None:
+    def __init__(self, address: str, token: str | None = None, overload_hold: float = 0.25) -> None:
         self.address = address
         self.channel = internal_channel(address, CHANNEL_OPTIONS, token)
         self.chat = chat_grpc.ChatServiceStub(self.channel)
@@ -119,6 +127,7 @@ class _Worker:
         self.failing_since: float | None = None
         self.calls: set[_Call] = set()
         self.prober: asyncio.Task[None] | None = None
+        self.saturation = Saturation("chat", max_hold=overload_hold)  # its last refusal for load, while it holds
         CHAT_WORKER_UP.labels(address).set(1)
 
     @property
@@ -247,7 +256,7 @@ class ChatWorkers:
         worker = self._workers.get(address)
         if worker is None:
             # A session may live on a worker outside the configured list (a pod that registered its own address).
-            worker = self._workers[address] = _Worker(address, self._token)
+            worker = self._workers[address] = _Worker(address, self._token, self.policy.overload_hold)
             if self._started:
                 self._probe_in_background(worker)
         return worker
@@ -307,6 +316,8 @@ class ChatWorkers:
             worker = self._worker(address)
             if not worker.routable:
                 raise WorkerUnavailableError("The chat worker holding this session is unavailable.")
+            if refusal := worker.saturation.refusal(_BUSY):
+                raise refusal
             try:
                 return await self._start(worker, request)
             except _NotAdmitted:
@@ -318,6 +329,11 @@ class ChatWorkers:
             # Every worker is out. Rather than refuse everything on probes that may only be slow (a saturated
             # machine), try those not known to be stopping: a dead one fails at once and the request moves on.
             candidates = [w for w in ordered if w.serving]
+        elif all(w.saturation.remaining > 0 for w in candidates):
+            # Every worker said its queue is too long, and for how long: refuse now, without another round trip.
+            soonest = min(candidates, key=lambda w: w.saturation.remaining)
+            if refusal := soonest.saturation.refusal(_BUSY):
+                raise refusal
         overloaded: OverloadedError | None = None
         retries = 1 if retry else 0
         for worker in candidates:
@@ -372,6 +388,7 @@ class ChatWorkers:
             if isinstance(error, UnavailableError) and not admitted:
                 worker.serving = False  # it is stopping (it refused its queue); probes will tell when it is back
                 raise _NotAdmitted from None
+            worker.saturation.note(error)
             raise error from None
         except BaseException:
             call.close()

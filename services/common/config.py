@@ -160,8 +160,9 @@ class LimitsConfig(_Strict):
     max_embedding_inputs: Annotated[int, Field(gt=0)] = 2048
     max_embedding_tokens: Annotated[int, Field(gt=0)] = 300_000
     structured_output: StructuredOutputLimits = StructuredOutputLimits()
-    # A request that would wait longer than this for a chat or transcription slot (by the queue ahead of it and
-    # the recent time per request) is refused at once with 429 and Retry-After; none waits longer than this.
+    # A request that would wait longer than this for a chat, embeddings or transcription engine (by the queue
+    # ahead of it and the recent time per request or per token) is refused at once with 429 and Retry-After; none
+    # waits longer than this.
     max_queue_wait_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
     # Request line plus headers of one request, and the number of headers, enforced by Envoy and by the edge's own
     # HTTP server (past either: 431). Envoy's maximum is 8 MiB.
@@ -238,6 +239,12 @@ class EdgeConfig(_Strict):
     event_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
     # A request that was being processed when its worker died is refused for this long (it may be what killed it).
     quarantine_seconds: Annotated[float, Field(ge=0, le=86400)] = 300.0
+    # After a chat worker or the embeddings service refuses a request for load, the edge refuses new requests for
+    # it itself (429, no round trip) for this long at most, or less when the backend's Retry-After is shorter: a
+    # burst is refused in well under a millisecond per request, and a request still reaches the backend every so
+    # often to learn when it has room again. 0 turns this off. (Transcription is held for its whole Retry-After:
+    # forwarding an upload costs far more than the round trip.)
+    overload_hold_seconds: Annotated[float, Field(ge=0, le=60)] = 0.25
 
 
 class RateLimitConfig(_Strict):

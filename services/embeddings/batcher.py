@@ -19,8 +19,12 @@ batches from the waiting requests and hands them to the encoder:
 - a request's sequences are queued shortest first, so batches cut from a large request hold sequences of similar
   length (less padding); results go back in the request's own order;
 - a cancelled request (client gone) is dropped from the queue before its remaining sequences are encoded;
-- past `max_queued` waiting sequences, new requests are refused (OverloadedError, HTTP 429) rather than queueing
-  latency nobody will wait for.
+- admission by time, not just length: a request is refused at once (OverloadedError, HTTP 429 with Retry-After)
+  when the wait it can expect exceeds `max_wait_seconds` (the tokens queued ahead of it times the recent encoding
+  cost per padded token, shared by the encoders), or when `max_queued` sequences are already waiting; the embedder
+  asks (`admit`) before it tokenizes. A request none of whose sequences has reached an encoder after
+  `max_wait_seconds` is refused then too, so nobody waits past the bound. Waits and refusals are the
+  `ark_queue_wait_seconds` and `ark_admission_rejected_total` metrics, as for chat and transcription.
 
 Pure asyncio and generic over the encoder, so it is unit-tested with a fake one.
 """
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +42,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import InternalError, OverloadedError, UnavailableError
+from services.common.metrics import ADMISSION_REJECTED, QUEUE_WAIT
 
 log = logging.getLogger(__name__)
+
+# Weight of the newest batch in the running mean of the encoding cost per padded token.
+_EWMA_WEIGHT = 0.2
 
 # Encodes a batch of token sequences, blocking; returns one result per sequence, in order.
 Encoder = Callable[[list[Sequence[int]]], Sequence[Any]]
@@ -72,7 +82,9 @@ class Batcher:
         max_batch_tokens: int,
         max_queued: int,
         encoders: int = 1,
+        max_wait_seconds: float | None = None,
         name: str = "encoder",
+        model: str = "",
     ) -> None:
         idle_seconds = window_seconds if idle_seconds is None else idle_seconds
         if min(max_batch_size, max_batch_tokens, max_queued, encoders) < 1 or min(window_seconds, idle_seconds) < 0:
@@ -84,6 +96,11 @@ class Batcher:
         self._max_batch_size = max_batch_size
         self._max_batch_tokens = max_batch_tokens
         self._max_queued = max_queued
+        self._max_wait = max_wait_seconds
+        self._model = model or name  # the metrics' label
+        self._encoders = encoders
+        self._queued_tokens = 0  # tokens of the waiting sequences
+        self._cost_per_token: float | None = None  # seconds per padded token, recently (None: nothing seen yet)
         self._requests: deque[_Request] = deque()  # requests with sequences still waiting, oldest first
         self._queued = 0  # sequences waiting, across those requests
         self._arrived = asyncio.Event()
@@ -98,15 +115,39 @@ class Batcher:
         """Sequences waiting for the encoder."""
         return self._queued
 
-    async def submit(self, sequences: Sequence[Sequence[int]]) -> list[Any]:
-        """Encode `sequences` (one request's) in shared batches; results in the same order."""
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now can expect to wait for an encoder."""
+        if self._cost_per_token is None or not self._queued_tokens:
+            return 0.0
+        return self._queued_tokens * self._cost_per_token / self._encoders
+
+    def admit(self) -> None:
+        """Refuse now (OverloadedError) if a request arriving now would wait longer than the bound."""
         if self._closed:
             raise UnavailableError("The embeddings service is shutting down.")
+        expected = self.expected_wait()
+        if self._max_wait is not None and expected > self._max_wait:
+            raise self._refuse(
+                "wait_too_long",
+                f"The server is busy: this request would wait about {expected:.1f} s for this model, longer than "
+                f"the {self._max_wait:g} s allowed. Retry shortly.",
+                expected - self._max_wait,
+            )
+
+    def _refuse(self, reason: str, message: str, wait: float) -> OverloadedError:
+        ADMISSION_REJECTED.labels(self._model, reason).inc()
+        return OverloadedError(message, retry_after=max(1, math.ceil(wait)))
+
+    async def submit(self, sequences: Sequence[Sequence[int]]) -> list[Any]:
+        """Encode `sequences` (one request's) in shared batches; results in the same order."""
+        self.admit()
         if not sequences:
             return []
         if self._queued + len(sequences) > self._max_queued:
-            raise OverloadedError(
-                f"The server is busy: {self._queued} inputs are already queued for this model. Retry shortly."
+            raise self._refuse(
+                "queue_full",
+                f"The server is busy: {self._queued} inputs are already queued for this model. Retry shortly.",
+                self.expected_wait() - (self._max_wait or 0.0),
             )
         loop = asyncio.get_running_loop()
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -119,12 +160,30 @@ class Batcher:
         )
         self._requests.append(request)
         self._queued += len(sequences)
+        self._queued_tokens += sum(map(len, sequences))
         self._last_arrival = request.queued_at
         self._arrived.set()
         if self._task is None:
             self._task = asyncio.create_task(self._dispatch(), name="embeddings-batcher")
-        # Cancelling the caller cancels this future; the dispatcher then drops what is left of the request.
-        return await request.future
+        if self._max_wait is None:
+            # Cancelling the caller cancels this future; the dispatcher then drops what is left of the request.
+            return await request.future
+        try:
+            return await asyncio.wait_for(asyncio.shield(request.future), self._max_wait)
+        except TimeoutError:
+            if request.future.done() or len(request.waiting) < len(request.results):
+                return await request.future  # done, or started: it is being encoded, so let it finish
+            request.future.cancel()
+            self._drop_abandoned()
+            raise self._refuse(
+                "timed_out",
+                f"The server is busy: this request waited {self._max_wait:g} s for this model without being "
+                "served. Retry shortly.",
+                self.expected_wait(),
+            ) from None
+        except asyncio.CancelledError:
+            request.future.cancel()  # the client is gone: the dispatcher drops what is left of the request
+            raise
 
     async def close(self) -> None:
         """Stop dispatching, let the batches in the encoders finish and answer, fail what is still waiting."""
@@ -137,7 +196,7 @@ class Batcher:
         for request in self._requests:
             _fail(request, UnavailableError("The embeddings service is shutting down."))
         self._requests.clear()
-        self._queued = 0
+        self._queued = self._queued_tokens = 0
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _dispatch(self) -> None:
@@ -175,14 +234,21 @@ class Batcher:
         self._free_encoders.release()
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        started = time.perf_counter()
         running = loop.run_in_executor(self._executor, self._encode, [item.tokens for item in batch])
         await asyncio.wait([running])  # never raises: the outcome, result or failure, is handed out below
+        if running.exception() is None:
+            padded = len(batch) * max(len(item.tokens) for item in batch)
+            cost = (time.perf_counter() - started) / max(1, padded)
+            mean = self._cost_per_token
+            self._cost_per_token = cost if mean is None else mean + _EWMA_WEIGHT * (cost - mean)
         _settle(batch, running)
 
     def _drop_abandoned(self) -> None:
         for request in [r for r in self._requests if r.future.done()]:
             self._requests.remove(request)
             self._queued -= len(request.waiting)
+            self._queued_tokens -= sum(len(tokens) for _, tokens in request.waiting)
 
     def _holds_full_batch(self) -> bool:
         """Whether waiting sequences already fill a batch (a lower bound on its padded size suffices)."""
@@ -201,8 +267,11 @@ class Batcher:
                 # Always take one sequence, even one longer than the token bound allows: it must run alone.
                 if batch and grown * (len(batch) + 1) > self._max_batch_tokens:
                     return batch
+                if len(request.waiting) == len(request.results):  # its first sequence reaches an encoder
+                    QUEUE_WAIT.labels(self._model).observe(asyncio.get_running_loop().time() - request.queued_at)
                 request.waiting.popleft()
                 self._queued -= 1
+                self._queued_tokens -= len(tokens)
                 if not request.waiting:
                     self._requests.remove(request)
                 batch.append(_Item(request, position, tokens))

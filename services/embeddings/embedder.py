@@ -42,7 +42,9 @@ class Embedder:
             max_batch_tokens=settings.max_batch_tokens,
             max_queued=settings.max_queued_inputs,
             encoders=settings.encoder_threads,
+            max_wait_seconds=limits.max_queue_wait_seconds,
             name=f"encode-{engine.model_id}",
+            model=engine.model_id,
         )
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
@@ -56,6 +58,7 @@ class Embedder:
                 code="array_above_max_length",
             )
         dimensions = self._output_dimensions(request.dimensions)
+        self._batcher.admit()  # a request that would wait too long is refused before it is tokenized
         sequences = await self._tokenize(request.inputs)
         prompt_tokens = sum(len(seq) for seq in sequences)
         if prompt_tokens > self._limits.max_embedding_tokens:

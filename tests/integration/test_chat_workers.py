@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from ark.chat.v1 import chat_service_pb2 as pb
 from edge.chat_workers import ChatWorkers, WorkerPolicy
@@ -104,7 +105,7 @@ async def test_a_queued_request_moves_when_its_worker_dies_but_the_running_one_d
 
 async def test_a_worker_refusing_for_load_passes_the_request_to_the_next():
     a, b = await _worker(max_queue=0), await _worker(max_queue=0)
-    pool = ChatWorkers([a.address, b.address], POLICY)
+    pool = ChatWorkers([a.address, b.address], replace(POLICY, overload_hold=0))  # each request asks the workers
     try:
         a.engine.hold.clear()
         b.engine.hold.clear()
@@ -118,6 +119,50 @@ async def test_a_worker_refusing_for_load_passes_the_request_to_the_next():
             pass
         # a still refuses; b has room again and takes it.
         assert await _text(pool, _request("four")) == "Hello!"
+        on_a.cancel()
+    finally:
+        await pool.close()
+        for w in (a, b):
+            w.engine.hold.set()
+            await w.server.stop(None)
+
+
+def _rejected(model: str, reason: str) -> float:
+    return REGISTRY.get_sample_value("ark_admission_rejected_total", {"model": model, "reason": reason}) or 0.0
+
+
+async def test_once_every_worker_refused_for_load_the_edge_refuses_itself_until_the_hold_passes():
+    a, b = await _worker(max_queue=0), await _worker(max_queue=0)
+    pool = ChatWorkers([a.address, b.address], replace(POLICY, overload_hold=0.5))
+    try:
+        a.engine.hold.clear()
+        b.engine.hold.clear()
+        on_a = await pool.open_stream(_request("one"))
+        on_b = await pool.open_stream(_request("two"))
+        asked = _rejected("fake", "queue_full")
+        with pytest.raises(OverloadedError):
+            await pool.open_stream(_request("three"))  # both workers asked, both refused
+        assert _rejected("fake", "queue_full") == asked + 2
+        # Within the hold: refused by the edge itself, with Retry-After, and no worker hears of it.
+        held = _rejected("chat", "saturated_at_edge")
+        for i in range(5):
+            with pytest.raises(OverloadedError) as refused:
+                await pool.open_stream(_request(f"burst {i}"))
+            assert refused.value.retry_after >= 1
+        assert _rejected("fake", "queue_full") == asked + 2
+        assert _rejected("chat", "saturated_at_edge") == held + 5
+        # b finishes; once the hold has passed, requests reach the workers again and b takes one.
+        b.engine.hold.set()
+        async for _ in on_b:
+            pass
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            try:
+                assert await _text(pool, _request("four")) == "Hello!"
+                break
+            except OverloadedError:
+                assert asyncio.get_running_loop().time() < deadline, "still refused long after the hold"
+                await asyncio.sleep(0.1)
         on_a.cancel()
     finally:
         await pool.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -21,6 +22,7 @@ class FakeEncoder:
         self.release.set()
         self.started = threading.Event()
         self.fail_next = False
+        self.delay = 0.0  # seconds each batch takes, on top of any hold
         self._lock = threading.Lock()
         self.in_flight = 0
         self.most_in_flight = 0
@@ -32,6 +34,7 @@ class FakeEncoder:
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         self.started.set()
         self.release.wait(timeout=10)
+        time.sleep(self.delay)
         with self._lock:
             self.in_flight -= 1
         if self.fail_next:
@@ -163,6 +166,59 @@ async def test_a_full_queue_refuses_new_requests():
         await batcher.submit([[2]] * 2)
     encoder.release.set()
     await asyncio.gather(blocker, waiting)
+    await batcher.close()
+
+
+async def test_a_request_that_would_wait_past_the_bound_is_refused_on_arrival():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_wait_seconds=0.1, window_seconds=0.001)
+    encoder.delay = 0.05  # 10 tokens in 50 ms or more: at least 5 ms per token
+    assert await batcher.submit([[1] * 10]) == [(1,) * 10]
+    encoder.delay = 0.0
+    encoder.hold()
+    blocker = asyncio.create_task(batcher.submit([[0]]))
+    await wait_until_encoding(encoder)
+    batcher.admit()  # nothing queued yet: no wait expected
+    queued = [asyncio.create_task(batcher.submit([[2] * 10] * 3))]
+    await asyncio.sleep(0)
+    assert batcher.expected_wait() >= 0.15  # 30 tokens ahead
+    with pytest.raises(OverloadedError) as refused:
+        batcher.admit()  # what the embedder asks before tokenizing
+    assert refused.value.retry_after >= 1 and "would wait" in refused.value.message
+    with pytest.raises(OverloadedError):
+        await batcher.submit([[3]])
+    encoder.release.set()
+    await asyncio.gather(blocker, *queued)
+    assert all((3,) not in batch for batch in encoder.batches)
+    await batcher.close()
+
+
+async def test_a_request_still_waiting_at_the_bound_is_refused_then_and_never_encoded():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_wait_seconds=0.2, window_seconds=0.001)
+    encoder.hold()
+    blocker = asyncio.create_task(batcher.submit([[0]]))
+    await wait_until_encoding(encoder)
+    with pytest.raises(OverloadedError) as refused:
+        await batcher.submit([[4]])  # nothing measured yet, so admitted; then it waits out the bound
+    assert "waited" in refused.value.message
+    assert batcher.queued == 0
+    encoder.release.set()
+    await blocker
+    assert all((4,) not in batch for batch in encoder.batches)
+    await batcher.close()
+
+
+async def test_a_request_whose_encoding_has_begun_is_not_refused_at_the_bound():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_wait_seconds=0.1, window_seconds=0.001, max_batch_size=1)
+    encoder.hold()
+    request = asyncio.create_task(batcher.submit([[5], [6]]))  # [5] reaches the encoder and is held there
+    await wait_until_encoding(encoder)
+    await asyncio.sleep(0.3)  # past the bound, with [6] still waiting
+    assert not request.done()
+    encoder.release.set()
+    assert await request == [(5,), (6,)]
     await batcher.close()
 
 
