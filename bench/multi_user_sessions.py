@@ -41,7 +41,6 @@ import random
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -54,9 +53,9 @@ import openai
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.session_ttft import ensure_llama_server
+from bench.session_ttft import ensure_llama_server, start_llama_server
 from services.common.config import Capability, load_config, resolve_model_path
-from tests.support.stack import RunningStack, free_port, start_stack
+from tests.support.stack import RunningStack, start_stack
 
 SYSTEM = "You are a helpful assistant. Answer questions about the user's notes briefly, in one sentence."
 PLACES = ["harbour", "library", "orchard", "workshop", "observatory", "bakery", "station", "greenhouse", "mill"]
@@ -340,50 +339,18 @@ def run_ark(variants: list[str], workload: Workload, users: int, max_tokens: int
 # -- llama-cpp-python's server -----------------------------------------------------------------------------------------
 
 
-def start_llama_server(
+def start_cached_llama_server(
     model_path: Path, settings: dict, cache_type: str, workdir: Path
 ) -> tuple[subprocess.Popen, str]:
     """`python -m llama_cpp.server` with its prompt cache on; the disk cache is written under `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(model_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        str(settings.get("n_ctx", 8192)),
-        "--n_threads",
-        str(settings.get("n_threads", 2)),
-        "--n_batch",
-        str(settings.get("n_batch", 512)),
-        "--cache",
-        "true",
-        "--cache_type",
-        cache_type,
-    ]
-    log = workdir / "server.log"
-    process = subprocess.Popen(argv, cwd=workdir, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"llama_cpp.server did not start; see {log}")
+    extra = ("--cache", "true", "--cache_type", cache_type)
+    return start_llama_server(model_path, settings, workdir / "server.log", extra=extra, cwd=workdir)
 
 
 def run_llama_server(variant: str, workload: Workload, users: int, max_tokens: int, tmp: Path, model) -> Run:
     workdir = tmp / variant
-    server, url = start_llama_server(
+    server, url = start_cached_llama_server(
         resolve_model_path(model.path), model.settings, variant.removeprefix("d-"), workdir
     )
     print(VARIANTS[variant], flush=True)

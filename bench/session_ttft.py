@@ -126,7 +126,11 @@ def ensure_llama_server() -> None:
         )
 
 
-def start_llama_server(model_path: Path, settings: dict, log: Path) -> tuple[subprocess.Popen, str]:
+def start_llama_server(
+    model_path: Path, settings: dict, log: Path, *, extra: tuple[str, ...] = (), cwd: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`python -m llama_cpp.server` on the chat workers' model file and llama.cpp settings, plus `extra` options;
+    returns once it answers, with its base URL."""
     port = free_port()
     argv = [
         sys.executable,
@@ -144,8 +148,9 @@ def start_llama_server(model_path: Path, settings: dict, log: Path) -> tuple[sub
         str(settings.get("n_threads", 2)),
         "--n_batch",
         str(settings.get("n_batch", 512)),
+        *extra,
     ]
-    process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(argv, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
