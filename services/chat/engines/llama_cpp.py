@@ -98,6 +98,9 @@ class LlamaCppEngine(ChatEngine):
             template=template, eos_token=eos, bos_token=bos, add_generation_prompt=False, stop_token_ids=[eos_id]
         )
         self._vocab = vocab_model.vocab
+        # Asked for every sampled token, on the engine thread and in the generation layer: a set lookup rather than
+        # a foreign call each time.
+        self._eog = frozenset(t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{model.id}")
         self._cache_owner = ""  # cache salt whose tokens the scratch context currently holds
 
@@ -115,7 +118,7 @@ class LlamaCppEngine(ChatEngine):
         return self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return token in self._eog
 
     # -- contexts -------------------------------------------------------------------------------------------------
 

@@ -67,8 +67,8 @@ def _child(conn: Connection, gguf_path: str | None, limits: ParserLimits, memory
     while True:
         try:
             grammar = conn.recv()
-        except EOFError:
-            return
+        except (EOFError, OSError):
+            return  # the worker closed the pipe or exited: nothing more to compile
         if tokenizer is None:
             conn.send(llguidance.LLMatcher.validate_grammar(grammar, None, limits=parser_limits))
             continue
