@@ -22,7 +22,9 @@ from pathlib import Path
 import httpx
 import llama_cpp
 
+from services.chat.engines.llama_cpp import llama_settings
 from services.common.config import Capability, load_config, resolve_model_path
+from services.common.cpu import WORKERS_ON_HOST_ENV
 from tests.support.stack import start_stack
 
 TOPICS = [
@@ -113,8 +115,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
 
-    model = load_config(env={}).models_for(Capability.CHAT)[0]
-    llama = llama_cpp.Llama(model_path=str(resolve_model_path(model.path)), verbose=False, **model.settings)
+    config = load_config(env={})
+    model = config.models_for(Capability.CHAT)[0]
+    # The settings a chat worker runs with under `ark up` (threads: its share of this machine's cores).
+    settings, _ = llama_settings(model, env={WORKERS_ON_HOST_ENV: str(len(config.services.chat.workers))})
+    llama = llama_cpp.Llama(model_path=str(resolve_model_path(model.path)), verbose=False, **settings)
     stack = start_stack(Path(tempfile.mkdtemp(prefix="ark-bench-")))
     results: dict[str, list[tuple[float, float, int]]] = {
         "in-process": [],
@@ -142,7 +147,10 @@ def main() -> None:
     def med(side: str, i: int) -> float:
         return statistics.median(r[i] for r in results[side])
 
-    print(f"\nChat latency, SmolLM2-135M Q4_1, {args.rounds} prompts x {args.max_tokens} tokens (median)")
+    print(
+        f"\nChat latency, SmolLM2-135M Q4_1, {args.rounds} prompts x {args.max_tokens} tokens (median), "
+        f"{settings['n_threads']} decode threads on both sides"
+    )
     print(f"{'':12} {'TTFT ms':>9} {'decode tok/s':>13} {'tokens':>7}")
     for side in results:
         print(f"{side:12} {med(side, 0) * 1000:9.1f} {med(side, 1):13.1f} {med(side, 2):7.0f}")

@@ -54,6 +54,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.session_ttft import ensure_llama_server, start_llama_server
+from services.chat.engines.llama_cpp import llama_settings
 from services.common.config import Capability, load_config, resolve_model_path
 from tests.support.stack import RunningStack, start_stack
 
@@ -351,7 +352,11 @@ def start_cached_llama_server(
 def run_llama_server(variant: str, workload: Workload, users: int, max_tokens: int, tmp: Path, model) -> Run:
     workdir = tmp / variant
     server, url = start_cached_llama_server(
-        resolve_model_path(model.path), model.settings, variant.removeprefix("d-"), workdir
+        # One process alone on the machine: all of its cores (ARK's workers share them).
+        resolve_model_path(model.path),
+        llama_settings(model, env={})[0],
+        variant.removeprefix("d-"),
+        workdir,
     )
     print(VARIANTS[variant], flush=True)
     try:

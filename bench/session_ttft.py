@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from services.chat.engines.llama_cpp import llama_settings
 from services.common.config import Capability, load_config, resolve_model_path
 from tests.support.stack import free_port, start_stack
 
@@ -129,8 +130,8 @@ def ensure_llama_server() -> None:
 def start_llama_server(
     model_path: Path, settings: dict, log: Path, *, extra: tuple[str, ...] = (), cwd: Path | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`python -m llama_cpp.server` on the chat workers' model file and llama.cpp settings, plus `extra` options;
-    returns once it answers, with its base URL."""
+    """`python -m llama_cpp.server` on the chat workers' model file and llama.cpp `settings` (resolved, as
+    `llama_settings` gives them), plus `extra` options; returns once it answers, with its base URL."""
     port = free_port()
     argv = [
         sys.executable,
@@ -145,7 +146,9 @@ def start_llama_server(
         "--n_ctx",
         str(settings.get("n_ctx", 8192)),
         "--n_threads",
-        str(settings.get("n_threads", 2)),
+        str(settings["n_threads"]),
+        "--n_threads_batch",
+        str(settings["n_threads_batch"]),
         "--n_batch",
         str(settings.get("n_batch", 512)),
         *extra,
@@ -176,7 +179,9 @@ def main() -> None:
         results["b"] = run("ARK no cookies", stack.base_url, stack.api_key, "gpt-4o", cookies=False)
     finally:
         stack.stop()
-    server, url = start_llama_server(resolve_model_path(model.path), model.settings, tmp / "llama_server.log")
+    # One process alone on the machine: all of its cores (ARK's workers share them).
+    server_settings, _ = llama_settings(model, env={})
+    server, url = start_llama_server(resolve_model_path(model.path), server_settings, tmp / "llama_server.log")
     try:
         print("(c) llama_cpp.server")
         results["c"] = run("llama_cpp.server", url, "none", "any", cookies=False)

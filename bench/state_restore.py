@@ -31,10 +31,11 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from services.chat.engines.llama_context import ArkLlama
+from services.chat.engines.llama_cpp import llama_settings
 from services.chat.state_tiers import StateTiers, Tier
 from services.common.config import Capability, load_config, resolve_model_path
+from services.common.cpu import WORKERS_ON_HOST_ENV
 
-_LLAMA_SETTINGS = ("n_ctx", "n_threads", "n_batch", "n_threads_batch")
 QUESTIONS = [
     "Which division grew the fastest last year, and why, according to the report?",
     "What does the report say about the risks facing the northern warehouses?",
@@ -112,7 +113,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_config().models_for(Capability.CHAT)[0]
-    settings = {k: v for k, v in model.settings.items() if k in _LLAMA_SETTINGS}
+    config = load_config()
+    # The settings of a chat worker under `ark up` (threads: its share of this machine's cores).
+    settings, _ = llama_settings(model, env={WORKERS_ON_HOST_ENV: str(len(config.services.chat.workers))})
     llama = ArkLlama(model_path=str(resolve_model_path(model.path)), verbose=False, **settings)
     history, turn = history_tokens(llama, args.tokens)
     print(f"{model.id}, {settings}: a history of {len(history)} tokens, {args.rounds} rounds")

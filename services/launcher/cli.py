@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 from services.common.config import ArkConfig, Capability, ConfigError, load_config
+from services.common.cpu import WORKERS_ON_HOST_ENV
 from services.common.metrics import METRICS_PORT_ENV
 from services.launcher.processes import Child, Stack, grpc_serving, http_ok, python_module, reachable
 from services.launcher.supervisor import STATUS_FILE, RestartPolicy, Supervisor, format_status
@@ -39,10 +40,18 @@ SERVICES = [
 ]
 
 
-def _grpc_child(name: str, argv: list[str], address: str, metrics_port: int | None, log_path: Path) -> Child:
+def _grpc_child(
+    name: str,
+    argv: list[str],
+    address: str,
+    metrics_port: int | None,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+) -> Child:
     """A gRPC service process, with its Prometheus port (if any) on the host of its gRPC address."""
+    env = dict(env or {})
     if metrics_port is None:
-        return Child(name, argv, address, "grpc", log_path)
+        return Child(name, argv, address, "grpc", log_path, env=env)
     host = address.rpartition(":")[0]
     return Child(
         name,
@@ -50,7 +59,7 @@ def _grpc_child(name: str, argv: list[str], address: str, metrics_port: int | No
         address,
         "grpc",
         log_path,
-        env={METRICS_PORT_ENV: str(metrics_port)},
+        env={**env, METRICS_PORT_ENV: str(metrics_port)},
         other_addresses=(f"{host}:{metrics_port}",),
     )
 
@@ -82,6 +91,8 @@ def build_stack(config: ArkConfig, config_path: str | None, log_dir: Path) -> li
             address,
             metrics_ports[i],
             log_dir / f"chat-{i + 1}.log",
+            # They share this machine's cores: `n_threads: auto` gives each its part (services/chat/engines).
+            {WORKERS_ON_HOST_ENV: str(len(services.chat.workers))},
         )
         for i, address in enumerate(services.chat.workers)
     ]

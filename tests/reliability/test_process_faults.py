@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,13 +333,29 @@ def test_a_non_streaming_client_that_goes_away_frees_its_worker(faults_stack):
     assert freed < 10, f"worker busy {freed:.1f} s after the client left"
 
 
-def _burst(stack: RunningStack, n: int, max_tokens: int = 40) -> list[tuple[int, float, dict]]:
-    def one(_: int) -> tuple[int, float, dict]:
-        t0 = time.monotonic()
-        r = complete(stack, f"Count from one to twenty. ({uuid.uuid4().hex[:6]})", max_tokens=max_tokens, timeout=120)
-        return r.status_code, time.monotonic() - t0, dict(r.headers)
+def _timed(stack: RunningStack, client: httpx.Client, max_tokens: int = 40) -> tuple[int, float, dict]:
+    body = _body(f"Count from one to twenty. ({uuid.uuid4().hex[:6]})", max_tokens, stream=False)
+    t0 = time.monotonic()
+    r = client.post(f"{stack.base_url}/chat/completions", json=body, headers=_headers(stack))
+    return r.status_code, time.monotonic() - t0, dict(r.headers)
 
-    with ThreadPoolExecutor(n) as pool:
+
+def _client(connections: int) -> httpx.Client:
+    """One client for a burst, its connections opened as the burst needs them: the times are the server's, not
+    those of making a client (an SSL context each) for every request."""
+    return httpx.Client(timeout=120, limits=httpx.Limits(max_connections=connections + 8))
+
+
+def _burst(
+    stack: RunningStack, n: int, max_tokens: int = 40, on_refusal: Callable[[], None] | None = None
+) -> list[tuple[int, float, dict]]:
+    def one(_: int) -> tuple[int, float, dict]:
+        result = _timed(stack, client, max_tokens)
+        if result[0] == 429 and on_refusal is not None:
+            on_refusal()
+        return result
+
+    with _client(n) as client, ThreadPoolExecutor(n) as pool:
         return list(pool.map(one, range(n)))
 
 
@@ -352,7 +368,15 @@ def _overload(stack: RunningStack, factor: int) -> None:
     complete(stack, "Count from one to twenty.", max_tokens=40)
     per_request = time.monotonic() - t0
     capacity = 2 * (int(QUEUE_WAIT_SECONDS / max(per_request, 0.05)) + 1)
-    results = _burst(stack, factor * capacity)
+    # The burst arrives at once; once it has been refused for load, a request arriving alone shows what a client
+    # of a saturated server waits for its 429 (the burst's own refusals queue behind each other in the edge).
+    first_refusal = threading.Event()
+    with ThreadPoolExecutor(1) as background:
+        burst = background.submit(_burst, stack, factor * capacity, on_refusal=first_refusal.set)
+        assert first_refusal.wait(120), "nothing refused"
+        with _client(1) as client:
+            probes = [_timed(stack, client) for _ in range(5)]
+        results = burst.result()
     statuses = [s for s, _, _ in results]
     refused = [(t, h) for s, t, h in results if s == 429]
     served = [t for s, t, _ in results if s == 200]
@@ -360,11 +384,15 @@ def _overload(stack: RunningStack, factor: int) -> None:
     assert refused, f"{factor}x capacity ({factor * capacity} requests) and nothing refused"
     assert all(h.get("retry-after") for _, h in refused)
     slowest_refusal = max(t for t, _ in refused)
+    probe_refusals = sorted(t for status, t, _ in probes if status == 429)
+    assert {status for status, _, _ in probes} <= {200, 429}
     record(
         f"overload {factor}x",
         requests=str(len(results)),
         refused=str(len(refused)),
         median_refusal_s=sorted(t for t, _ in refused)[len(refused) // 2],
+        arriving_at_saturation_refused=f"{len(probe_refusals)}/{len(probes)}",
+        arriving_at_saturation_refusal_s=probe_refusals[len(probe_refusals) // 2] if probe_refusals else -1.0,
         slowest_served_s=max(served),
         per_request_s=per_request,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -34,15 +34,37 @@ from services.chat.engines.base import (
 )
 from services.chat.engines.llama_context import ArkLlama, StateImportError
 from services.common.config import ModelConfig, resolve_model_path
+from services.common.cpu import auto_threads
 from services.common.errors import ArkError
 from services.common.threaded import stream_from_thread
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_SETTINGS: dict[str, Any] = {"n_ctx": 8192, "n_threads": 2, "n_batch": 512}
+_DEFAULT_SETTINGS: dict[str, Any] = {"n_ctx": 8192, "n_threads": "auto", "n_batch": 512}
 # Memory for resident sessions' KV caches; each resident session holds one context of n_ctx tokens.
 _DEFAULT_SESSION_BUDGET_MB = 800
 _LLAMA_SETTINGS = {"n_ctx", "n_threads", "n_batch", "n_threads_batch"}
+
+
+def llama_settings(model: ModelConfig, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], float]:
+    """The `Llama(...)` arguments for a model's settings (`auto` threads resolved for `env`, by default this
+    process's environment: services/common/cpu.py), and its session KV budget (MB).
+
+    Prompt evaluation uses as many threads as decoding unless `n_threads_batch` says otherwise (the library's own
+    default is every core of the machine, which oversubscribes it as soon as two workers share it)."""
+    settings = {**_DEFAULT_SETTINGS, **model.settings}
+    budget_mb = float(settings.pop("session_kv_budget_mb", _DEFAULT_SESSION_BUDGET_MB))
+    unknown = set(settings) - _LLAMA_SETTINGS
+    if unknown:
+        raise ArkError(f"models[{model.id}].settings: unknown llama_cpp settings {sorted(unknown)}")
+    for name in ("n_threads", "n_threads_batch"):
+        value = settings.get(name)
+        if value == "auto":
+            settings[name] = auto_threads(env)
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ArkError(f"models[{model.id}].settings.{name}: a positive number of threads or 'auto'")
+    settings.setdefault("n_threads_batch", settings["n_threads"])
+    return settings, budget_mb
 
 
 def _kv_bytes(llama: llama_cpp.Llama) -> int:
@@ -69,16 +91,18 @@ class LlamaCppEngine(ChatEngine):
     """One GGUF model: a scratch context for stateless requests plus resident contexts for sessions."""
 
     def __init__(self, model: ModelConfig) -> None:
-        settings = {**_DEFAULT_SETTINGS, **model.settings}
-        budget_mb = float(settings.pop("session_kv_budget_mb", _DEFAULT_SESSION_BUDGET_MB))
-        unknown = set(settings) - _LLAMA_SETTINGS
-        if unknown:
-            raise ArkError(f"models[{model.id}].settings: unknown llama_cpp settings {sorted(unknown)}")
+        settings, budget_mb = llama_settings(model)
         self.model_id = model.id
         self._path = str(resolve_model_path(model.path))
         self.grammar_vocabulary = self._path  # output constraints compile against this GGUF's vocabulary
         self._settings = settings
-        log.info("loading %s from %s", model.id, self._path)
+        log.info(
+            "loading %s from %s (%d threads, %d for prompts)",
+            model.id,
+            self._path,
+            settings["n_threads"],
+            settings["n_threads_batch"],
+        )
         # The weights are memory-mapped once and shared; each further context costs its KV cache and buffers.
         self._llama = ArkLlama(model_path=self._path, verbose=False, **settings)
         self.context_window = self._llama.n_ctx()
