@@ -85,6 +85,7 @@ format: $(VENV)/.installed ## Rewrite files with ruff
 
 bench: protos ## Run the benchmarks (side by side with in-process references)
 	$(BIN)/python -m bench.chat_latency
+	$(BIN)/python -m bench.cpu_share
 	$(BIN)/python -m bench.transcription_latency
 	$(BIN)/python -m bench.audio_bounds
 	$(BIN)/python -m bench.embeddings_throughput
