@@ -1,8 +1,8 @@
 """How many CPU threads an engine on this machine should use when its configuration says `auto`.
 
 llama.cpp's threads spin while they wait for each other, so processes whose threads together outnumber the cores
-stall one another: on 2 cores, two chat workers decoding at once with 2 threads each took 10.5 s each for what one
-alone did in 1.9 s, while with 1 thread each they took 2.9 s each, side by side (docs/benchmarks.md). `ark up`
+stall one another: on 2 cores, two chat workers decoding at once with 2 threads each took 5.6 to 10.5 times as long
+as one alone, while with 1 thread each they took about as long as one alone (bench/cpu_share.py). `ark up`
 therefore tells each chat worker how many share the machine; in a container or a pod a worker has its CPUs to
 itself.
 """
