@@ -7,11 +7,14 @@ answer of at most 40 tokens), so the last turn has about 2,000 tokens of history
 
     (a) ARK, sessions: the official client keeps the ark_session_id cookie; the worker keeps each conversation's
         state and computes only the new tokens;
-    (b) ARK, no cookies: every turn is computed from scratch;
+    (b) ARK, no cookies, on the same stack after (a): since conversations are placed by content within the API key
+        (docs/sessions.md), a client without a cookie reuses state too, here even (a)'s for the same documents;
+        computing every turn from scratch is `"session": "none"` (bench/multi_user_sessions.py, variant c);
     (c) llama-cpp-python's server (`python -m llama_cpp.server`, installed by this benchmark), which keeps one
         context and reuses it only when the next prompt extends the previous one.
 
-Goals at the last turn: (a) >= 20x faster than (b) and >= 15x faster than (c).
+Goals at the last turn: (a) >= 15x faster than (c); (b) as fast as (a) (the first wave's goal, (a) >= 20x faster
+than a client without cookies, predates placement by content).
 
     .venv/bin/python -m bench.session_ttft
 """
@@ -197,7 +200,7 @@ def main() -> None:
     for t in range(len(QUESTIONS)):
         row = [statistics.median(conv[t] for conv in results[k]) * 1000 for k in "abc"]
         print(f"{t + 1:>4} {row[0]:14.1f} {row[1]:15.1f} {row[2]:17.1f}")
-    print(f"\nlast turn: (a) is {last('b') / last('a'):.1f}x faster than (b)   (goal >= 20x)")
+    print(f"\nlast turn: (a) is {last('b') / last('a'):.1f}x faster than (b)   (no cookie: placed by content, ~1x)")
     print(f"last turn: (a) is {last('c') / last('a'):.1f}x faster than (c)   (goal >= 15x)")
 
 
