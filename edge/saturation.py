@@ -11,11 +11,10 @@ often to learn as soon as the backend has room again.
 
 from __future__ import annotations
 
-import math
 import time
 
+from services.common.admission import refusal
 from services.common.errors import ArkError, OverloadedError
-from services.common.metrics import ADMISSION_REJECTED
 
 
 class Saturation:
@@ -40,7 +39,4 @@ class Saturation:
     def refusal(self, message: str) -> OverloadedError | None:
         """The error to refuse with while the refusal holds, counted in `ark_admission_rejected`; else None."""
         wait = self.remaining
-        if wait <= 0:
-            return None
-        ADMISSION_REJECTED.labels(self._name, "saturated_at_edge").inc()
-        return OverloadedError(message, retry_after=max(1, math.ceil(wait)))
+        return refusal(self._name, "saturated_at_edge", message, wait) if wait > 0 else None

@@ -100,10 +100,6 @@ class Admission:
         mean = self._mean_hold
         self._mean_hold = seconds if mean is None else mean + _EWMA_WEIGHT * (seconds - mean)
 
-    def _refuse(self, reason: str, message: str, wait: float) -> OverloadedError:
-        ADMISSION_REJECTED.labels(self._name, reason).inc()
-        return OverloadedError(message, retry_after=max(1, math.ceil(wait)))
-
     async def _acquire(self, priority: bool = False) -> None:
         if self._closed is not None and not priority:
             ADMISSION_REJECTED.labels(self._name, "shutting_down").inc()
@@ -114,7 +110,8 @@ class Admission:
             return
         if not priority:
             if len(self._waiters) >= self._max_queue:
-                raise self._refuse(
+                raise refusal(
+                    self._name,
                     "queue_full",
                     f"The server is busy: {len(self._waiters)} requests are already queued for this model. "
                     "Retry shortly.",
@@ -122,12 +119,7 @@ class Admission:
                 )
             expected = self.expected_wait()
             if self._max_wait is not None and expected > self._max_wait:
-                raise self._refuse(
-                    "wait_too_long",
-                    f"The server is busy: this request would wait about {expected:.0f} s for this model, longer "
-                    f"than the {self._max_wait:g} s allowed. Retry shortly.",
-                    expected - self._max_wait,
-                )
+                raise wait_too_long(self._name, expected, self._max_wait)
         waiter = asyncio.get_running_loop().create_future()
         if priority:
             self._waiters.appendleft(waiter)
@@ -143,12 +135,7 @@ class Admission:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 return self._observed(queued_at)  # granted at the very moment the bound passed: keep it
             self._remove(waiter)
-            raise self._refuse(
-                "timed_out",
-                f"The server is busy: this request waited {self._max_wait:g} s for this model without being "
-                "served. Retry shortly.",
-                self.expected_wait(),
-            ) from None
+            raise timed_out(self._name, self._max_wait, self.expected_wait()) from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # The slot was handed to us just as we were cancelled: pass it on.
@@ -174,6 +161,34 @@ class Admission:
                 waiter.set_result(None)  # hand the slot over directly, keeping FIFO order
                 return
         self._free += 1
+
+
+def refusal(model: str, reason: str, message: str, wait: float) -> OverloadedError:
+    """A refusal for load (429 with a Retry-After of `wait`, at least a second), counted in
+    `ark_admission_rejected` under `reason`. The embeddings batcher refuses with the same errors."""
+    ADMISSION_REJECTED.labels(model, reason).inc()
+    return OverloadedError(message, retry_after=max(1, math.ceil(wait)))
+
+
+def wait_too_long(model: str, expected: float, bound: float) -> OverloadedError:
+    """The refusal on arrival of a request that would wait `expected` seconds, past `bound`."""
+    return refusal(
+        model,
+        "wait_too_long",
+        f"The server is busy: this request would wait about {expected:.0f} s for this model, longer than the "
+        f"{bound:g} s allowed. Retry shortly.",
+        expected - bound,
+    )
+
+
+def timed_out(model: str, bound: float, expected: float) -> OverloadedError:
+    """The refusal of a request still waiting at `bound` (the estimate was wrong); retry after `expected`."""
+    return refusal(
+        model,
+        "timed_out",
+        f"The server is busy: this request waited {bound:g} s for this model without being served. Retry shortly.",
+        expected,
+    )
 
 
 def close_all(error: ArkError | None = None) -> None:

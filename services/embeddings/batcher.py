@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -41,8 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.errors import InternalError, OverloadedError, UnavailableError
-from services.common.metrics import ADMISSION_REJECTED, QUEUE_WAIT
+from services.common.admission import refusal, timed_out, wait_too_long
+from services.common.errors import InternalError, UnavailableError
+from services.common.metrics import QUEUE_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,7 @@ class Batcher:
             raise UnavailableError("The embeddings service is shutting down.")
         expected = self.expected_wait()
         if self._max_wait is not None and expected > self._max_wait:
-            raise self._refuse(
-                "wait_too_long",
-                f"The server is busy: this request would wait about {expected:.1f} s for this model, longer than "
-                f"the {self._max_wait:g} s allowed. Retry shortly.",
-                expected - self._max_wait,
-            )
-
-    def _refuse(self, reason: str, message: str, wait: float) -> OverloadedError:
-        ADMISSION_REJECTED.labels(self._model, reason).inc()
-        return OverloadedError(message, retry_after=max(1, math.ceil(wait)))
+            raise wait_too_long(self._model, expected, self._max_wait)
 
     async def submit(self, sequences: Sequence[Sequence[int]]) -> list[Any]:
         """Encode `sequences` (one request's) in shared batches; results in the same order."""
@@ -144,7 +135,8 @@ class Batcher:
         if not sequences:
             return []
         if self._queued + len(sequences) > self._max_queued:
-            raise self._refuse(
+            raise refusal(
+                self._model,
                 "queue_full",
                 f"The server is busy: {self._queued} inputs are already queued for this model. Retry shortly.",
                 self.expected_wait() - (self._max_wait or 0.0),
@@ -175,12 +167,7 @@ class Batcher:
                 return await request.future  # done, or started: it is being encoded, so let it finish
             request.future.cancel()
             self._drop_abandoned()
-            raise self._refuse(
-                "timed_out",
-                f"The server is busy: this request waited {self._max_wait:g} s for this model without being "
-                "served. Retry shortly.",
-                self.expected_wait(),
-            ) from None
+            raise timed_out(self._model, self._max_wait, self.expected_wait()) from None
         except asyncio.CancelledError:
             request.future.cancel()  # the client is gone: the dispatcher drops what is left of the request
             raise

@@ -49,7 +49,7 @@ def _grpc_child(
     env: dict[str, str] | None = None,
 ) -> Child:
     """A gRPC service process, with its Prometheus port (if any) on the host of its gRPC address."""
-    env = dict(env or {})
+    env = env or {}
     if metrics_port is None:
         return Child(name, argv, address, "grpc", log_path, env=env)
     host = address.rpartition(":")[0]

@@ -7,6 +7,7 @@ The same rules on real processes killed and stopped: tests/reliability/test_proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -15,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ark.chat.v1 import chat_service_pb2 as pb
-from edge.chat_workers import ChatWorkers, WorkerPolicy
+from edge.chat_workers import ChatStream, ChatWorkers, WorkerPolicy
 from services.chat.generator import Generator
 from services.chat.servicer import chat_service
 from services.common.errors import OverloadedError, QuarantinedRequestError, UnavailableError, WorkerFailedError
@@ -103,22 +104,20 @@ async def test_a_queued_request_moves_when_its_worker_dies_but_the_running_one_d
     assert len(a.engine.runs) == 1 and len(b.engine.runs) == 5
 
 
-async def test_a_worker_refusing_for_load_passes_the_request_to_the_next():
+@contextlib.asynccontextmanager
+async def _two_busy_workers(
+    overload_hold: float,
+) -> AsyncIterator[tuple[ChatWorkers, ChatStream, ChatStream, asyncio.Event]]:
+    """Two workers without a queue, each busy with one held generation: the pool, the two streams, and the event
+    that lets the second worker's generation finish."""
     a, b = await _worker(max_queue=0), await _worker(max_queue=0)
-    pool = ChatWorkers([a.address, b.address], replace(POLICY, overload_hold=0))  # each request asks the workers
+    pool = ChatWorkers([a.address, b.address], replace(POLICY, overload_hold=overload_hold))
     try:
         a.engine.hold.clear()
         b.engine.hold.clear()
         on_a = await pool.open_stream(_request("one"))
         on_b = await pool.open_stream(_request("two"))
-        # Both busy with no queue: refused by a, then by b, and the client gets the 429.
-        with pytest.raises(OverloadedError):
-            await pool.open_stream(_request("three"))
-        b.engine.hold.set()
-        async for _ in on_b:
-            pass
-        # a still refuses; b has room again and takes it.
-        assert await _text(pool, _request("four")) == "Hello!"
+        yield pool, on_a, on_b, b.engine.hold
         on_a.cancel()
     finally:
         await pool.close()
@@ -127,18 +126,25 @@ async def test_a_worker_refusing_for_load_passes_the_request_to_the_next():
             await w.server.stop(None)
 
 
+async def test_a_worker_refusing_for_load_passes_the_request_to_the_next():
+    # No hold: each request asks the workers.
+    async with _two_busy_workers(overload_hold=0) as (pool, _, on_b, b_hold):
+        # Both busy with no queue: refused by a, then by b, and the client gets the 429.
+        with pytest.raises(OverloadedError):
+            await pool.open_stream(_request("three"))
+        b_hold.set()
+        async for _ in on_b:
+            pass
+        # a still refuses; b has room again and takes it.
+        assert await _text(pool, _request("four")) == "Hello!"
+
+
 def _rejected(model: str, reason: str) -> float:
     return REGISTRY.get_sample_value("ark_admission_rejected_total", {"model": model, "reason": reason}) or 0.0
 
 
 async def test_once_every_worker_refused_for_load_the_edge_refuses_itself_until_the_hold_passes():
-    a, b = await _worker(max_queue=0), await _worker(max_queue=0)
-    pool = ChatWorkers([a.address, b.address], replace(POLICY, overload_hold=0.5))
-    try:
-        a.engine.hold.clear()
-        b.engine.hold.clear()
-        on_a = await pool.open_stream(_request("one"))
-        on_b = await pool.open_stream(_request("two"))
+    async with _two_busy_workers(overload_hold=0.5) as (pool, _, on_b, b_hold):
         asked = _rejected("fake", "queue_full")
         with pytest.raises(OverloadedError):
             await pool.open_stream(_request("three"))  # both workers asked, both refused
@@ -152,7 +158,7 @@ async def test_once_every_worker_refused_for_load_the_edge_refuses_itself_until_
         assert _rejected("fake", "queue_full") == asked + 2
         assert _rejected("chat", "saturated_at_edge") == held + 5
         # b finishes; once the hold has passed, requests reach the workers again and b takes one.
-        b.engine.hold.set()
+        b_hold.set()
         async for _ in on_b:
             pass
         deadline = asyncio.get_running_loop().time() + 10
@@ -163,12 +169,6 @@ async def test_once_every_worker_refused_for_load_the_edge_refuses_itself_until_
             except OverloadedError:
                 assert asyncio.get_running_loop().time() < deadline, "still refused long after the hold"
                 await asyncio.sleep(0.1)
-        on_a.cancel()
-    finally:
-        await pool.close()
-        for w in (a, b):
-            w.engine.hold.set()
-            await w.server.stop(None)
 
 
 async def test_a_worker_stopping_gracefully_hands_its_queue_over_and_ends_its_streams_with_a_status(two_workers):
