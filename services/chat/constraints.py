@@ -166,7 +166,10 @@ def constraint_spec(request: GenerationRequest, config: StructuredOutputLimits) 
                 code="schema_too_complex",
             )
         schemas = [(t.name, _arguments_schema(t, i, limits)) for i, t in chosen]
-        max_calls = config.max_parallel_tool_calls if request.parallel_tool_calls else 1
+        # A named tool_choice forces exactly one call of that function, as OpenAI does: parallel calls of it would
+        # repeat the call until max_tokens cuts the last one.
+        parallel = request.parallel_tool_calls and mode is not ToolChoiceMode.FUNCTION
+        max_calls = config.max_parallel_tool_calls if parallel else 1
         auto = mode is ToolChoiceMode.AUTO
         grammar = tool_calls_grammar(schemas, max_calls=max_calls, allow_text=auto)
         return _Spec(grammar, ToolCallMode.AUTO if auto else ToolCallMode.REQUIRED, max_calls, "tools")

@@ -160,6 +160,12 @@ Press Ctrl-C to stop.
 
 # The environment override of `services.internal_token` (services/common/internal_auth.py).
 INTERNAL_TOKEN_ENV = "ARK__SERVICES__INTERNAL_TOKEN"
+DRAIN_ENV = "ARK__EDGE__DRAIN_GRACE_SECONDS"
+# `ark up` stops within --stop-timeout: a process manager (Kubernetes, Docker, systemd, supervisord) SIGKILLs
+# a process that overstays its stop, commonly after 30 s (Docker's `stop` after 10 s: pass --stop-timeout 8).
+DEFAULT_STOP_TIMEOUT_SECONDS = 25.0
+# Of the stop, what the edge's drain leaves for the edge's own exit, Envoy and the services.
+DRAIN_MARGIN_SECONDS = 10.0
 
 
 def up(args: argparse.Namespace) -> int:
@@ -176,6 +182,11 @@ def up(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ark: {exc}", file=sys.stderr)
         return 2
+    # The edge's drain (and the workers' grace, which follows it) must fit in the bounded stop below.
+    drain = min(config.edge.drain_grace_seconds, max(0.0, args.stop_timeout - DRAIN_MARGIN_SECONDS))
+    if drain < config.edge.drain_grace_seconds:
+        env[DRAIN_ENV] = f"{drain:g}"
+        config = load_config(args.config, {**os.environ, **env})
     key = config.auth.api_keys[0]
     log_dir = Path(args.log_dir)
     try:
@@ -191,7 +202,7 @@ def up(args: argparse.Namespace) -> int:
         stack.start(progress=lambda line: print(line, flush=True))
     except RuntimeError as exc:
         print(f"ark: {exc}", file=sys.stderr, flush=True)
-        stack.stop()
+        stack.stop(timeout=args.stop_timeout)
         return 1
     base_url = public_base_url(config)
     chat_model = next((m for m in config.models if m.capability == "chat"), config.models[0])
@@ -208,7 +219,7 @@ def up(args: argparse.Namespace) -> int:
         supervisor.tick()  # restarts what died (services/launcher/supervisor.py)
     supervisor.stopping()
     print("\nStopping ARK…", flush=True)
-    stack.stop()
+    stack.stop(timeout=args.stop_timeout)
     print("Stopped.", flush=True)
     return 0
 
@@ -228,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
         "--max-restarts", type=int, default=5, help="restarts of one service within --restart-window before giving up"
     )
     p_up.add_argument("--restart-window", type=float, default=300.0, help="seconds (see --max-restarts)")
+    p_up.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=float(os.environ.get("ARK_STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT_SECONDS)),
+        help="on SIGTERM/Ctrl-C, every process is gone within this many seconds (the edge's drain is cut to fit)",
+    )
     p_status = sub.add_parser("status", help="what `ark up` runs: each service's state, pid and restarts")
     p_status.add_argument("--log-dir", default=str(ROOT / ".run" / "logs"), help="the log directory of `ark up`")
     p_check = sub.add_parser("check-config", help="validate a configuration file and exit")

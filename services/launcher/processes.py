@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -40,7 +41,9 @@ class Child:
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        # Own process group: a Ctrl-C reaches the launcher only, which then stops children in order.
+        # Own process group: a Ctrl-C reaches the launcher only, which then stops children in order. Being in their
+        # own session, children would outlive a launcher that is killed (a process manager's SIGKILL, an OOM kill)
+        # and keep every port: the kernel kills them when the launcher dies instead (die_with_parent).
         self.process = subprocess.Popen(
             self.argv,
             env={**env, **self.env},
@@ -48,6 +51,7 @@ class Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),
         )
         log.close()
 
@@ -64,6 +68,30 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int):
+    """A `preexec_fn` that has the kernel SIGKILL the child when the process that started it dies, however it dies.
+
+    SIGKILL rather than SIGTERM: with the launcher gone nothing orders the stop (edge first, then the services), a
+    stopped (SIGSTOPped) child would never act on SIGTERM, and the next `ark up` needs the ports at once. The signal
+    follows the death of the thread that forked, so children are started from the launcher's main thread only (the
+    supervisor restarts from its loop there). Linux only; elsewhere children are stopped by `Stack.stop` alone.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the launcher died between fork and prctl: nobody would signal us
+            os._exit(1)
+
+    return preexec
 
 
 def grpc_serving(address: str) -> bool:
@@ -101,6 +129,11 @@ def port_in_use(address: str) -> bool:
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+# Of a bounded stop (`Stack.stop(timeout)`): what each later stage is sure to get (a drained edge leaves the
+# services idle, and an idle service exits in well under a second).
+STAGE_RESERVE_SECONDS = 3.0
 
 
 class Stack:
@@ -143,21 +176,32 @@ class Stack:
                 raise RuntimeError(f"timed out waiting for {', '.join(c.name for c in pending)}")
             time.sleep(0.1)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """SIGTERM the children stage by stage, each stage waited for before the next, SIGKILL past a child's timeout.
 
         The edge goes first and drains: its streams still flow through Envoy and reach the workers, and new requests
-        still reach it and get a 503 with Retry-After. Then Envoy, then the services, together.
+        still reach it and get a 503 with Retry-After. Then Envoy, then the services, together. With `timeout`, the
+        whole stop ends within it: a process manager SIGKILLs a launcher that overstays its stop (Kubernetes and
+        many others after 30 s), and that would skip the order above; each stage keeps `STAGE_RESERVE_SECONDS` for
+        every stage after it, and what is still running at its share's end is killed.
         """
-        for stage in sorted({c.stop_stage for c in self.children}):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stages = sorted({c.stop_stage for c in self.children})
+        for position, stage in enumerate(stages):
             group = [c for c in reversed(self.children) if c.stop_stage == stage and c.process is not None]
             for child in group:
                 if child.exited() is None:
                     child.process.send_signal(signal.SIGTERM)
             started = time.monotonic()
+            stage_end = None
+            if deadline is not None:
+                stage_end = deadline - STAGE_RESERVE_SECONDS * (len(stages) - 1 - position)
             for child in group:
+                end = started + child.stop_timeout
+                if stage_end is not None:
+                    end = min(end, stage_end)
                 try:
-                    child.process.wait(timeout=max(0.1, child.stop_timeout - (time.monotonic() - started)))
+                    child.process.wait(timeout=max(0.1, end - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     child.process.kill()
                     child.process.wait()

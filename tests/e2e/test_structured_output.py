@@ -112,6 +112,22 @@ def test_streamed_call_deltas_are_shaped_exactly_like_openais(stack):
     ]
 
 
+def test_a_named_tool_choice_streams_exactly_one_call(stack):
+    """OpenAI forces one call for a named choice; a second call of the same function, cut by max_tokens, made the
+    Node SDK's accumulator read the name `get_weatherget_weather`."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": GetWeather.model_json_schema()}}
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"messages": ask("Weather in Rome?"), "tools": [tool], "tool_choice": choice, "max_tokens": 64}
+    chunks = sse_chunks(stack, {**body, "temperature": 0})
+    deltas = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert {d["index"] for d in deltas} == {0}
+    assert [d["function"]["name"] for d in deltas if "name" in d["function"]] == ["get_weather"]
+    GetWeather.model_validate_json("".join(d["function"]["arguments"] for d in deltas))
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == [
+        "tool_calls"
+    ]
+
+
 def test_a_call_cut_by_max_tokens_finishes_with_length(client):
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": GetWeather.model_json_schema()}}
     completion = client.chat.completions.create(

@@ -128,7 +128,15 @@ async def test_auto_allows_text_or_calls_and_a_named_function_only_itself(compil
     assert auto.tool_call is ToolCallMode.AUTO and drive(compiler, auto, "Hello there") is not None
     named = await compiler.build(tools_request(ToolChoiceMode.FUNCTION, name="get_time"))
     assert drive(compiler, named, '{"name": "get_weather", "arguments": {"city": "x"}}') is None
-    assert drive(compiler, named, '{"name": "get_time", "arguments": {}}').terminated is False
+    assert drive(compiler, named, '{"name": "get_time", "arguments": {}}') is not None
+
+
+async def test_a_named_tool_choice_is_exactly_one_call_even_with_parallel_calls_allowed(compiler):
+    named = await compiler.build(tools_request(ToolChoiceMode.FUNCTION, name="get_time", parallel=True))
+    one = '{"name": "get_time", "arguments": {}}'
+    assert named.max_calls == 1
+    assert drive(compiler, named, one).terminated  # nothing may follow the call...
+    assert drive(compiler, named, one + "\n") is None  # ...not even a second call of the same function
 
 
 async def test_a_tool_with_local_refs_compiles_against_its_own_definitions(compiler):
