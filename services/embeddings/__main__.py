@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import sys
 
-from services.common.config import Capability, ConfigError, load_config
+from services.common.config import Capability, ConfigError, engine_settings, load_config
 from services.common.server import configure_logging, serve
 from services.embeddings.embedder import Embedder
 from services.embeddings.engines import create_engine
@@ -28,7 +28,8 @@ async def main() -> int:
             raise ConfigError("no model with capability `embeddings` is configured")
         embedders = {}
         for model in models:
-            settings = EmbeddingsSettings.of(model)
+            settings = engine_settings(model)
+            assert isinstance(settings, EmbeddingsSettings)
             embedders[model.id] = Embedder(create_engine(model, settings), settings, config.limits)
     except ConfigError as exc:
         print(f"embeddings: {exc}", file=sys.stderr)
