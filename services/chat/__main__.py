@@ -47,7 +47,8 @@ async def build(config: ArkConfig, address: str) -> Built:
         for generator in generators.values():
             await generator.close()
 
-    return Built([chat_service(generators)], on_stop=close_generators)
+    admissions = [generator.admission for generator in generators.values()]
+    return Built([chat_service(generators)], on_stop=close_generators, admissions=admissions)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,21 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.common.admission import Admission
 from services.common.config import ArkConfig, ConfigError, load_config
 from services.common.server import Service, configure_logging, serve
 
 
 @dataclass
 class Built:
-    """What a service builds from the configuration: its servicers, and what to close once they have stopped."""
+    """What a service builds from the configuration: its servicers, the admissions whose queued work is refused as
+    soon as it starts stopping, and what to close once its calls have ended."""
 
     services: list[Service]
     on_stop: Callable[[], Awaitable[None]] | None = None
+    admissions: list[Admission] = field(default_factory=list)
 
 
 # Builds a service from the configuration and its listen address, in the running event loop (it may start tasks).
@@ -58,4 +61,5 @@ async def _run(config_path: str | None, listen: str | None, build: Build, addres
         grace_seconds=config.edge.drain_grace_seconds,
         on_stop=built.on_stop,
         token=config.services.internal_token,
+        admissions=built.admissions,
     )

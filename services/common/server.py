@@ -19,7 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import admission, metrics
+from services.common import metrics
+from services.common.admission import Admission
 from services.common.grpc_metrics import MetricsGuard
 from services.common.guards import CallGuard, ErrorGuard, TokenGuard, guarded
 from services.common.shutdown import EXIT_MARGIN_SECONDS, ShutdownGuard, exit_after
@@ -112,10 +113,11 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     metrics_port: int | None = None,
     token: str | None = None,
+    admissions: Iterable[Admission] = (),
 ) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully (services/common/shutdown.py): NOT_SERVING, queued work
-    refused (the edge sends it elsewhere), calls in flight given `grace_seconds`, then ended with UNAVAILABLE; the
-    process is gone by grace + a few seconds whatever happens.
+    """Run until SIGTERM or SIGINT, then stop gracefully (services/common/shutdown.py): NOT_SERVING, the work queued
+    in `admissions` refused (the edge sends it elsewhere), calls in flight given `grace_seconds`, then ended with
+    UNAVAILABLE; the process is gone by grace + a few seconds whatever happens.
 
     `metrics_port` defaults to `ARK_METRICS_PORT`; Prometheus metrics are served on the gRPC address's host. With
     `token` (`services.internal_token`), only calls carrying it are served (services/common/internal_auth.py).
@@ -137,7 +139,8 @@ async def serve(
     watchdog = exit_after(grace_seconds + EXIT_MARGIN_SECONDS)
     log.info("stopping: %d call(s) in flight get up to %.0f s", shutdown.in_flight, grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    admission.close_all()
+    for admission in admissions:
+        admission.close()
     if not await shutdown.wait_idle(grace_seconds):
         log.warning("grace over: ending %d call(s)", shutdown.end_all())
         await shutdown.wait_idle(2)

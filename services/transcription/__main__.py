@@ -28,7 +28,8 @@ async def build(config: ArkConfig, address: str) -> Built:
         for transcriber in transcribers.values():
             await transcriber.close()
 
-    return Built([transcription_service(transcribers)], on_stop=close)
+    admissions = [transcriber.admission for transcriber in transcribers.values()]
+    return Built([transcription_service(transcribers)], on_stop=close, admissions=admissions)
 
 
 if __name__ == "__main__":
