@@ -46,7 +46,8 @@ REGISTRY_SERVICE_CONFIG = json.dumps(
 
 class SessionRegistryClient:
     """The edge's view of the session registry. Every call is bounded by a short timeout: session infrastructure
-    failing must never fail a request (the caller serves it statelessly)."""
+    failing must never fail a request (the caller serves it statelessly). Calls raise ArkError only (a registry
+    outage is UnavailableError)."""
 
     def __init__(self, address: str, timeout: float, *, token: str | None = None) -> None:
         options = [*CHANNEL_OPTIONS, ("grpc.service_config", REGISTRY_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
@@ -64,15 +65,24 @@ class SessionRegistryClient:
             conversation_key=conversation_key,
             failed_worker_name=failed_worker,
         )
-        return await self._stub.PlaceConversation(request, timeout=self._timeout)
+        try:
+            return await self._stub.PlaceConversation(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     async def get(self, session_id: str, api_key_hash: str) -> sessions_pb.Session:
         request = sessions_pb.GetSessionRequest(id=session_id, api_key_hash=api_key_hash)
-        return await self._stub.GetSession(request, timeout=self._timeout)
+        try:
+            return await self._stub.GetSession(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     async def delete(self, session_id: str, api_key_hash: str) -> None:
         request = sessions_pb.DeleteSessionRequest(id=session_id, api_key_hash=api_key_hash)
-        await self._stub.DeleteSession(request, timeout=self._timeout * 4)
+        try:
+            await self._stub.DeleteSession(request, timeout=self._timeout * 4)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     async def close(self) -> None:
         await self._channel.close()
@@ -103,14 +113,20 @@ class EmbeddingsBackend:
 
 
 class TranscriptionStream:
-    """A started transcription: its `started` event, then segments and `finished` (read with `read()`)."""
+    """A started transcription: its `started` event, then segments and `finished`. Iterating raises ArkError only."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall, started: transcription_pb.TranscriptionStarted) -> None:
         self._call = call
         self.started = started
 
     async def __aiter__(self) -> AsyncIterator[transcription_pb.StreamTranscribeResponse]:
-        while (message := await self._call.read()) is not grpc.aio.EOF:
+        while True:
+            try:
+                message = await self._call.read()
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+            if message is grpc.aio.EOF:
+                return
             yield message
 
     def cancel(self) -> None:
