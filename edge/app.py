@@ -11,7 +11,7 @@ from edge.backends import EmbeddingsBackend, SessionRegistryClient, Transcriptio
 from edge.catalog import Catalog
 from edge.chat.router import router as chat_router
 from edge.chat.serving import ChatCompletions
-from edge.chat_workers import ChatWorkers, WorkerPolicy
+from edge.clients.chat_workers import ChatWorkers, WorkerPolicy
 from edge.dependencies import EdgeState
 from edge.drain import Drain, DrainMiddleware
 from edge.embeddings.router import router as embeddings_router

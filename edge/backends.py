@@ -1,6 +1,6 @@
 """gRPC channels from the edge to the services, opened in the app's lifespan (they belong to its event loop).
 
-The chat workers, with their failure detection and retry rules, are in edge/chat_workers.py.
+The chat workers, with their failure detection and retry rules, are in edge/clients/chat_workers.py.
 """
 
 from __future__ import annotations

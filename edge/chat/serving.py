@@ -17,7 +17,7 @@ from ark.chat.v1 import chat_service_pb2 as pb
 from edge.catalog import Catalog
 from edge.chat import translate
 from edge.chat.schemas import ChatCompletionRequest
-from edge.chat_workers import ChatStream, ChatWorkers, WorkerUnavailableError
+from edge.clients.chat_workers import ChatStream, ChatWorkers, WorkerUnavailableError
 from edge.compat import CHAT_COMPLETIONS, apply_policy
 from edge.sessions.conversation import conversation_key
 from edge.sessions.placement import Placement, SessionPlacer

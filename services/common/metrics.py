@@ -63,7 +63,7 @@ CHAT_CACHED_RATIO = Histogram(
     buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
 )
 
-# -- chat workers, as the edge sees them (failure detection and retries: edge/chat_workers.py) ----------------------
+# -- chat workers, as the edge sees them (failure detection and retries: edge/clients/chat_workers.py) -----------
 
 CHAT_WORKER_UP = Gauge(
     "ark_chat_worker_routable", "1 while the edge routes new requests to this chat worker, else 0", ["worker"]

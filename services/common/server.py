@@ -49,7 +49,7 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # A peer that stops answering (a stopped or wedged process: its kernel still accepts the TCP bytes) fails every
     # call on the channel within 4 + 4 s: the bound on hang detection for callers without their own probes (the
-    # edge probes chat workers faster, edge/chat_workers.py). A ping is 17 bytes; one per 4 s costs nothing.
+    # edge probes chat workers faster, edge/clients/chat_workers.py). A ping is 17 bytes; one per 4 s costs nothing.
     ("grpc.keepalive_time_ms", 4_000),
     ("grpc.keepalive_timeout_ms", 4_000),
     # Also on idle channels, so a dead service is noticed before the next request rather than by it.

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ark.chat.v1 import chat_service_pb2 as pb
-from edge.chat_workers import ChatStream, ChatWorkers, WorkerPolicy
+from edge.clients.chat_workers import ChatStream, ChatWorkers, WorkerPolicy
 from services.chat.generator import Generator
 from services.chat.servicer import chat_service
 from services.common.errors import OverloadedError, QuarantinedRequestError, UnavailableError, WorkerFailedError
