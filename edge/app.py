@@ -7,11 +7,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from edge.backends import EmbeddingsBackend, SessionRegistryClient, TranscriptionBackend
 from edge.catalog import Catalog
 from edge.chat.router import router as chat_router
 from edge.chat.serving import ChatCompletions
 from edge.clients.chat_workers import ChatWorkers, WorkerPolicy
+from edge.clients.embeddings import EmbeddingsBackend
+from edge.clients.registry import SessionRegistryClient
+from edge.clients.transcription import TranscriptionBackend
 from edge.dependencies import EdgeState
 from edge.drain import Drain, DrainMiddleware
 from edge.embeddings.router import router as embeddings_router

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
-from edge.backends import SessionRegistryClient
+from edge.clients.registry import SessionRegistryClient
 from edge.sessions.cookies import parse_session_id
 from services.common.config import SessionsConfig
 from services.common.errors import ArkError

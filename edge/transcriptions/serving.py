@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ark.transcription.v1 import transcription_service_pb2 as pb
-from edge.backends import TranscriptionBackend, TranscriptionStream
 from edge.catalog import Catalog
+from edge.clients.transcription import TranscriptionBackend, TranscriptionStream
 from edge.compat import TRANSCRIPTIONS, apply_policy
 from edge.transcriptions import translate
 from edge.transcriptions.schemas import TranscriptionRequest

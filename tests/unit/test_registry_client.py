@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.backends import SessionRegistryClient
+from edge.clients.registry import SessionRegistryClient
 from edge.sessions.placement import SessionPlacer
 from services.common.config import SessionsConfig
 from services.common.errors import UnavailableError
