@@ -34,7 +34,7 @@ from edge.sessions.router import router as sessions_router
 from edge.transcriptions.router import router as transcriptions_router
 from edge.transcriptions.serving import Transcriptions
 from services.common.config import ArkConfig
-from services.common.server import freeze_startup_objects
+from services.common.startup import freeze_startup_objects
 
 
 def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:

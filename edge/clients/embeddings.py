@@ -7,9 +7,9 @@ import grpc
 from ark.embeddings.v1 import embeddings_service_pb2 as embeddings_pb
 from ark.embeddings.v1 import embeddings_service_pb2_grpc as embeddings_grpc
 from edge.saturation import Saturation
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
-from services.common.server import CHANNEL_OPTIONS
 
 
 class EmbeddingsBackend:

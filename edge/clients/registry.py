@@ -8,9 +8,9 @@ import grpc
 
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as sessions_grpc
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
-from services.common.server import CHANNEL_OPTIONS
 
 # Registries are stateless over a shared store, so any of them may answer. A target naming several (`dns:///registry`
 # resolving to each replica, or `ipv4:10.0.0.1:50050,10.0.0.2:50050`) is balanced round robin (CHANNEL_OPTIONS), and a

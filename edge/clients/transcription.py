@@ -9,10 +9,10 @@ import grpc
 from ark.transcription.v1 import transcription_service_pb2 as transcription_pb
 from ark.transcription.v1 import transcription_service_pb2_grpc as transcription_grpc
 from edge.saturation import Saturation
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.errors import ArkError, UnavailableError
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
-from services.common.server import CHANNEL_OPTIONS
 
 
 class TranscriptionStream:

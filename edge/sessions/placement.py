@@ -16,20 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from prometheus_client import Counter
-
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
 from edge.clients.registry import SessionRegistryClient
+from edge.metrics import STATELESS_FALLBACKS
 from edge.sessions.cookies import parse_session_id
 from services.common.config import SessionsConfig
 from services.common.errors import ArkError
 
 log = logging.getLogger(__name__)
-
-STATELESS_FALLBACKS = Counter(
-    "ark_session_stateless_fallbacks",
-    "Chat requests served statelessly because the session registry (or its store) could not place them",
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,11 @@ import asyncio
 
 from services.chat.engines import create_engine
 from services.chat.generator import Generator
+from services.chat.metrics import register_generators
 from services.chat.registration import keep_lease
 from services.chat.servicer import chat_service
 from services.chat.state_tiers import StateTiers
 from services.common.config import ArkConfig, Capability
-from services.common.metrics import register_chat_engines
 from services.common.runner import Built, run_service
 
 
@@ -27,7 +27,7 @@ async def build(config: ArkConfig, address: str) -> Built:
         )
         for m in config.models_for(Capability.CHAT)
     }
-    register_chat_engines(generators)  # queue depth and resident sessions, for Prometheus
+    register_generators(generators)  # queue depth and resident sessions, for Prometheus
 
     lease = None
     if config.sessions.enabled:

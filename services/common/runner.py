@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from services.common.admission import Admission
 from services.common.config import ArkConfig, ConfigError, load_config
-from services.common.server import Service, configure_logging, serve
+from services.common.server import Service, serve
+from services.common.startup import configure_logging
 
 
 @dataclass

@@ -3,9 +3,9 @@ in the configuration."""
 
 from __future__ import annotations
 
+from services.common.channels import MAX_MESSAGE_BYTES
 from services.common.config import ArkConfig, Capability, ConfigError
 from services.common.runner import Built, run_service
-from services.common.server import MAX_MESSAGE_BYTES
 from services.transcription.engines import create_engine
 from services.transcription.servicer import transcription_service
 from services.transcription.transcriber import Transcriber
