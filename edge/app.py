@@ -7,11 +7,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from edge.backends import EmbeddingsBackend, SessionRegistryClient, TranscriptionBackend
 from edge.catalog import Catalog
 from edge.chat.router import router as chat_router
 from edge.chat.serving import ChatCompletions
-from edge.chat_workers import ChatWorkers, WorkerPolicy
+from edge.clients.chat_workers import ChatWorkers, WorkerPolicy
+from edge.clients.embeddings import EmbeddingsBackend
+from edge.clients.registry import SessionRegistryClient
+from edge.clients.transcription import TranscriptionBackend
 from edge.dependencies import EdgeState
 from edge.drain import Drain, DrainMiddleware
 from edge.embeddings.router import router as embeddings_router
@@ -32,7 +34,7 @@ from edge.sessions.router import router as sessions_router
 from edge.transcriptions.router import router as transcriptions_router
 from edge.transcriptions.serving import Transcriptions
 from services.common.config import ArkConfig
-from services.common.server import freeze_startup_objects
+from services.common.startup import freeze_startup_objects
 
 
 def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:

@@ -25,9 +25,9 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.errors import error_response
+from edge.metrics import EDGE_DRAINING
 from edge.middleware import PUBLIC_PATHS
 from services.common.errors import UnavailableError
-from services.common.metrics import EDGE_DRAINING
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import time
 from collections import OrderedDict
 
 from ark.chat.v1 import chat_service_pb2 as pb
+from edge.metrics import CHAT_QUARANTINED
 from services.common.errors import QuarantinedRequestError
-from services.common.metrics import CHAT_QUARANTINED
 
 # Bounded, so that a flood of distinct failing requests cannot grow the edge without limit.
 _MAX_ENTRIES = 10_000

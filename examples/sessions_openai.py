@@ -1,16 +1,12 @@
-"""A conversation in a stateful session: the client keeps the ark_session_id cookie (httpx.Client does that by
-itself), so each follow-up turn only computes its new tokens (`cached_tokens` grows); then the session is ended."""
+"""A conversation in a stateful session: the client keeps the ark_session_id cookie (the official client does that
+by itself), so each follow-up turn only computes its new tokens (`cached_tokens` grows); then the session is ended."""
 
 import os
 
 import httpx
 from openai import OpenAI
 
-client = OpenAI(
-    base_url=os.environ.get("ARK_BASE_URL", "http://127.0.0.1:8080/v1"),
-    api_key=os.environ["ARK_API_KEY"],
-    http_client=httpx.Client(),  # keeps cookies
-)
+client = OpenAI(base_url=os.environ.get("ARK_BASE_URL", "http://127.0.0.1:8080/v1"), api_key=os.environ["ARK_API_KEY"])
 messages = [{"role": "system", "content": "You are a helpful assistant."}]
 for question in ["What is the capital of France?", "And of Germany?", "And of Italy?"]:
     messages.append({"role": "user", "content": question})

@@ -11,20 +11,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from starlette.types import Receive
 
 from ark.chat.v1 import chat_service_pb2 as pb
 from edge.catalog import Catalog
 from edge.chat import translate
 from edge.chat.schemas import ChatCompletionRequest
-from edge.chat_workers import ChatStream, ChatWorkers, WorkerUnavailableError
+from edge.clients.chat_workers import ChatStream, ChatWorkers, WorkerUnavailableError
 from edge.compat import CHAT_COMPLETIONS, apply_policy
 from edge.sessions.conversation import conversation_key
 from edge.sessions.placement import Placement, SessionPlacer
 from services.common.config import Capability, LimitsConfig
 from services.common.errors import ArkError, InternalError
-from services.common.grpc_errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +217,6 @@ class ChatCompletions:
                     choices.setdefault(f.choice_index, _Choice()).finish_reason = _finish(f)
                     if not f.more_choices:
                         return self._completion(job, running, choices, f)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
         finally:
             running.stream.cancel()
         raise InternalError("The chat worker ended the stream without finishing.")
@@ -338,8 +334,6 @@ class ChatCompletions:
                     yield b"data: [DONE]\n\n"
                     return
             raise InternalError("The chat worker ended the stream without finishing.")
-        except grpc.RpcError as exc:
-            yield _sse(from_rpc_error(exc).to_dict())
         except ArkError as exc:
             yield _sse(exc.to_dict())
         finally:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ark.embeddings.v1 import embeddings_service_pb2 as pb
-from edge.backends import EmbeddingsBackend
 from edge.catalog import Catalog
+from edge.clients.embeddings import EmbeddingsBackend
 from edge.compat import EMBEDDINGS, apply_policy
 from edge.embeddings import openai_tokens, translate
 from edge.embeddings.schemas import EmbeddingRequest

@@ -16,20 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import grpc
-from prometheus_client import Counter
-
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
-from edge.backends import SessionRegistryClient
+from edge.clients.registry import SessionRegistryClient
+from edge.metrics import STATELESS_FALLBACKS
 from edge.sessions.cookies import parse_session_id
 from services.common.config import SessionsConfig
+from services.common.errors import ArkError
 
 log = logging.getLogger(__name__)
-
-STATELESS_FALLBACKS = Counter(
-    "ark_session_stateless_fallbacks",
-    "Chat requests served statelessly because the session registry (or its store) could not place them",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +54,9 @@ class SessionPlacer:
         session_id = parse_session_id(cookie) or ""
         try:
             reply = await self._registry.place(api_key_hash, model, session_id, conversation_key)
-        except grpc.RpcError as exc:
+        except ArkError as exc:
             STATELESS_FALLBACKS.inc()
-            log.warning("session registry unavailable (%s): serving statelessly", exc.code().name)
+            log.warning("session registry unavailable (%s): serving statelessly", exc.message)
             return None
         return _placement(reply, model, conversation_key)
 
@@ -78,9 +72,9 @@ class SessionPlacer:
                 placement.conversation_key,
                 failed_worker=placement.worker_name,
             )
-        except grpc.RpcError as exc:
+        except ArkError as exc:
             STATELESS_FALLBACKS.inc()
-            log.warning("could not re-place the conversation (%s): serving statelessly", exc.code().name)
+            log.warning("could not re-place the conversation (%s): serving statelessly", exc.message)
             return None
         return _placement(reply, placement.model, placement.conversation_key)
 
@@ -91,10 +85,11 @@ class SessionPlacer:
             return None
         try:
             return await self._registry.get(session_id, api_key_hash)
-        except grpc.RpcError:
-            return None
+        except ArkError:
+            return None  # unknown, expired or foreign, or the registry unreachable: no session to show
 
     async def end(self, session_id: str, api_key_hash: str) -> None:
+        """End the session; a registry outage is UnavailableError (503)."""
         assert self._registry is not None
         await self._registry.delete(session_id, api_key_hash)
 

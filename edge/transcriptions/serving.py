@@ -7,17 +7,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from ark.transcription.v1 import transcription_service_pb2 as pb
-from edge.backends import TranscriptionBackend, TranscriptionStream
 from edge.catalog import Catalog
+from edge.clients.transcription import TranscriptionBackend, TranscriptionStream
 from edge.compat import TRANSCRIPTIONS, apply_policy
 from edge.transcriptions import translate
 from edge.transcriptions.schemas import TranscriptionRequest
 from services.common.config import Capability
 from services.common.errors import ArkError, InternalError, InvalidRequestError
-from services.common.grpc_errors import from_rpc_error
 
 # Formats whose content is the transcript alone, so that it can be streamed as text events.
 STREAMABLE_FORMATS = ("json", "text")
@@ -121,8 +118,6 @@ class Transcriptions:
                     yield _sse(translate.done_event(deltas.text, message.finished.usage))
                     return
             raise InternalError("The transcription service ended the stream without finishing.")
-        except grpc.RpcError as exc:
-            yield _sse(from_rpc_error(exc).to_dict())
         except ArkError as exc:
             yield _sse(exc.to_dict())
         finally:

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 from services.chat.engines import create_engine
 from services.chat.generator import Generator
+from services.chat.metrics import register_generators
 from services.chat.registration import keep_lease
 from services.chat.servicer import chat_service
 from services.chat.state_tiers import StateTiers
-from services.common.config import Capability, load_config
-from services.common.metrics import register_chat_engines
-from services.common.server import configure_logging, serve
+from services.common.config import ArkConfig, Capability
+from services.common.runner import Built, run_service
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", help="configuration file (default: $ARK_CONFIG or deploy/ark.yaml)")
-    parser.add_argument("--address", help="listen address (default: the first chat worker in the configuration)")
-    args = parser.parse_args()
-    configure_logging()
-    config = load_config(args.config)
-    address = args.address or config.services.chat.workers[0]
-    engines = {
+async def build(config: ArkConfig, address: str) -> Built:
+    generators = {
         m.id: Generator(
             create_engine(m),
             max_queue=config.services.chat.max_queue,
@@ -35,7 +27,7 @@ async def main() -> None:
         )
         for m in config.models_for(Capability.CHAT)
     }
-    register_chat_engines(engines)  # queue depth and resident sessions, for Prometheus
+    register_generators(generators)  # queue depth and resident sessions, for Prometheus
 
     lease = None
     if config.sessions.enabled:
@@ -43,27 +35,27 @@ async def main() -> None:
             keep_lease(
                 config.services.registry.address,
                 address,
-                engines,
+                generators,
                 config.sessions.worker_lease_seconds,
                 token=config.services.internal_token,
             )
         )
 
-    async def close_engines() -> None:
+    async def close_generators() -> None:
         if lease is not None:
             lease.cancel()
-        for engine in engines.values():
-            await engine.close()
+        for generator in generators.values():
+            await generator.close()
 
-    # A worker being removed (scale-down, rollout) lets its streams run as long as the edge's drain would.
-    await serve(
-        [chat_service(engines)],
-        address,
-        on_stop=close_engines,
-        grace_seconds=config.edge.drain_grace_seconds,
-        token=config.services.internal_token,
-    )
+    admissions = [generator.admission for generator in generators.values()]
+    return Built([chat_service(generators)], on_stop=close_generators, admissions=admissions)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_service(
+        "chat",
+        __doc__,
+        build,
+        address=lambda config: config.services.chat.workers[0],
+        address_help="the first chat worker in the configuration",
+    )

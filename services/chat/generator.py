@@ -92,6 +92,11 @@ class Generator:
             engine, [engine.new_context() for _ in range(engine.context_slots)], tiers=tiers, key_share=key_share
         )
 
+    @property
+    def admission(self) -> Admission:
+        """The queue for this model's engine slots (closed by the server when the worker stops)."""
+        return self._admission
+
     # -- checks, all before Started --------------------------------------------------------------------------------
 
     def _check(self, request: GenerationRequest) -> None:

@@ -15,8 +15,8 @@ import grpc
 from ark.sessions.v1 import session_registry_service_pb2 as pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as pb_grpc
 from services.chat.generator import Generator
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.internal_auth import internal_channel
-from services.common.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ INCARNATION = uuid.uuid4().hex
 async def keep_lease(
     registry_address: str,
     address: str,
-    engines: dict[str, Generator],
+    generators: dict[str, Generator],
     lease_seconds: float,
     *,
     token: str | None = None,
@@ -38,13 +38,13 @@ async def keep_lease(
         stub = pb_grpc.SessionRegistryServiceStub(channel)
         registered = False
         while True:
-            for engine in engines.values():
-                await engine.expire_idle()
-            statuses = [e.status() for e in engines.values()]
+            for generator in generators.values():
+                await generator.expire_idle()
+            statuses = [g.status() for g in generators.values()]
             worker = pb.Worker(
                 name=address,
                 address=address,
-                models=list(engines),
+                models=list(generators),
                 session_capacity=sum(s.session_capacity for s in statuses),
                 incarnation=INCARNATION,
             )
@@ -57,8 +57,8 @@ async def keep_lease(
                     log.info("registered with the session registry at %s", registry_address)
                     registered = True
                 for session_id in reply.dropped_session_ids:
-                    for engine in engines.values():
-                        await engine.drop_session(session_id)
+                    for generator in generators.values():
+                        await generator.drop_session(session_id)
             except grpc.RpcError as exc:
                 if registered:
                     log.warning("session registry unreachable (%s); retrying", exc.code().name)

@@ -108,19 +108,18 @@ def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> Generatio
 
 class ChatServicer(pb_grpc.ChatServiceServicer):
     def __init__(self, generators: dict[str, Generator]) -> None:
-        self._engines = generators
+        self._generators = generators
 
-    def _engine(self, model: str) -> Generator:
-        engine = self._engines.get(model)
-        if engine is None:
+    def _generator(self, model: str) -> Generator:
+        generator = self._generators.get(model)
+        if generator is None:
             raise ModelNotFoundError(model)
-        return engine
+        return generator
 
     async def StreamGenerateChatCompletion(
         self, request: pb.StreamGenerateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateChatCompletionResponse]:
-        engine = self._engine(request.model)
-        events = engine.generate(request_from_proto(request))
+        events = self._generator(request.model).generate(request_from_proto(request))
         try:
             async for event in events:
                 yield _event_to_proto(event)
@@ -132,16 +131,16 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
         self, request: pb.DeleteSessionStateRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteSessionStateResponse:
         existed = False
-        for engine in self._engines.values():
-            existed |= await engine.drop_session(request.session_id)
+        for generator in self._generators.values():
+            existed |= await generator.drop_session(request.session_id)
         return pb.DeleteSessionStateResponse(existed=existed)
 
     async def GetWorkerStatus(
         self, request: pb.GetWorkerStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetWorkerStatusResponse:
-        statuses = [e.status() for e in self._engines.values()]
+        statuses = [g.status() for g in self._generators.values()]
         return pb.GetWorkerStatusResponse(
-            models=list(self._engines),
+            models=list(self._generators),
             session_capacity=sum(s.session_capacity for s in statuses),
             resident_sessions=sum(s.resident_sessions for s in statuses),
             queued_requests=sum(s.queued_requests for s in statuses),

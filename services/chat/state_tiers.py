@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.chat.tier_metrics import RESTORE_SECONDS, TIER_BYTES, TIER_ENTRIES, TIER_EVICTIONS, TIER_HITS
+from services.chat.metrics import RESTORE_SECONDS, TIER_BYTES, TIER_ENTRIES, TIER_EVICTIONS, TIER_HITS
 from services.common.config import ConfigError, SessionsConfig
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ once, before any expensive work (tokenising, audio decoding), with OverloadedErr
 The estimate can be wrong (a run of unusually long requests), so a request still waiting after `max_wait_seconds`
 is refused then too: nobody waits past the bound, and a proxy's idle timeout never cuts a queued request.
 
-`close()` (a worker shutting down) refuses the waiting requests and every new one with UnavailableError: they were
-not started, so the edge can send them to another worker.
+`close()` (a worker shutting down: its server is given the admissions to close, services/common/server.py `serve`)
+refuses the waiting requests and every new one with UnavailableError: they were not started, so the edge can send
+them to another worker.
 
 Queue waits and refusals are Prometheus metrics (`ark_queue_wait_seconds`, `ark_admission_rejected_total`).
 """
@@ -24,7 +25,6 @@ import asyncio
 import contextlib
 import math
 import time
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -33,9 +33,6 @@ from services.common.metrics import ADMISSION_REJECTED, QUEUE_WAIT
 
 # Weight of the newest hold time in the running mean: about the last ten requests count.
 _EWMA_WEIGHT = 0.2
-
-# Every admission of the process, so that a shutting-down server can refuse the work still queued (see close_all).
-_ALL: weakref.WeakSet[Admission] = weakref.WeakSet()
 
 
 class Admission:
@@ -50,7 +47,6 @@ class Admission:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._mean_hold: float | None = None  # seconds a request holds a slot, on average (None: nothing seen yet)
         self._closed: ArkError | None = None
-        _ALL.add(self)
 
     @property
     def queued(self) -> int:
@@ -189,9 +185,3 @@ def timed_out(model: str, bound: float, expected: float) -> OverloadedError:
         f"The server is busy: this request waited {bound:g} s for this model without being served. Retry shortly.",
         expected,
     )
-
-
-def close_all(error: ArkError | None = None) -> None:
-    """Close every admission of this process (see `Admission.close`): a server shutting down calls this."""
-    for admission in list(_ALL):
-        admission.close(error)

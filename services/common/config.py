@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,7 +27,23 @@ ENV_PREFIX = "ARK__"
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; the message names the offending field."""
+    """The configuration cannot be used; the message names the offending field (`problems`: one per field)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+def config_error(exc: ValidationError, where: str = "", *, source: str | None = None) -> ConfigError:
+    """The one way a pydantic ValidationError becomes a ConfigError: every error, each named by its full field path
+    below `where` (`models[chat].settings.n_threads: ...`), so that one start-up shows everything to fix."""
+    problems = []
+    for err in exc.errors():
+        path = ".".join([where, *(str(p) for p in err["loc"])] if where else [str(p) for p in err["loc"]])
+        problems.append(f"{path or '(top level)'}: {err['msg'].removeprefix('Value error, ')}")
+    if source is None:
+        return ConfigError("; ".join(problems), problems)
+    return ConfigError("\n  ".join([f"invalid configuration in {source}:", *problems]), problems)
 
 
 class _Strict(BaseModel):
@@ -75,8 +91,50 @@ class ModelConfig(_Strict):
     path: str = Field(min_length=1, description="filesystem path or package:<pkg>/<file>")
     aliases: list[str] = []
     owned_by: str = "ark"
-    # Engine-specific settings (threads, context size, …), validated by the engine that reads them.
+    # Engine-specific settings (threads, context size, …): each engine's own `EngineSettings` model validates them
+    # when the configuration is loaded (ENGINE_SETTINGS).
     settings: dict[str, Any] = {}
+
+
+class EngineSettings(_Strict):
+    """Base of every engine's settings model (the `settings:` of a model in the configuration)."""
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> Self:
+        """Parse `model.settings`; a bad value is a ConfigError naming `models[<id>].settings.<field>`."""
+        try:
+            return cls.model_validate(model.settings)
+        except ValidationError as exc:
+            raise config_error(exc, f"models[{model.id}].settings") from None
+
+
+# Each engine's settings model, by capability and engine: modules without the engine libraries, so that every
+# process (the edge included) checks every model's settings when it loads the configuration.
+ENGINE_SETTINGS: dict[tuple[Capability, EngineKind], str] = {
+    (Capability.CHAT, EngineKind.LLAMA_CPP): "services.chat.settings:LlamaCppSettings",
+    (Capability.CHAT, EngineKind.TENSORRT_LLM): "services.chat.settings:TensorRTLLMChatSettings",
+    (
+        Capability.EMBEDDINGS,
+        EngineKind.SENTENCE_TRANSFORMERS,
+    ): "services.embeddings.settings:SentenceTransformersSettings",
+    (Capability.EMBEDDINGS, EngineKind.TENSORRT_LLM): "services.embeddings.settings:TensorRTLLMEmbeddingsSettings",
+    (Capability.TRANSCRIPTION, EngineKind.FASTER_WHISPER): "services.transcription.settings:FasterWhisperSettings",
+    (Capability.TRANSCRIPTION, EngineKind.TENSORRT_LLM): "services.transcription.settings:TensorRTLLMWhisperSettings",
+}
+
+
+def settings_model(model: ModelConfig) -> type[EngineSettings]:
+    """The settings model of `model`'s engine; a ConfigError if that engine cannot serve its capability."""
+    target = ENGINE_SETTINGS.get((model.capability, model.engine))
+    if target is None:
+        raise ConfigError(f"models[{model.id}].engine: {model.engine} cannot serve {model.capability} models")
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def engine_settings(model: ModelConfig) -> EngineSettings:
+    """`model.settings`, validated by its engine's settings model."""
+    return settings_model(model).of(model)
 
 
 class SessionsConfig(_Strict):
@@ -349,16 +407,9 @@ def _apply_env(raw: dict, env: Mapping[str, str]) -> dict:
     return raw
 
 
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {field}: {err['msg']}")
-    return "\n".join(lines)
-
-
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ArkConfig:
-    """Read, override and validate the configuration; raises ConfigError naming the bad field."""
+    """Read, override and validate the configuration, every model's engine settings included (before any model
+    loads); raises ConfigError naming each bad field."""
     env = os.environ if env is None else env
     source = Path(path or env.get("ARK_CONFIG") or DEFAULT_CONFIG_PATH)
     try:
@@ -370,6 +421,15 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if not isinstance(raw, dict):
         raise ConfigError(f"configuration {source} must be a mapping")
     try:
-        return ArkConfig.model_validate(_apply_env(raw, env))
+        config = ArkConfig.model_validate(_apply_env(raw, env))
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(str(source), exc)) from None
+        raise config_error(exc, source=str(source)) from None
+    problems = []
+    for model in config.models:
+        try:
+            engine_settings(model)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError("\n  ".join([f"invalid configuration in {source}:", *problems]), problems)
+    return config

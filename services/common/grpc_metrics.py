@@ -1,4 +1,5 @@
-"""Per-method call counts, status codes, durations and in-flight calls for every ARK gRPC service.
+"""Per-method call counts, status codes, durations and in-flight calls for every ARK gRPC service (defined here:
+only gRPC servers expose them).
 
 Installed outside the error guard, so it sees the status a client gets (an `ArkError` has become its code by
 then); a client that goes away mid-stream counts as CANCELLED.
@@ -12,9 +13,19 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.guards import CallGuard
-from services.common.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS
+from services.common.metrics import LATENCY_BUCKETS
+
+GRPC_REQUESTS = Counter("ark_grpc_requests", "gRPC calls handled, by final status code", ["service", "method", "code"])
+GRPC_DURATION = Histogram(
+    "ark_grpc_request_duration_seconds",
+    "Time a gRPC call took, streams to their end",
+    ["service", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+GRPC_IN_FLIGHT = Gauge("ark_grpc_requests_in_flight", "gRPC calls in progress", ["service", "method"])
 
 
 def _split(full_method: str) -> tuple[str, str]:

@@ -10,7 +10,6 @@ by the launcher from the configuration) it also serves Prometheus metrics on tha
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -19,15 +18,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import admission, metrics
+from services.common import metrics
+from services.common.admission import Admission
+from services.common.channels import MAX_MESSAGE_BYTES
 from services.common.grpc_metrics import MetricsGuard
 from services.common.guards import CallGuard, ErrorGuard, TokenGuard, guarded
 from services.common.shutdown import EXIT_MARGIN_SECONDS, ShutdownGuard, exit_after
+from services.common.startup import freeze_startup_objects
 
 log = logging.getLogger(__name__)
-
-# Audio uploads reach the transcription service in one message; 32 MiB covers OpenAI's 25 MB limit plus framing.
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -35,29 +34,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # Detect a vanished edge within ~40 s even on an idle connection, so its aborted streams free their slots.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    # Clients ping every 4 s (see CHANNEL_OPTIONS); accept that rather than answer with GOAWAY (too many pings).
+    # Clients ping every 4 s (services/common/channels.py); accept that rather than answer with GOAWAY (too many pings).
     ("grpc.http2.min_ping_interval_without_data_ms", 2_000),
     ("grpc.keepalive_permit_without_calls", 1),
-]
-
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    # A name that resolves to several addresses (a Kubernetes headless Service over scaled-out chat workers) spreads
-    # calls over all of them; a single address behaves as before.
-    ("grpc.lb_policy_name", "round_robin"),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # A peer that stops answering (a stopped or wedged process: its kernel still accepts the TCP bytes) fails every
-    # call on the channel within 4 + 4 s: the bound on hang detection for callers without their own probes (the
-    # edge probes chat workers faster, edge/chat_workers.py). A ping is 17 bytes; one per 4 s costs nothing.
-    ("grpc.keepalive_time_ms", 4_000),
-    ("grpc.keepalive_timeout_ms", 4_000),
-    # Also on idle channels, so a dead service is noticed before the next request rather than by it.
-    ("grpc.keepalive_permit_without_calls", 1),
-    # Keep pinging a stream that only receives (a long generation): the default stops after two pings without data.
-    ("grpc.http2.max_pings_without_data", 0),
-    # Reconnect fast after a worker restart: the default backoff can reach two minutes.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
@@ -112,10 +91,11 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     metrics_port: int | None = None,
     token: str | None = None,
+    admissions: Iterable[Admission] = (),
 ) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully (services/common/shutdown.py): NOT_SERVING, queued work
-    refused (the edge sends it elsewhere), calls in flight given `grace_seconds`, then ended with UNAVAILABLE; the
-    process is gone by grace + a few seconds whatever happens.
+    """Run until SIGTERM or SIGINT, then stop gracefully (services/common/shutdown.py): NOT_SERVING, the work queued
+    in `admissions` refused (the edge sends it elsewhere), calls in flight given `grace_seconds`, then ended with
+    UNAVAILABLE; the process is gone by grace + a few seconds whatever happens.
 
     `metrics_port` defaults to `ARK_METRICS_PORT`; Prometheus metrics are served on the gRPC address's host. With
     `token` (`services.internal_token`), only calls carrying it are served (services/common/internal_auth.py).
@@ -137,7 +117,8 @@ async def serve(
     watchdog = exit_after(grace_seconds + EXIT_MARGIN_SECONDS)
     log.info("stopping: %d call(s) in flight get up to %.0f s", shutdown.in_flight, grace_seconds)
     await health_servicer.enter_graceful_shutdown()
-    admission.close_all()
+    for admission in admissions:
+        admission.close()
     if not await shutdown.wait_idle(grace_seconds):
         log.warning("grace over: ending %d call(s)", shutdown.end_all())
         await shutdown.wait_idle(2)
@@ -147,18 +128,3 @@ async def serve(
     watchdog.cancel()
     if metrics_server is not None:
         metrics_server.close()
-
-
-def freeze_startup_objects() -> None:
-    """Exempt everything allocated while starting (libraries, models, stubs) from the garbage collector.
-
-    Those objects live as long as the process, yet every full collection walks them all: with torch and a model
-    loaded that is about 400,000 objects and a 150 ms pause, taken in the middle of whatever requests are in flight.
-    Frozen, a full collection only looks at what requests allocated.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,10 +14,10 @@ import numpy as np
 
 from services.common.config import ConfigError, LimitsConfig
 from services.common.errors import InvalidRequestError, UnsupportedParameterError
-from services.common.metrics import observe_batch_sizes
 from services.embeddings.batcher import Batcher
 from services.embeddings.domain import EmbeddingInput, EmbeddingRequest, EmbeddingResult
 from services.embeddings.engines.base import EmbeddingsEngine
+from services.embeddings.metrics import observe_batch_sizes
 from services.embeddings.settings import EmbeddingsSettings
 
 # Above this many characters a request is tokenized in a worker thread, so that a large request does not hold the

@@ -7,13 +7,12 @@ registry may start alongside its store); at run time an outage is served statele
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import time
 
-from services.common.config import SessionsConfig, load_config
-from services.common.server import configure_logging, serve
+from services.common.config import ArkConfig, ConfigError, SessionsConfig
+from services.common.runner import Built, run_service
 from services.sessions.registry import Registry, sweep_forever
 from services.sessions.servicer import registry_service
 from services.sessions.store import SessionStore, open_store
@@ -26,7 +25,7 @@ STORE_WAIT_SECONDS = 15.0
 
 
 async def connect(policy: SessionsConfig) -> SessionStore:
-    """Open the configured store; SystemExit with the reason when it stays unreachable."""
+    """Open the configured store; a ConfigError naming `sessions.store` when it stays unreachable."""
     store = open_store(policy)
     deadline = time.monotonic() + STORE_WAIT_SECONDS
     while True:
@@ -36,17 +35,11 @@ async def connect(policy: SessionsConfig) -> SessionStore:
         except Exception as exc:
             if time.monotonic() > deadline:
                 await store.close()
-                raise SystemExit(f"session store {policy.store} (sessions.store) is unreachable: {exc}") from None
+                raise ConfigError(f"sessions.store: {policy.store} is unreachable: {exc}") from None
             await asyncio.sleep(0.5)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", help="configuration file (default: $ARK_CONFIG or deploy/ark.yaml)")
-    parser.add_argument("--address", help="listen address (default: services.registry.address)")
-    args = parser.parse_args()
-    configure_logging()
-    config = load_config(args.config)
+async def build(config: ArkConfig, address: str) -> Built:
     store = await connect(config.sessions)
     log.info("session store: %s", config.sessions.store.partition("@")[2] or config.sessions.store)
     workers = WorkerClients(token=config.services.internal_token)
@@ -58,13 +51,14 @@ async def main() -> None:
         await workers.close()
         await registry.close()
 
-    await serve(
-        [registry_service(registry)],
-        args.address or config.services.registry.address,
-        on_stop=stop,
-        token=config.services.internal_token,
-    )
+    return Built([registry_service(registry)], on_stop=stop)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_service(
+        "sessions",
+        __doc__,
+        build,
+        address=lambda config: config.services.registry.address,
+        address_help="services.registry.address",
+    )

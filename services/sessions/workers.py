@@ -6,8 +6,8 @@ import grpc
 
 from ark.chat.v1 import chat_service_pb2 as chat_pb
 from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.internal_auth import internal_channel
-from services.common.server import CHANNEL_OPTIONS
 
 
 class WorkerClients:

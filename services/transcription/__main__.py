@@ -3,12 +3,9 @@ in the configuration."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import sys
-
-from services.common.config import Capability, load_config
-from services.common.server import MAX_MESSAGE_BYTES, configure_logging, serve
+from services.common.channels import MAX_MESSAGE_BYTES
+from services.common.config import ArkConfig, Capability, ConfigError
+from services.common.runner import Built, run_service
 from services.transcription.engines import create_engine
 from services.transcription.servicer import transcription_service
 from services.transcription.transcriber import Transcriber
@@ -17,19 +14,12 @@ from services.transcription.transcriber import Transcriber
 _FRAMING_BYTES = 64 * 1024
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", help="configuration file (default: $ARK_CONFIG or deploy/ark.yaml)")
-    parser.add_argument("--address", help="listen address (default: services.transcription.address)")
-    args = parser.parse_args()
-    configure_logging()
-    config = load_config(args.config)
+async def build(config: ArkConfig, address: str) -> Built:
     if config.limits.max_audio_bytes > MAX_MESSAGE_BYTES - _FRAMING_BYTES:
-        sys.exit(
+        raise ConfigError(
             f"limits.max_audio_bytes ({config.limits.max_audio_bytes}) must stay below the gRPC message limit "
             f"({MAX_MESSAGE_BYTES - _FRAMING_BYTES} bytes): uploads travel to this service in one message"
         )
-    address = args.address or config.services.transcription.address
     transcribers = {
         m.id: Transcriber(create_engine(m), config.limits) for m in config.models_for(Capability.TRANSCRIPTION)
     }
@@ -38,8 +28,15 @@ async def main() -> None:
         for transcriber in transcribers.values():
             await transcriber.close()
 
-    await serve([transcription_service(transcribers)], address, on_stop=close, token=config.services.internal_token)
+    admissions = [transcriber.admission for transcriber in transcribers.values()]
+    return Built([transcription_service(transcribers)], on_stop=close, admissions=admissions)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_service(
+        "transcription",
+        __doc__,
+        build,
+        address=lambda config: config.services.transcription.address,
+        address_help="services.transcription.address",
+    )

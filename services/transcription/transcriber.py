@@ -41,6 +41,11 @@ class Transcriber:
             slots=1, max_queue=engine.max_queue, max_wait_seconds=limits.max_queue_wait_seconds, name=engine.model_id
         )
 
+    @property
+    def admission(self) -> Admission:
+        """The queue for this model's engine (closed by the server when the service stops)."""
+        return self._admission
+
     def options(self, request: TranscriptionRequest) -> DecodeOptions:
         """Validate a request against the limits and the engine's capabilities; raises InvalidRequestError."""
         if len(request.audio) > self._max_bytes:

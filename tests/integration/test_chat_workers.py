@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from ark.chat.v1 import chat_service_pb2 as pb
-from edge.chat_workers import ChatStream, ChatWorkers, WorkerPolicy
+from edge.clients.chat_workers import ChatStream, ChatWorkers, WorkerPolicy
 from services.chat.generator import Generator
 from services.chat.servicer import chat_service
 from services.common.errors import OverloadedError, QuarantinedRequestError, UnavailableError, WorkerFailedError
@@ -179,7 +179,7 @@ async def test_a_worker_stopping_gracefully_hands_its_queue_over_and_ends_its_st
     assert await _text(pool, _request("short")) == "Hello!"  # b
     queued = asyncio.create_task(_text(pool, _request("waiting")))  # a, queued
     await asyncio.sleep(0.2)
-    a.generator._admission.close()  # the queue is refused: nothing was started, so b takes it
+    a.generator.admission.close()  # the queue is refused: nothing was started, so b takes it
     assert await asyncio.wait_for(queued, 10) == "Hello!"
     assert a.shutdown.end_all() == 1  # the grace is over: the running stream ends with a status
     with pytest.raises(UnavailableError) as info:

@@ -22,7 +22,7 @@ from services.common.server import create_server, mark_serving
 from services.embeddings.embedder import Embedder
 from services.embeddings.engines import create_engine
 from services.embeddings.servicer import embeddings_service
-from services.embeddings.settings import EmbeddingsSettings
+from services.embeddings.settings import SentenceTransformersSettings
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ class EmbeddingsServer:
 @pytest.fixture(scope="module")
 async def server() -> AsyncIterator[EmbeddingsServer]:
     model = load_config(env={}).models_for(Capability.EMBEDDINGS)[0]
-    settings = EmbeddingsSettings.of(model)
+    settings = SentenceTransformersSettings.of(model)
     engine = create_engine(model, settings)
     batch_sizes: list[int] = []
     encode = engine.encode

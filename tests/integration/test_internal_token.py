@@ -12,10 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ark.transcription.v1 import transcription_service_pb2 as pb
 from ark.transcription.v1 import transcription_service_pb2_grpc as pb_grpc
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.errors import InternalTokenError
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
-from services.common.server import CHANNEL_OPTIONS, Service, create_server, mark_serving
+from services.common.server import Service, create_server, mark_serving
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
 TOKEN = "t0ken-for-the-test-only-0123456789"

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ark.transcription.v1 import transcription_service_pb2 as pb
-from edge.backends import TranscriptionBackend
+from edge.clients.transcription import TranscriptionBackend
 from services.common.config import LimitsConfig
 from services.common.errors import OverloadedError
 from services.common.server import create_server, mark_serving

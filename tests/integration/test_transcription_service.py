@@ -14,10 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ark.transcription.v1 import transcription_service_pb2 as pb
 from ark.transcription.v1 import transcription_service_pb2_grpc as pb_grpc
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.config import Capability, load_config
 from services.common.errors import InvalidRequestError, ModelNotFoundError
 from services.common.grpc_errors import from_rpc_error
-from services.common.server import CHANNEL_OPTIONS, create_server, mark_serving
+from services.common.server import create_server, mark_serving
 from services.transcription.engines import create_engine
 from services.transcription.servicer import SERVICE_NAME, transcription_service
 from services.transcription.transcriber import Transcriber

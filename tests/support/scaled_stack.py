@@ -3,7 +3,7 @@ that store, several edges, and Envoy balancing the edges round robin (what deplo
 manifests run). Each process can be killed, stopped and started again on the same address, as an orchestrator would.
 
 Edges and workers reach the registries through one gRPC target naming all of them (`ipv4:a:p,b:p`), balanced round
-robin with retries on another registry when one is gone (edge/backends.py).
+robin with retries on another registry when one is gone (edge/clients/registry.py).
 """
 
 from __future__ import annotations

@@ -74,3 +74,25 @@ def test_the_internal_token_is_off_when_empty_and_refused_when_short():
     assert load_config(env={"ARK__SERVICES__INTERNAL_TOKEN": token}).services.internal_token == token
     with pytest.raises(ConfigError, match="internal_token"):
         load_config(env={"ARK__SERVICES__INTERNAL_TOKEN": "short"})
+
+
+def test_engine_settings_are_checked_at_load_every_error_with_its_field_path(tmp_path):
+    chat = "{id: chat, capability: chat, engine: llama_cpp, path: /x, settings: {n_threads: 0, n_ctx: many}}"
+    speech = "{id: speech, capability: transcription, engine: tensorrt_llm, path: /y}"
+    embed = (
+        "{id: embed, capability: embeddings, engine: sentence_transformers, path: /z, settings: {tokenizer_path: t}}"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"models: [{chat}, {speech}, {embed}]"), env={})
+    assert info.value.problems == [
+        "models[chat].settings.n_ctx: Input should be a valid integer, unable to parse string as an integer",
+        "models[chat].settings.n_threads: a positive number of threads or 'auto'",
+        "models[speech].settings.assets_dir: Field required",
+        "models[embed].settings.tokenizer_path: Extra inputs are not permitted",
+    ]
+
+
+def test_an_engine_that_cannot_serve_the_capability_is_refused_at_load(tmp_path):
+    model = "{id: e, capability: embeddings, engine: llama_cpp, path: /x}"
+    with pytest.raises(ConfigError, match=r"models\[e\]\.engine: llama_cpp cannot serve embeddings models"):
+        load_config(write(tmp_path, f"models: [{model}]"), env={})

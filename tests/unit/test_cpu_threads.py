@@ -7,9 +7,8 @@ import os
 import pytest
 
 from services.chat.engines.llama_cpp import llama_settings
-from services.common.config import ModelConfig
+from services.common.config import ConfigError, ModelConfig
 from services.common.cpu import WORKERS_ON_HOST_ENV, auto_threads
-from services.common.errors import ArkError
 
 CPUS = len(os.sched_getaffinity(0))
 
@@ -37,10 +36,10 @@ def test_numbers_are_kept_as_they_are():
 
 @pytest.mark.parametrize("value", [0, -1, "many", 1.5, True])
 def test_anything_but_a_positive_count_or_auto_is_refused_at_start(value):
-    with pytest.raises(ArkError, match="n_threads"):
+    with pytest.raises(ConfigError, match=r"models\[m\]\.settings\.n_threads: a positive number of threads or 'auto'"):
         llama_settings(model(n_threads=value))
 
 
 def test_unknown_settings_are_refused_at_start():
-    with pytest.raises(ArkError, match="unknown llama_cpp settings"):
+    with pytest.raises(ConfigError, match=r"models\[m\]\.settings\.n_thread: Extra inputs are not permitted"):
         llama_settings(model(n_thread=2))

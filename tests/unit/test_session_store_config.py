@@ -33,6 +33,6 @@ def test_anything_else_fails_at_start_naming_the_field(url):
 async def test_an_unreachable_store_stops_the_registry_with_its_reason(monkeypatch):
     monkeypatch.setattr(registry_main, "STORE_WAIT_SECONDS", 0.3)
     url = f"redis://127.0.0.1:{free_port()}/0"
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(ConfigError) as info:
         await registry_main.connect(SessionsConfig(store=url))
     assert "sessions.store" in str(info.value) and url in str(info.value) and "unreachable" in str(info.value)

@@ -33,6 +33,7 @@ from services.chat.engines.base import (
     TopLogprob,
 )
 from services.chat.engines.llama_context import ArkLlama, StateImportError
+from services.chat.settings import LlamaCppSettings
 from services.common.config import ModelConfig, resolve_model_path
 from services.common.cpu import auto_threads
 from services.common.errors import ArkError
@@ -40,30 +41,19 @@ from services.common.threaded import stream_from_thread
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_SETTINGS: dict[str, Any] = {"n_ctx": 8192, "n_threads": "auto", "n_batch": 512}
-# Memory for resident sessions' KV caches; each resident session holds one context of n_ctx tokens.
-_DEFAULT_SESSION_BUDGET_MB = 800
-_LLAMA_SETTINGS = {"n_ctx", "n_threads", "n_batch", "n_threads_batch"}
-
 
 def llama_settings(model: ModelConfig, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], float]:
-    """The `Llama(...)` arguments for a model's settings (`auto` threads resolved for `env`, by default this
-    process's environment: services/common/cpu.py), and its session KV budget (MB).
+    """The `Llama(...)` arguments for a model's settings (services/chat/settings.py; `auto` threads resolved for
+    `env`, by default this process's environment: services/common/cpu.py), and its session KV budget (MB).
 
-    Prompt evaluation uses as many threads as decoding unless `n_threads_batch` says otherwise (the library's own
-    default is every core of the machine, which oversubscribes it as soon as two workers share it)."""
-    settings = {**_DEFAULT_SETTINGS, **model.settings}
-    budget_mb = float(settings.pop("session_kv_budget_mb", _DEFAULT_SESSION_BUDGET_MB))
-    unknown = set(settings) - _LLAMA_SETTINGS
-    if unknown:
-        raise ArkError(f"models[{model.id}].settings: unknown llama_cpp settings {sorted(unknown)}")
+    Prompt evaluation uses as many threads as decoding unless `n_threads_batch` says otherwise."""
+    settings = LlamaCppSettings.of(model).model_dump()
+    budget_mb = settings.pop("session_kv_budget_mb")
     for name in ("n_threads", "n_threads_batch"):
-        value = settings.get(name)
-        if value == "auto":
+        if settings[name] == "auto":
             settings[name] = auto_threads(env)
-        elif value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ArkError(f"models[{model.id}].settings.{name}: a positive number of threads or 'auto'")
-    settings.setdefault("n_threads_batch", settings["n_threads"])
+    if settings["n_threads_batch"] is None:
+        settings["n_threads_batch"] = settings["n_threads"]
     return settings, budget_mb
 
 

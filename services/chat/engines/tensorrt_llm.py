@@ -35,9 +35,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Any
 
 from services.chat.domain import GenerationRequest, Sampling
 from services.chat.engines.base import (
@@ -49,40 +47,14 @@ from services.chat.engines.base import (
     TokenSample,
     TopLogprob,
 )
-from services.common.config import ConfigError, ModelConfig, resolve_model_path
+from services.chat.settings import TensorRTLLMChatSettings
+from services.common.config import ModelConfig, resolve_model_path
 from services.common.errors import InvalidRequestError, UnavailableError, UnsupportedParameterError
-
-
-class TensorRTLLMChatSettings(BaseModel):
-    """`settings:` of a tensorrt_llm chat model (docs/configuration.md)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_batch_size: Annotated[int, Field(ge=1)] = 64  # requests batched in flight
-    max_seq_len: Annotated[int, Field(ge=16)] = 8192  # prompt + completion
-    max_num_tokens: Annotated[int, Field(ge=1)] | None = None
-    host_cache_size: Annotated[int, Field(ge=0)] = 8 * 1024**3  # bytes of host memory for offloaded KV blocks
-    free_gpu_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
-    # TensorRT-LLM's default sampler ignores min_p, seed and the penalties in 1.2.1; TRTLLMSampler applies them.
-    sampler_type: Literal["TorchSampler", "TRTLLMSampler"] = "TorchSampler"
-    # Retention priority (TensorRT-LLM's scale 0..100, default 35) of a session's blocks during its idle timeout.
-    session_priority: Annotated[int, Field(ge=36, le=100)] = 80
-    # Conversations kept resident (their token lists; the KV blocks live in TensorRT-LLM's shared cache). The
-    # layer matches each request against every state of its API key, so this also bounds that scan.
-    session_slots: Annotated[int, Field(ge=0)] = 64
-    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
-    # Further `LLM(...)` arguments, passed as they are (TensorRT-LLM validates them).
-    llm_args: dict[str, Any] = {}
 
 
 class TensorRTLLMEngine(ChatEngine):
     def __init__(self, model: ModelConfig) -> None:
-        try:
-            settings = TensorRTLLMChatSettings.model_validate(model.settings)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            raise ConfigError(f"models[{model.id}].settings.{where}: {error['msg']}") from None
+        settings = TensorRTLLMChatSettings.of(model)
         try:
             import tensorrt_llm
             from tensorrt_llm.llmapi import KvCacheConfig, KvCacheRetentionConfig

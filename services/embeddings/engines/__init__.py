@@ -7,22 +7,27 @@ import logging
 import os
 import sys
 
-from services.common.config import EngineKind, ModelConfig
+from services.common.config import ModelConfig
 from services.common.errors import ArkError
 from services.embeddings.engines.base import EmbeddingsEngine
-from services.embeddings.settings import EmbeddingsSettings
+from services.embeddings.settings import (
+    EmbeddingsSettings,
+    SentenceTransformersSettings,
+    TensorRTLLMEmbeddingsSettings,
+)
 
 log = logging.getLogger(__name__)
 
 
 def create_engine(model: ModelConfig, settings: EmbeddingsSettings) -> EmbeddingsEngine:
-    """Load the engine named by `model.engine` (this loads the weights)."""
-    if model.engine is EngineKind.SENTENCE_TRANSFORMERS:
+    """Load the engine named by `model.engine` with its settings (services/embeddings/settings.py); this loads the
+    weights."""
+    if isinstance(settings, SentenceTransformersSettings):
         configure_openmp(settings.openmp_spin_count)
         from services.embeddings.engines.sentence_transformers import SentenceTransformersEngine
 
         return SentenceTransformersEngine(model, settings)
-    if model.engine is EngineKind.TENSORRT_LLM:
+    if isinstance(settings, TensorRTLLMEmbeddingsSettings):
         from services.embeddings.engines.tensorrt_llm import TensorRTLLMEngine
 
         return TensorRTLLMEngine(model, settings)

@@ -26,7 +26,7 @@ from sentence_transformers import SentenceTransformer
 from services.common.config import ModelConfig, resolve_model_path
 from services.embeddings.engines.base import EmbeddingsEngine
 from services.embeddings.engines.tokenizer import ModelTokenizer
-from services.embeddings.settings import EmbeddingsSettings
+from services.embeddings.settings import SentenceTransformersSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class SentenceTransformersEngine(EmbeddingsEngine):
     """One sentence-transformers model folder, on CPU."""
 
-    def __init__(self, model: ModelConfig, settings: EmbeddingsSettings) -> None:
+    def __init__(self, model: ModelConfig, settings: SentenceTransformersSettings) -> None:
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)  # process-wide: the encoder thread inherits it
         path = resolve_model_path(model.path)

@@ -27,11 +27,11 @@ from services.common.config import ConfigError, ModelConfig, resolve_model_path
 from services.common.errors import UnavailableError
 from services.embeddings.engines.base import EmbeddingsEngine
 from services.embeddings.engines.tokenizer import ModelTokenizer
-from services.embeddings.settings import EmbeddingsSettings
+from services.embeddings.settings import TensorRTLLMEmbeddingsSettings
 
 
 class TensorRTLLMEngine(EmbeddingsEngine):
-    def __init__(self, model: ModelConfig, settings: EmbeddingsSettings) -> None:
+    def __init__(self, model: ModelConfig, settings: TensorRTLLMEmbeddingsSettings) -> None:
         try:
             import tensorrt as trt
             import torch
@@ -43,8 +43,6 @@ class TensorRTLLMEngine(EmbeddingsEngine):
             ) from exc
         if not torch.cuda.is_available():  # pragma: no cover - GPU only
             raise UnavailableError("engine tensorrt_llm needs an NVIDIA GPU; none is visible")
-        if settings.tokenizer_path is None:
-            raise ConfigError(f"models[{model.id}].settings.tokenizer_path: required by engine tensorrt_llm")
         engine_dir = resolve_model_path(model.path)
         config = json.loads((engine_dir / "config.json").read_text())
         pretrained, build = config["pretrained_config"], config["build_config"]

@@ -14,48 +14,22 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import Any
 
 from faster_whisper import WhisperModel
 from faster_whisper.vad import VadOptions
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.config import ModelConfig, resolve_model_path
-from services.common.errors import ArkError
 from services.common.threaded import stream_from_thread
 from services.transcription import domain
 from services.transcription.domain import AUDIO_TOKENS_PER_SECOND, DecodedAudio, DecodeOptions
 from services.transcription.engines.base import EngineCapabilities, EngineEvent, TranscriptionEngine
+from services.transcription.settings import FasterWhisperSettings
 
 log = logging.getLogger(__name__)
 
 # Whisper's temperature fallback: retry a window hotter when its output looks like a failure (OpenAI's default).
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-
-
-class FasterWhisperSettings(BaseModel):
-    """`settings:` of a faster_whisper model in the configuration."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    device: str = "cpu"
-    compute_type: str = "int8"
-    # 0 lets CTranslate2 decide; the default machine has 2 cores.
-    cpu_threads: Annotated[int, Field(ge=0)] = 2
-    beam_size: Annotated[int, Field(ge=1, le=16)] = 5
-    max_queue: Annotated[int, Field(ge=0)] = 16
-    # Silero voice activity detection (shipped with faster-whisper) before decoding, also when the client asks for
-    # no `chunking_strategy`: Whisper fed silence invents words ("You You You…"), and 29 minutes of silence held the
-    # model for 83 s; with it, 15 s and an empty transcript. A client's `server_vad` parameters still apply.
-    vad_filter: bool = True
-
-    @classmethod
-    def of(cls, model: ModelConfig) -> FasterWhisperSettings:
-        try:
-            return cls.model_validate(model.settings)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ArkError(f"models[{model.id}].settings: {problems}") from None
 
 
 def model_kwargs(settings: FasterWhisperSettings) -> dict[str, Any]:

@@ -30,10 +30,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.config import ModelConfig, resolve_model_path
 from services.common.errors import ArkError, UnavailableError
@@ -41,6 +40,7 @@ from services.transcription import domain
 from services.transcription.domain import AUDIO_TOKENS_PER_SECOND, SAMPLE_RATE, DecodedAudio, DecodeOptions
 from services.transcription.engines.base import EngineCapabilities, EngineEvent, TranscriptionEngine
 from services.transcription.languages import WHISPER_LANGUAGES
+from services.transcription.settings import TensorRTLLMWhisperSettings
 
 WINDOW_SAMPLES = 30 * SAMPLE_RATE
 N_FFT, HOP_LENGTH = 400, 160
@@ -48,18 +48,6 @@ N_FFT, HOP_LENGTH = 400, 160
 # minus the <|startofprev|> token.
 N_TEXT_CTX = 448
 MAX_PROMPT_TOKENS = N_TEXT_CTX // 2 - 1
-
-
-class TensorRTLLMWhisperSettings(BaseModel):
-    """`settings:` of a tensorrt_llm transcription model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    assets_dir: str = Field(min_length=1, description="path or package:… holding mel_filters.npz and tokenizer.json")
-    num_beams: Annotated[int, Field(ge=1, le=8)] = 1
-    max_new_tokens: Annotated[int, Field(ge=1, le=224)] = 224
-    kv_cache_free_gpu_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
-    max_queue: Annotated[int, Field(ge=0)] = 16
 
 
 class TensorRTLLMWhisperEngine(TranscriptionEngine):
@@ -73,10 +61,7 @@ class TensorRTLLMWhisperEngine(TranscriptionEngine):
                 "engine tensorrt_llm needs the `tensorrt-llm` package and an NVIDIA GPU: "
                 "use the GPU image (deploy/docker/Dockerfile.gpu)"
             ) from exc
-        try:
-            settings = TensorRTLLMWhisperSettings.model_validate(model.settings)
-        except ValidationError as exc:
-            raise ArkError(f"models[{model.id}].settings: {exc.errors()[0]['msg']}") from None
+        settings = TensorRTLLMWhisperSettings.of(model)
         self.model_id = model.id
         self.max_queue = settings.max_queue
         self._settings = settings

@@ -40,8 +40,16 @@ from grpc_status import rpc_status
 
 from ark.chat.v1 import chat_service_pb2 as chat_pb
 from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
+from edge.metrics import (
+    CHAT_RETRIES,
+    CHAT_WORKER_EJECTIONS,
+    CHAT_WORKER_FAILURES,
+    CHAT_WORKER_UP,
+    ChatStreamObserver,
+)
 from edge.quarantine import Quarantine
 from edge.saturation import Saturation
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.config import EdgeConfig
 from services.common.errors import (
     ERROR_DOMAIN,
@@ -53,14 +61,6 @@ from services.common.errors import (
 )
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
-from services.common.metrics import (
-    CHAT_RETRIES,
-    CHAT_WORKER_EJECTIONS,
-    CHAT_WORKER_FAILURES,
-    CHAT_WORKER_UP,
-    ChatStreamObserver,
-)
-from services.common.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
