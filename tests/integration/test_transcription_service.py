@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import math
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from services.common.config import Capability, load_config
 from services.common.errors import InvalidRequestError, ModelNotFoundError
 from services.common.grpc_errors import from_rpc_error
 from services.common.server import CHANNEL_OPTIONS, create_server, mark_serving
+from services.transcription.domain import AUDIO_TOKENS_PER_SECOND
 from services.transcription.engines import create_engine
 from services.transcription.servicer import SERVICE_NAME, transcription_service
 from services.transcription.transcriber import Transcriber
@@ -73,7 +73,8 @@ async def test_transcribe_speech(server):
     assert word_error_rate(SPEECH.reference, response.text) <= 0.1, response.text
     assert response.language == "en" and response.duration_seconds == pytest.approx(SPEECH.seconds)
     assert [s.id for s in response.segments] == list(range(len(response.segments)))
-    assert response.usage.input_audio_tokens == 550 and response.usage.output_tokens > 20
+    assert response.usage.input_audio_tokens == math.ceil(SPEECH.seconds * AUDIO_TOKENS_PER_SECOND)
+    assert response.usage.output_tokens >= SPEECH.word_count
 
 
 async def test_stream_starts_then_segments_then_finishes(server):
@@ -154,8 +155,16 @@ async def test_cancelled_stream_leaves_the_service_serving(server):
     first = await call.read()
     assert first.WhichOneof("event") == "started"
     call.cancel()
-    await asyncio.sleep(0.1)
-    response = await asyncio.wait_for(
-        server.stub.Transcribe(pb.TranscribeRequest(audio=SPEECH.data(), options=options(server))), 30
-    )
+    # The window being decoded when the stream was cancelled finishes first (a decode is not interruptible); on a
+    # loaded machine that can outlast the admission bound, and the answer is then "busy, retry shortly". Retry as
+    # a client would: what is tested is that the service serves again, not how fast a window decodes.
+    request = pb.TranscribeRequest(audio=SPEECH.data(), options=options(server))
+    for _ in range(12):
+        try:
+            response = await server.stub.Transcribe(request)
+            break
+        except grpc.aio.AioRpcError as busy:
+            assert busy.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, busy
+    else:
+        pytest.fail("the service was still busy two minutes after the stream was cancelled")
     assert word_error_rate(SPEECH.reference, response.text) <= 0.1
