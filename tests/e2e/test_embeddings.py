@@ -14,9 +14,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from services.common.config import resolve_model_path
-from tests.support.openapi import require_spec, validate
+from tests.support.openapi import validate
 
-pytestmark = [pytest.mark.e2e, require_spec]
+pytestmark = pytest.mark.e2e
 
 MODEL = "all-minilm-l6-v2"
 

@@ -18,10 +18,10 @@ from ark.sessions.v1 import session_registry_service_pb2 as reg_pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as reg_grpc
 from services.common.config import api_key_hash
 from services.common.internal_auth import token_metadata
-from tests.support.openapi import require_spec, validate
+from tests.support.openapi import validate
 from tests.support.stack import RunningStack, start_stack
 
-pytestmark = [pytest.mark.e2e, require_spec]
+pytestmark = pytest.mark.e2e
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 QUESTIONS = ["What is the capital of France?", "And of Germany?", "And of Italy?"]

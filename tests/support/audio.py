@@ -1,16 +1,25 @@
-"""Test audio: the shared jfk.flac (never copied into the repository), re-encoded in memory to every format OpenAI
-accepts, plus synthetic audio and the word error rate the tests judge transcripts by."""
+"""Test audio: real speech with its reference transcript, re-encoded in memory to every format OpenAI accepts, plus
+synthetic audio and the word error rate the tests judge transcripts by.
+
+The speech is ../shared/data/jfk.flac where it is present beside the checkout (never copied into the repository):
+11 s of a real recording. Where it is absent, it is a recording from a registry package pinned in pyproject's dev
+extra: pytest-audioeval ships short spoken WAVs with their transcripts, and its English "quick brown fox" is the
+clip used. Tests read what they need (bytes, samples, reference, duration, a word it contains) from :data:`SPEECH`,
+so they run, and are judged by the same word error rate, in either checkout.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import io
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 JFK_PATH = PROJECT_ROOT.parent / "shared" / "data" / "jfk.flac"
@@ -18,11 +27,69 @@ JFK_PATH = PROJECT_ROOT.parent / "shared" / "data" / "jfk.flac"
 JFK_REFERENCE = (
     "And so, my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 )
-JFK_SECONDS = 11.0
 
-require_jfk = pytest.mark.skipif(
-    not JFK_PATH.is_file(), reason="../shared/data/jfk.flac is absent (it lives beside the checkout, not in it)"
-)
+
+@dataclass(frozen=True)
+class Speech:
+    """A recording of real English speech and what was said in it."""
+
+    path: Path
+    reference: str
+    keyword: str  # a word of the reference that Whisper's prompt can be biased towards
+
+    @property
+    def name(self) -> str:
+        """The file name an upload carries."""
+        return self.path.name
+
+    def data(self) -> bytes:
+        """The file's bytes, as a client uploads them."""
+        return _file_bytes(self.path)
+
+    def samples(self) -> np.ndarray:
+        """The speech as 16 kHz mono float32."""
+        return _decoded(self.path)
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples()) / 16000
+
+    @property
+    def billed_seconds(self) -> int:
+        """What `usage.seconds` reports: the duration rounded up to a whole second, as OpenAI bills it."""
+        return math.ceil(self.seconds)
+
+    @property
+    def word_count(self) -> int:
+        return len(words(self.reference))
+
+
+def _registry_speech() -> Speech:
+    """pytest-audioeval's English pangram, located through the installed distribution's own file list."""
+    wav = importlib.metadata.distribution("pytest-audioeval").locate_file(
+        "pytest_audioeval/samples/audio/en/quick_brown_fox.wav"
+    )
+    path = Path(str(wav))
+    return Speech(path, path.with_suffix(".txt").read_text(encoding="utf-8").strip(), keyword="fox")
+
+
+JFK = Speech(JFK_PATH, JFK_REFERENCE, keyword="Americans")
+SPEECH = JFK if JFK_PATH.is_file() else _registry_speech()
+
+
+@functools.cache
+def _file_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@functools.cache
+def _decoded(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
+        frames = [f for frame in container.decode(audio=0) for f in resampler.resample(frame)]
+        frames += resampler.resample(None)
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+
 
 # (container, codec, sample rate, layout) per upload format OpenAI lists; mpga/mpeg audio is MP3's own container.
 FORMATS: dict[str, tuple[str, str, int, str]] = {
@@ -35,21 +102,6 @@ FORMATS: dict[str, tuple[str, str, int, str]] = {
     "mpeg": ("mpeg", "mp2", 44100, "stereo"),
     "flac": ("flac", "flac", 16000, "mono"),
 }
-
-
-@functools.cache
-def jfk_bytes() -> bytes:
-    return JFK_PATH.read_bytes()
-
-
-@functools.cache
-def jfk_samples() -> np.ndarray:
-    """jfk.flac as 16 kHz mono float32."""
-    with av.open(str(JFK_PATH)) as container:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
-        frames = [f for frame in container.decode(audio=0) for f in resampler.resample(frame)]
-        frames += resampler.resample(None)
-    return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
 
 
 def tone(seconds: float, frequency: float = 440.0, rate: int = 16000) -> np.ndarray:

@@ -191,16 +191,33 @@ async def test_a_dead_compile_process_is_a_400_and_is_replaced():
 
 
 async def test_a_compile_past_its_deadline_is_a_400_and_the_next_one_works():
-    compiler = ConstraintCompiler(StructuredOutputLimits(compile_timeout_seconds=0.001), gguf_path=GGUF)
+    """A compile that has not answered by its deadline is refused (400) and its process replaced.
+
+    The compile process is stopped (SIGSTOP) before the grammar is sent, so that compile provably cannot finish
+    within any deadline, however fast or loaded the machine: the test waits on that condition, not on a race
+    between a grammar's compile time and a 1 ms timer.
+    """
+    deadline = 0.05
+    compiler = ConstraintCompiler(StructuredOutputLimits(compile_timeout_seconds=deadline), gguf_path=GGUF)
+    worker = compiler._worker
+    stuck = None
     try:
-        big = {"enum": [f"value number {i} of a long enumeration" for i in range(999)]}
+        worker._timeout = 30.0  # the warm-up compile must not race the short deadline either
+        await compiler.build(schema_request({"type": "object", "properties": {"warm": {"type": "integer"}}}))
+        stuck = worker._process
+        os.kill(stuck.pid, signal.SIGSTOP)  # alive, holding the pipe, never answering
+        worker._timeout = deadline
         with pytest.raises(InvalidRequestError) as info:
-            await compiler.build(schema_request(big))
-        assert "longer than" in info.value.message
-        compiler._worker._timeout = 30.0
+            await compiler.build(schema_request({"type": "object", "properties": {"stuck": {"type": "integer"}}}))
+        assert info.value.param == "response_format" and info.value.code == "invalid_schema"
+        assert f"took longer than {deadline:g} s" in info.value.message
+        assert stuck.exitcode == -signal.SIGKILL and worker._process is not stuck  # killed, and replaced
+        worker._timeout = 30.0
         constraint = await compiler.build(schema_request({"type": "object", "properties": {"y": {"type": "integer"}}}))
         assert drive(compiler, constraint, '{"y": 2}').terminated
     finally:
+        if stuck is not None and stuck.is_alive():
+            stuck.kill()
         compiler.close()
 
 

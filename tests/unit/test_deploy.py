@@ -4,6 +4,7 @@ manifests structurally (probes, grace periods, selectors, the configuration they
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -19,7 +21,9 @@ from services.launcher.envoy_config import envoy_binary, render, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+# The Compose Specification's JSON Schema: beside the checkout where ../shared is present, else the copy that
+# check-jsonschema (pinned in pyproject's dev extra) vendors from the same repository (compose-spec/compose-spec).
+SHARED_COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 KUBERNETES = DEPLOY / "kubernetes"
 KEY = {"ARK_API_KEY": "sk-test-12345678"}
 
@@ -48,8 +52,7 @@ def test_the_default_envoy_config_validates(tmp_path):
 
 
 def test_envoy_config_with_tls_and_without_rate_limit_validates(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
+    assert shutil.which("openssl"), "openssl makes the test certificate: `make test` installs it (apt-get)"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
     subprocess.run(
@@ -181,11 +184,18 @@ def compose_env(service: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def compose_schema() -> dict[str, Any]:
+    if SHARED_COMPOSE_SCHEMA.is_file():
+        return json.loads(SHARED_COMPOSE_SCHEMA.read_text())
+    vendored = importlib.resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    return json.loads(vendored.read_text(encoding="utf-8"))
+
+
 def test_compose_file_follows_the_compose_schema(compose):
-    jsonschema = pytest.importorskip("jsonschema")
-    if not COMPOSE_SCHEMA.exists():
-        pytest.skip(f"the Compose schema is not at {COMPOSE_SCHEMA} (../shared/schemas/compose-spec.json)")
-    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    schema = compose_schema()
+    # The dialect the schema declares: draft-07 in ../shared, 2020-12 in check-jsonschema's copy.
+    dialect = jsonschema.Draft7Validator if "draft-07" in schema["$schema"] else jsonschema.Draft202012Validator
+    validator = dialect(schema)
     errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
     assert not errors, "\n".join(errors)
     # The schema does catch mistakes: a misspelt key fails it.

@@ -39,12 +39,12 @@ def test_selecting_tensorrt_llm_without_it_fails_clearly():
     reason="needs the tensorrt_llm package, an NVIDIA GPU and a Whisper engine built with trtllm-build "
     "($ARK_TRTLLM_WHISPER_ENGINE, assets in $ARK_TRTLLM_WHISPER_ASSETS)",
 )
-async def test_tensorrt_llm_transcribes_jfk():  # pragma: no cover - GPU only
+async def test_tensorrt_llm_transcribes_speech():  # pragma: no cover - GPU only
     from services.common.config import LimitsConfig
     from services.transcription.domain import Finished, TranscriptionRequest
     from services.transcription.engines import create_engine
     from services.transcription.transcriber import Transcriber
-    from tests.support.audio import JFK_REFERENCE, jfk_bytes, word_error_rate
+    from tests.support.audio import SPEECH, word_error_rate
 
     model = ModelConfig(
         id="w",
@@ -54,10 +54,10 @@ async def test_tensorrt_llm_transcribes_jfk():  # pragma: no cover - GPU only
         settings={"assets_dir": os.environ["ARK_TRTLLM_WHISPER_ASSETS"]},
     )
     transcriber = Transcriber(create_engine(model), LimitsConfig())
-    events = [e async for e in transcriber.transcribe(TranscriptionRequest("r", "w", jfk_bytes()))]
+    events = [e async for e in transcriber.transcribe(TranscriptionRequest("r", "w", SPEECH.data()))]
     finished = events[-1]
     assert isinstance(finished, Finished)
-    assert word_error_rate(JFK_REFERENCE, finished.text) <= 0.1
+    assert word_error_rate(SPEECH.reference, finished.text) <= 0.1
 
 
 # -- on CPU: the decoder budget and language detection, with a fake runner below the engine ------------------------

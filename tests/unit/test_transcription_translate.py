@@ -7,7 +7,7 @@ import pytest
 from ark.transcription.v1 import transcription_service_pb2 as pb
 from edge.transcriptions import translate
 from edge.transcriptions.schemas import TranscriptionRequest, VadConfig
-from tests.support.openapi import require_spec, validate
+from tests.support.openapi import validate
 
 
 def response() -> pb.TranscribeResponse:
@@ -38,14 +38,12 @@ def response() -> pb.TranscribeResponse:
     )
 
 
-@require_spec
 def test_json_has_text_and_duration_usage_rounded_up():
     body = translate.to_json(response())
     validate("CreateTranscriptionResponseJson", body)
     assert body == {"text": response().text, "usage": {"type": "duration", "seconds": 11}}
 
 
-@require_spec
 def test_verbose_json_validates_and_follows_the_granularities():
     body = translate.to_verbose_json(response(), {"segment", "word"})
     validate("CreateTranscriptionResponseVerboseJson", body)
@@ -88,7 +86,6 @@ def test_stream_deltas_concatenate_to_exactly_the_final_text(segments):
     assert sent == deltas.text == "".join(segments).strip()
 
 
-@require_spec
 def test_stream_events_validate():
     validate("CreateTranscriptionResponseStreamEvent", translate.delta_event(" so"))
     done = translate.done_event("And so.", response().usage)
