@@ -165,13 +165,13 @@ def _introspectable(cls: type, qualname: str, spec: dict[str, Any]) -> None:
         )
         cls.__dataclass_fields__ = made.__dataclass_fields__
         cls.__dataclass_params__ = made.__dataclass_params__
-    if kind in ("class", "dataclass") and "init" in spec:
+    if kind == "class" or "init" in spec:
         init = cls.__init__
 
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             init(self, *args, **kwargs)
 
-        __init__.__signature__ = _signature(spec["init"])  # type: ignore[attr-defined]
+        __init__.__signature__ = _signature(spec.get("init", []))  # type: ignore[attr-defined]
         cls.__init__ = __init__  # type: ignore[misc]
     for method, params in spec.get("methods", {}).items():
         if any(method in klass.__dict__ for klass in cls.__mro__[:-1]):
@@ -462,6 +462,9 @@ def _llm_class(model: FakeModel, classes: dict[str, type]) -> type:
             check_call(LLM_NAME, "shutdown", (), {})
             model.calls.append(("shutdown", None))
 
+    LLM.__init__.__signature__ = _signature(llm_spec["init"])  # type: ignore[attr-defined]
+    for method, params in llm_spec["methods"].items():
+        getattr(LLM, method).__signature__ = _signature(params)
     return LLM
 
 
