@@ -237,15 +237,15 @@ class TensorRTLLMEngine(ChatEngine):
                     index = completion.index
                     if index in ended or index in job.stopped:
                         continue
-                    tokens = list(completion.token_ids)
+                    tokens = completion.token_ids
                     logprobs = completion.logprobs if job.sampling.logprobs else None
-                    for position in range(consumed[index], len(tokens)):
-                        token = tokens[position]
+                    start = consumed[index]
+                    for position, token in enumerate(tokens[start:], start):
                         if index == 0:
                             generated.append(token)
                         entry = logprobs[position] if logprobs and position < len(logprobs) else None
                         yield self._sample(index, token, entry, top)
-                    consumed[index] = max(consumed[index], len(tokens))
+                    consumed[index] = max(start, len(tokens))
                     end = self._end(completion, tokens[-1] if tokens else None, consumed[index], job, finished)
                     if end is None:
                         continue
