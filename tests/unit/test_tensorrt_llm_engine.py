@@ -503,18 +503,33 @@ def _real_generator():  # pragma: no cover - GPU only
     reason="needs the tensorrt_llm package, an NVIDIA GPU and $ARK_TRTLLM_CHAT_CHECKPOINT (a Hugging Face folder)",
 )
 async def test_tensorrt_llm_n_2_ends_each_choice_and_repeats_no_token():  # pragma: no cover - GPU only
-    """Finding 2 on the real release: with `n: 2`, choices ending at different steps each get `Finished` (1.2.1
-    sets `finish_reason` only once both have ended) and no choice repeats a streamed token. The stub settles this
-    on CPU only as far as it copies result.py; this is the run that settles it."""
-    from transformers import AutoTokenizer
+    """Findings 1 and 2 on the real release: with `n: 2`, each choice streams each of its tokens once (what was
+    streamed equals the request's final `token_ids`) and ends on its own, also when it ends before the other (1.2.1
+    sets `finish_reason` only once both have ended). The stub settles this on CPU only as far as it copies
+    result.py; this run settles it."""
+    from services.chat.engines.base import EngineRun, SequenceEnd, TokenSample
 
-    tokenizer = AutoTokenizer.from_pretrained(os.environ["ARK_TRTLLM_CHAT_CHECKPOINT"])
-    request = _request("Name a colour, then stop.", sampling=Sampling(temperature=1.0, n=2, max_tokens=64))
-    for _ in range(3):  # sampled lengths differ from run to run; one run with unequal lengths is enough
-        events = await _collect(_real_generator(), request)
-        finished = {e.choice_index: e for e in events if isinstance(e, Finished)}
-        assert set(finished) == {0, 1}
+    generator = _real_generator()
+    engine = generator.engine
+    results = []
+    generate_async = engine._llm.generate_async
+
+    def spy(*args, **kwargs):
+        results.append(generate_async(*args, **kwargs))
+        return results[-1]
+
+    engine._llm.generate_async = spy
+    prompt = engine.encode_prompt([{"role": "user", "content": "Write one sentence about the sea."}])
+    unequal = 0
+    for _ in range(10):  # sampled lengths differ from run to run: some runs end one choice first
+        job = EngineRun(prompt=prompt, sampling=Sampling(temperature=1.0), max_new_tokens=64, n=2)
+        events = [e async for e in engine.run(job)]
+        final = {o.index: [t for t in o.token_ids if not engine.is_eog(t)] for o in results[-1].outputs}
         for index in (0, 1):
-            ids = [t for e in events if isinstance(e, Delta) and e.choice_index == index for t in e.token_ids]
-            assert _text(events, index) == tokenizer.decode(ids), "each streamed token once"
-            assert finished[index].usage.completion_tokens == len(ids)
+            assert [e.index for e in events if isinstance(e, SequenceEnd)].count(index) == 1
+            streamed = [e.token for e in events if isinstance(e, TokenSample) and e.index == index]
+            assert [t for t in streamed if not engine.is_eog(t)] == final[index], "each token streamed once"
+        unequal += len(final[0]) != len(final[1])
+    assert unequal, "no run ended its two choices at different steps: the early end was not exercised"
+    events = await _collect(generator, _request("Write one sentence about the sea.", sampling=Sampling(1.0, n=2)))
+    assert sorted(e.choice_index for e in events if isinstance(e, Finished)) == [0, 1]
