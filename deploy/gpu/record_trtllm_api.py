@@ -55,7 +55,7 @@ SPEC: dict[str, dict[str, Any]] = {
         "exported_from": ["tensorrt_llm.llmapi"],
         "nested": ["TokenRangeRetentionConfig"],
     },
-    "tensorrt_llm.executor.result:Logprob": {"kind": "namedtuple"},
+    "tensorrt_llm.executor.result:Logprob": {"kind": "dataclass"},  # @dataclass(slots=True) in every 1.x
     "tensorrt_llm.executor.result:CompletionOutput": {"kind": "dataclass", "exported_from": ["tensorrt_llm.llmapi"]},
     "tensorrt_llm.llmapi:RequestOutput": {
         "kind": "class",
@@ -63,6 +63,9 @@ SPEC: dict[str, dict[str, Any]] = {
         "async_iterable": True,
     },
     "tensorrt_llm.runtime:ModelRunnerCpp": {"kind": "class", "methods": ["from_dir", "generate"]},
+    # The embeddings engine's BERT runtime (services/embeddings/engines/tensorrt_llm.py).
+    "tensorrt_llm.runtime:Session": {"kind": "class", "methods": ["from_serialized_engine", "infer_shapes", "run"]},
+    "tensorrt_llm.runtime:TensorInfo": {"kind": "dataclass"},
 }
 
 _KINDS = {
@@ -127,6 +130,8 @@ def _model_fields(cls: Any) -> tuple[dict[str, Any], list[str]]:
     fields, deprecated = {}, []
     for name, info in cls.model_fields.items():
         entry: dict[str, Any] = {"required": info.is_required()}
+        if not info.is_required() and isinstance(info.default, bool | int | float | str):
+            entry["default"] = info.default  # what the release does when ARK leaves it unset
         if choices := _literal_choices(info.annotation):
             entry["choices"] = choices
         fields[name] = entry
@@ -176,8 +181,9 @@ def _record(obj: Any, spec: dict[str, Any]) -> dict[str, Any]:
             entry["deprecated"] = deprecated
     elif kind == "dataclass":
         entry["fields"] = _dataclass_fields(obj)
-    elif kind == "namedtuple":
-        entry["fields"] = {n: {"required": n not in obj._field_defaults} for n in sorted(obj._fields)}
+        init = _params(obj.__init__)
+        if any(p["kind"] == "positional_or_keyword" for p in init):
+            entry["init"] = init  # not kw_only: positional arguments bind in this order
     elif kind == "class":
         entry["init"] = _params(obj.__init__)
     if kind in ("class", "dataclass"):
@@ -207,13 +213,11 @@ def _keep_accepts(symbols: dict[str, Any], previous: dict[str, Any]) -> None:
 
 def record(previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON document for the installed release (`previous`: the committed one, for `accepts`)."""
-    from importlib.metadata import version
-
     symbols = {name: _record(_load(name), spec) for name, spec in SPEC.items()}
     _keep_accepts(symbols, (previous or {}).get("symbols", {}))
     return {
         "package": "tensorrt-llm",
-        "version": version("tensorrt-llm"),
+        "version": importlib.import_module("tensorrt_llm").__version__,
         "produced_by": "deploy/gpu/record_trtllm_api.py, by introspection of the installed package",
         "regenerate": f"python deploy/gpu/record_trtllm_api.py {DEFAULT_OUTPUT}",
         "symbols": symbols,

@@ -300,10 +300,12 @@ async def test_a_session_keeps_its_blocks_for_its_idle_timeout_and_replays_its_r
     assert _generate_calls(fake)[2]["kv_cache_retention_config"] is None
 
 
-async def test_the_end_token_the_release_leaves_out_is_reported_as_a_sample(fake, checkpoint):
-    """TensorRT-LLM drops `end_id` / `stop_token_ids` from `token_ids`; the transcript needs it."""
+@pytest.mark.parametrize("kept", [True, False], ids=["end-token-in-output", "end-token-left-out"])
+async def test_the_end_token_is_reported_once_as_a_sample(fake, checkpoint, kept):
+    """Whether the release keeps `end_id` / `stop_token_ids` in `token_ids` or not, the transcript gets it once."""
     from services.chat.engines.base import EngineRun, SequenceEnd, TokenSample
 
+    fake.end_token_in_output = kept
     engine = _engine(checkpoint)
     fake.script = [[10, 11], [12]]
     events = [e async for e in engine.run(EngineRun(prompt=[5, 6], sampling=Sampling(0.7), max_new_tokens=8, n=2))]
@@ -315,6 +317,109 @@ async def test_the_end_token_the_release_leaves_out_is_reported_as_a_sample(fake
     events = [e async for e in engine.run(EngineRun(prompt=[5, 6], sampling=Sampling(0.0), max_new_tokens=8))]
     assert [e.token for e in events if isinstance(e, TokenSample)] == [10, 0]
     assert _generate_calls(fake)[-1]["sampling_params"].stop_token_ids == [0]
+
+
+# -- what 1.2.1's sources do that a laxer stub hid (issue 22) ---------------------------------------------------------
+
+
+def _samples(events, index: int) -> list[int]:
+    from services.chat.engines.base import TokenSample
+
+    return [e.token for e in events if isinstance(e, TokenSample) and e.index == index]
+
+
+async def test_n_choices_stream_each_token_once(fake, checkpoint):
+    """Finding 1: one response per sequence, and only that output's diff advances; no choice repeats a token."""
+    from services.chat.engines.base import EngineRun
+
+    fake.script = [[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]]
+    engine = _engine(checkpoint)
+    events = [e async for e in engine.run(EngineRun(prompt=[5, 6], sampling=Sampling(0.7), max_new_tokens=16, n=3))]
+    for index, tokens in enumerate(fake.script):
+        assert _samples(events, index) == [*tokens, 2], index
+    streamed = await _collect(_generator(checkpoint), _request(sampling=Sampling(0.8, n=2, max_tokens=16)))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    for index in range(2):
+        assert _text(streamed, index) == tokenizer.decode(fake.script[index]), "what a client reads, once"
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["end-token-in-output", "end-token-left-out"])
+@pytest.mark.parametrize(
+    ("script", "max_tokens"),
+    [
+        ([[10], [20, 21, 22, 23, 24]], 16),  # the first choice ends early, on its end token
+        ([[10, 11, 12, 13, 14], [20]], 16),  # the second does
+        ([[10, 11, 12, 13, 14, 15], [20]], 3),  # one ends on its budget, the other early on its end token
+    ],
+    ids=["first-ends-early", "second-ends-early", "length-and-early-end"],
+)
+async def test_each_choice_ends_on_its_own_though_finish_reason_comes_only_at_the_end(
+    fake, checkpoint, script, max_tokens, kept
+):
+    """Finding 2: 1.2.1 sets `finish_reason` only when every sequence has finished (`_done` <- `is_final`), so a
+    choice that ends first never gets one; each choice still ends, with the right reason, and `Finished`."""
+    fake.script, fake.end_token_in_output = script, kept
+    events = await _collect(_generator(checkpoint), _request(sampling=Sampling(0.8, n=2, max_tokens=max_tokens)))
+    finished = {e.choice_index: e for e in events if isinstance(e, Finished)}
+    assert set(finished) == {0, 1}
+    for index, tokens in enumerate(script):
+        expected = FinishReason.LENGTH if len(tokens) >= max_tokens else FinishReason.STOP
+        assert finished[index].finish_reason is expected, index
+        assert [t for e in events if isinstance(e, Delta) and e.choice_index == index for t in e.token_ids] == (
+            tokens[:max_tokens]
+        )
+
+
+@pytest.mark.parametrize(
+    ("sampling", "culprit"),
+    [
+        (Sampling(temperature=0.0, n=2), "temperature 0"),
+        (Sampling(temperature=0.8, top_k=1, n=2), "top_k 1"),
+        (Sampling(temperature=0.8, top_p=0.0, n=2), "top_p 0"),
+    ],
+)
+async def test_n_above_one_with_greedy_parameters_is_refused_before_started(fake, checkpoint, sampling, culprit):
+    """Finding 3: SamplingParams._validate would raise inside generate_async; ARK answers 400 first."""
+    with pytest.raises(InvalidRequestError) as refused:
+        await _collect(_generator(checkpoint), _request(sampling=sampling))
+    assert refused.value.param == "n" and refused.value.http_status == 400 and culprit in refused.value.message
+    assert not _generate_calls(fake)
+
+
+async def test_top_logprobs_above_one_under_trtllm_sampler_is_refused_naming_it(fake, checkpoint):
+    """Finding 5: TRTLLMSampler returns top-1 logprobs only; more is refused, never silently cut."""
+    generator = _generator(checkpoint, sampler_type="TRTLLMSampler")
+    with pytest.raises(UnsupportedParameterError) as refused:
+        await _collect(generator, _request(sampling=Sampling(0.0, max_tokens=2, logprobs=True, top_logprobs=3)))
+    assert refused.value.param == "top_logprobs" and refused.value.http_status == 400
+    assert not _generate_calls(fake)
+    events = await _collect(generator, _request(sampling=Sampling(0.0, max_tokens=2, logprobs=True, top_logprobs=1)))
+    assert all(len(p.top) == 1 for e in events if isinstance(e, Delta) for p in e.logprobs)
+    torch_sampler = await _collect(
+        _generator(checkpoint), _request(sampling=Sampling(0.0, max_tokens=2, logprobs=True, top_logprobs=3))
+    )
+    assert all(len(p.top) == 3 for e in torch_sampler if isinstance(e, Delta) for p in e.logprobs)
+
+
+async def test_a_prompt_longer_than_max_num_tokens_runs_and_the_context_limit_stays_a_400(fake, checkpoint):
+    """Finding 6: without chunked prefill, 1.2.1 refuses inside generate_async any prompt longer than
+    max_num_tokens (8192 by default) even within max_seq_len."""
+    generator = _generator(checkpoint, max_seq_len=16384)
+    (llm,) = [kwargs for name, kwargs in fake.calls if name == "LLM"]
+    assert llm["enable_chunked_prefill"] is True
+    events = await _collect(generator, _request("word " * 1800, sampling=Sampling(0.0, max_tokens=2)))
+    assert events[0].prompt_tokens > 8192 and events[-1].finish_reason is FinishReason.LENGTH
+    with pytest.raises(InvalidRequestError) as too_long:
+        await _collect(generator, _request("word " * 3400, sampling=Sampling(0.0, max_tokens=2)))
+    assert too_long.value.code == "context_length_exceeded" and len(_generate_calls(fake)) == 1
+
+
+def test_turning_chunked_prefill_off_needs_max_num_tokens_to_cover_the_window(fake, checkpoint):
+    with pytest.raises(ConfigError, match="enable_chunked_prefill"):
+        _engine(checkpoint, max_seq_len=16384, llm_args={"enable_chunked_prefill": False})
+    _engine(checkpoint, max_seq_len=16384, max_num_tokens=16384, llm_args={"enable_chunked_prefill": False})
 
 
 async def test_errors_come_before_started_and_nothing_reaches_the_engine(fake, checkpoint):
@@ -380,11 +485,51 @@ def test_no_chat_engine_module_imports_another():
     reason="needs the tensorrt_llm package, an NVIDIA GPU and $ARK_TRTLLM_CHAT_CHECKPOINT (a Hugging Face folder)",
 )
 async def test_tensorrt_llm_generates():  # pragma: no cover - GPU only
+    events = await _collect(_real_generator(), _request("What is the capital of France?", sampling=Sampling(0.0)))
+    assert "Paris" in _text(events)
+
+
+def _real_generator():  # pragma: no cover - GPU only
+    from services.chat.engines import create_engine
     from services.chat.generator import Generator
 
     model = ModelConfig(id="m", capability="chat", engine="tensorrt_llm", path=os.environ["ARK_TRTLLM_CHAT_CHECKPOINT"])
-    from services.chat.engines import create_engine
+    return Generator(create_engine(model), max_queue=4)
 
-    generator = Generator(create_engine(model), max_queue=4)
-    events = await _collect(generator, _request("What is the capital of France?", sampling=Sampling(0.0)))
-    assert "Paris" in _text(events)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAS_TRTLLM and HAS_GPU and os.environ.get("ARK_TRTLLM_CHAT_CHECKPOINT")),
+    reason="needs the tensorrt_llm package, an NVIDIA GPU and $ARK_TRTLLM_CHAT_CHECKPOINT (a Hugging Face folder)",
+)
+async def test_tensorrt_llm_n_2_ends_each_choice_and_repeats_no_token():  # pragma: no cover - GPU only
+    """Findings 1 and 2 on the real release: with `n: 2`, each choice streams each of its tokens once (what was
+    streamed equals the request's final `token_ids`) and ends on its own, also when it ends before the other (1.2.1
+    sets `finish_reason` only once both have ended). The stub settles this on CPU only as far as it copies
+    result.py; this run settles it."""
+    from services.chat.engines.base import EngineRun, SequenceEnd, TokenSample
+
+    generator = _real_generator()
+    engine = generator.engine
+    results = []
+    generate_async = engine._llm.generate_async
+
+    def spy(*args, **kwargs):
+        results.append(generate_async(*args, **kwargs))
+        return results[-1]
+
+    engine._llm.generate_async = spy
+    prompt = engine.encode_prompt([{"role": "user", "content": "Write one sentence about the sea."}])
+    unequal = 0
+    for _ in range(10):  # sampled lengths differ from run to run: some runs end one choice first
+        job = EngineRun(prompt=prompt, sampling=Sampling(temperature=1.0), max_new_tokens=64, n=2)
+        events = [e async for e in engine.run(job)]
+        final = {o.index: [t for t in o.token_ids if not engine.is_eog(t)] for o in results[-1].outputs}
+        for index in (0, 1):
+            assert [e.index for e in events if isinstance(e, SequenceEnd)].count(index) == 1
+            streamed = [e.token for e in events if isinstance(e, TokenSample) and e.index == index]
+            assert [t for t in streamed if not engine.is_eog(t)] == final[index], "each token streamed once"
+        unequal += len(final[0]) != len(final[1])
+    assert unequal, "no run ended its two choices at different steps: the early end was not exercised"
+    events = await _collect(generator, _request("Write one sentence about the sea.", sampling=Sampling(1.0, n=2)))
+    assert sorted(e.choice_index for e in events if isinstance(e, Finished)) == [0, 1]

@@ -11,12 +11,12 @@ import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.support.trtllm_stub import API, FakeModel, build
+from tests.support.trtllm_stub import API, FakeModel, build, installed
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
@@ -33,7 +33,7 @@ def test_the_record_names_one_release_and_how_to_regenerate_it():
     for qualname, symbol in API["symbols"].items():
         module, _, name = qualname.partition(":")
         assert module.startswith("tensorrt_llm") and name, qualname
-        assert symbol["kind"] in {"class", "model", "dataclass", "namedtuple", "abstract"}, qualname
+        assert symbol["kind"] in {"class", "model", "dataclass", "abstract"}, qualname
 
 
 def test_the_stub_refuses_arguments_the_release_does_not_have(stub):
@@ -117,7 +117,8 @@ class _Params:
         return ""
 
 
-class _Logprob(NamedTuple):
+@dataclasses.dataclass(slots=True)
+class _Logprob:  # as tensorrt_llm.executor.result.Logprob: a slots dataclass, not a namedtuple
     logprob: float
     rank: int | None = None
 
@@ -130,7 +131,7 @@ class _Output:
     def abort(self) -> None: ...
 
 
-def test_the_generator_reads_models_dataclasses_namedtuples_and_classes():
+def test_the_generator_reads_models_dataclasses_and_classes():
     rec = _recorder()
     args = rec._record(_Args, {"kind": "model"})
     assert args["fields"]["model"] == {"required": True}
@@ -138,10 +139,10 @@ def test_the_generator_reads_models_dataclasses_namedtuples_and_classes():
     assert args["deprecated"] == ["backend"]
     params = rec._record(_Params, {"kind": "dataclass"})
     assert set(params["fields"]) == {"max_tokens", "stop"} and params["attributes"] == ["text_diff"]
-    assert rec._record(_Logprob, {"kind": "namedtuple"})["fields"] == {
-        "logprob": {"required": True},
-        "rank": {"required": False},
-    }
+    assert "init" not in params, "a kw_only dataclass takes no positional arguments"
+    logprob = rec._record(_Logprob, {"kind": "dataclass"})
+    assert logprob["fields"] == {"logprob": {"required": True}, "rank": {"required": False}}
+    assert [p["name"] for p in logprob["init"]] == ["logprob", "rank"], "positional order kept"
     output = rec._record(_Output, {"kind": "class", "methods": ["abort"]})
     assert output["init"] == [{"name": "request_id", "kind": "positional_or_keyword", "required": True}]
     assert output["attributes"] == ["finished", "request_id"] and output["methods"] == {"abort": []}
@@ -158,6 +159,65 @@ def test_the_generator_parses_pybind11_signatures():
         {"name": "decode_retention_priority", "kind": "positional_or_keyword", "required": False},
         {"name": "decode_duration_ms", "kind": "positional_or_keyword", "required": False},
     ]
+
+
+def test_the_generator_runs_on_the_stubs_module_surface_and_gives_back_the_record():
+    """deploy/gpu/record_trtllm_api.py on the stub's modules: every recorded name is found where ARK imports it,
+    read the way the real package is read, and comes back as recorded (fields, required arguments, methods)."""
+    rec = _recorder()
+    with installed(FakeModel()):
+        again = rec.record(API)
+    assert again["version"] == API["version"] and set(again["symbols"]) == set(rec.SPEC)
+    assert set(rec.SPEC) == set(API["symbols"]), "the record holds what the generator writes, no more"
+    for qualname, recorded in API["symbols"].items():
+        actual = again["symbols"][qualname]
+        assert actual["kind"] == recorded["kind"], qualname
+        assert actual.get("fields", {}) == recorded.get("fields", {}), qualname
+        assert [(p["name"], p["required"]) for p in actual.get("init", [])] == [
+            (p["name"], p["required"]) for p in recorded.get("init", [])
+        ], qualname
+        for method, params in recorded.get("methods", {}).items():
+            assert [p["name"] for p in actual["methods"][method]] == [p["name"] for p in params], (qualname, method)
+
+
+def test_the_stub_is_as_strict_as_the_release_where_ark_depends_on_it(stub):
+    retention = stub["tensorrt_llm.llmapi"].KvCacheRetentionConfig
+    with pytest.raises(TypeError, match=r"missing required arguments \['token_end', 'priority'\]"):
+        retention.TokenRangeRetentionConfig(0)  # the nanobind binding has no defaults for them
+    sampling = stub["tensorrt_llm"].SamplingParams
+    for greedy in ({"temperature": 0.0}, {"temperature": 0.7, "top_k": 1}, {"temperature": 0.7, "top_p": 0.0}):
+        with pytest.raises(ValueError, match="Greedy decoding in the LLM API does not allow multiple returns"):
+            sampling(n=2, max_tokens=4, **greedy)
+    assert sampling(n=2, max_tokens=4, temperature=0.7).best_of == 2
+    # Valid TorchLlmArgs fields the first record lacked are accepted; the chunking defaults are the release's.
+    llm = stub["tensorrt_llm"].LLM(
+        model="/m", fail_fast_on_attention_window_too_large=False, batch_wait_timeout_iters=0
+    )
+    assert llm.args.max_num_tokens == 8192 and llm.args.enable_chunked_prefill is False
+    with pytest.raises(ValueError, match="should not exceed max_num_tokens"):
+        llm.generate_async([1] * 8193, sampling_params=sampling(max_tokens=4))
+    logprob = stub["tensorrt_llm.executor.result"].Logprob(-0.5, 1)
+    assert dataclasses.is_dataclass(logprob) and (logprob.logprob, logprob.rank) == (-0.5, 1)
+
+
+def test_the_embeddings_engines_session_calls_bind_to_the_record(stub):
+    """services/embeddings/engines/tensorrt_llm.py's calls on `Session` / `TensorInfo`, as it makes them."""
+    from tests.support.trtllm_stub import check_call
+
+    session = "tensorrt_llm.runtime:Session"
+    runtime = stub["tensorrt_llm.runtime"]
+    info = runtime.TensorInfo("input_ids", "INT32", (2, 7))  # positional, as the engine builds them
+    assert (info.name, info.shape) == ("input_ids", (2, 7))
+    check_call(session, "from_serialized_engine", (b"engine",), {})
+    check_call(session, "infer_shapes", ([info],), {})
+    check_call(session, "run", (), {"inputs": {}, "outputs": {}, "stream": 0})
+    with pytest.raises(TypeError, match="stream"):
+        check_call(session, "run", (), {"inputs": {}, "outputs": {}})
+    source = (ROOT / "services" / "embeddings" / "engines" / "tensorrt_llm.py").read_text()
+    assert (
+        "Session.from_serialized_engine(" in source
+        and "self._session.run(inputs=inputs, outputs=outputs, stream=" in source
+    )
 
 
 # -- the real release -------------------------------------------------------------------------------------------------

@@ -6,10 +6,15 @@ module imports no other engine, so a GPU image never loads llama.cpp. Everything
 layer above (services/chat/generator.py); this adapter maps one `EngineRun` onto one `generate_async` call:
 
 - the prompt is the layer's token ids (a session's raw transcript tokens included), never re-rendered here;
-- `n` → `SamplingParams.n`, each `CompletionOutput.index` a choice; `n > 1` at temperature 0 is refused (400):
-  greedy sampling would return `n` copies, and TensorRT-LLM asks for sampling there;
+- `n` → `SamplingParams.n`, each `CompletionOutput.index` a choice, read from its `token_ids` past what was already
+  reported (1.2.1 advances `token_ids_diff` only for the sequence a response is about) and ended by its own end
+  token or budget (`finish_reason` arrives only when every sequence has finished); `n > 1` with greedy parameters
+  (temperature 0, top_k 1, top_p 0) is refused (400) as `SamplingParams._validate` would refuse it later;
+- long prompts → chunked prefill, so a prompt longer than `max_num_tokens` still runs (the 400 for the context
+  window comes before the engine);
 - temperature 0 → greedy (`top_k=1`); `max_tokens` is always set (TensorRT-LLM's default is 32);
-- logprobs → `SamplingParams.logprobs` (the top count), read from `CompletionOutput.logprobs_diff`;
+- logprobs → `SamplingParams.logprobs` (the top count), read from `CompletionOutput.logprobs` at each new token's
+  position; under `TRTLLMSampler` only the sampled token's (top_logprobs above 1 is refused, 400);
 - `logit_bias` → a logits processor adding the biases to the logits in place;
 - JSON modes and tools → the layer's llguidance grammar as `GuidedDecodingParams(grammar=...)`, with
   `guided_decoding_backend="llguidance"` on the `LLM` (without it the grammar would be ignored);
@@ -80,6 +85,7 @@ class TensorRTLLMEngine(ChatEngine):
         self.max_concurrency = settings.max_batch_size
         self.context_slots = settings.session_slots
         extra = {"max_num_tokens": settings.max_num_tokens} if settings.max_num_tokens else {}
+        extra.update(_chunked_prefill(model.id, settings))
         self._llm = tensorrt_llm.LLM(
             model=str(checkpoint),
             tensor_parallel_size=settings.tensor_parallel_size,
@@ -114,10 +120,12 @@ class TensorRTLLMEngine(ChatEngine):
 
     def validate(self, request: GenerationRequest) -> None:
         s = request.sampling
-        if s.n > 1 and s.temperature == 0:
+        if s.n > 1 and (greedy := _greedy_parameter(s)):
+            # SamplingParams._validate raises for this ("Greedy decoding in the LLM API does not allow multiple
+            # returns") inside generate_async, after the request was accepted.
             raise InvalidRequestError(
-                "n > 1 needs sampling: at temperature 0 every choice would be the same greedy answer. "
-                "Set temperature above 0 or ask for one choice.",
+                f"n > 1 needs sampling, but {greedy} makes TensorRT-LLM decode greedily: every choice would be the "
+                "same answer. Raise it (temperature above 0, top_p above 0, top_k other than 1) or ask for one choice.",
                 param="n",
             )
         if self._settings.sampler_type == "TorchSampler":
@@ -127,6 +135,12 @@ class TensorRTLLMEngine(ChatEngine):
                     "the model's settings.sampler_type: TRTLLMSampler applies it.",
                     param=param,
                 )
+        elif s.logprobs and s.top_logprobs > 1:
+            raise UnsupportedParameterError(
+                "'top_logprobs' above 1 is not available with this model's sampler (TensorRT-LLM's TRTLLMSampler "
+                "returns the sampled token's logprob only); ask for top_logprobs 0 or 1.",
+                param="top_logprobs",
+            )
 
     # -- generation -----------------------------------------------------------------------------------------------
 
@@ -178,7 +192,10 @@ class TensorRTLLMEngine(ChatEngine):
             cache_salt=job.cache_salt or None,
         )
         top = job.sampling.top_logprobs if job.sampling.logprobs else 0
-        last: dict[int, int] = {}
+        # Each choice's tokens already reported. Under `n > 1` the PyTorch backend answers one sequence per response
+        # and advances only that output's `token_ids_diff`: the other outputs' diffs still hold their last tokens, so
+        # they are read from `token_ids` past what was consumed, never from the diffs.
+        consumed = [0] * job.n
         ended: set[int] = set()
         reported = finished = False
         generated: list[int] = []  # sequence 0's tokens: with the prompt, what a session's context now covers
@@ -192,25 +209,26 @@ class TensorRTLLMEngine(ChatEngine):
                     index = completion.index
                     if index in ended or index in job.stopped:
                         continue
-                    logprobs = completion.logprobs_diff if job.sampling.logprobs else None
-                    for position, token in enumerate(completion.token_ids_diff):
-                        last[index] = token
+                    tokens = completion.token_ids
+                    logprobs = completion.logprobs if job.sampling.logprobs else None
+                    start = consumed[index]
+                    for position, token in enumerate(tokens[start:], start):
                         if index == 0:
                             generated.append(token)
-                        yield self._sample(index, token, logprobs[position] if logprobs else None, top)
-                    reason = completion.finish_reason
-                    if reason == "length":
-                        ended.add(index)
-                        yield SequenceEnd(index, "length")
-                    elif reason == "stop":
-                        ended.add(index)
-                        if not self.is_eog(last.get(index, -1)):
-                            end = completion.stop_reason if isinstance(completion.stop_reason, int) else None
-                            end = end if end is not None else self.eog_token
-                            if index == 0:
-                                generated.append(end)
-                            yield self._sample(index, end, None, 0)
-                        yield SequenceEnd(index, "eog")
+                        entry = logprobs[position] if logprobs and position < len(logprobs) else None
+                        yield self._sample(index, token, entry, top)
+                    consumed[index] = max(start, len(tokens))
+                    end = self._end(completion, tokens[-1] if tokens else None, consumed[index], job, finished)
+                    if end is None:
+                        continue
+                    ended.add(index)
+                    if end == "eog" and not (tokens and self.is_eog(tokens[-1])):
+                        stop = completion.stop_reason if isinstance(completion.stop_reason, int) else None
+                        token = stop if stop is not None else self.eog_token
+                        if index == 0:
+                            generated.append(token)
+                        yield self._sample(index, token, None, 0)
+                    yield SequenceEnd(index, end)
                 if job.abort.is_set() or len(ended | job.stopped) >= job.n:
                     break
         except (asyncio.CancelledError, GeneratorExit):
@@ -222,9 +240,36 @@ class TensorRTLLMEngine(ChatEngine):
         if not finished:
             result.abort()  # the layer needs no more tokens: free the batch slot and the blocks now
 
-    def _sample(self, index: int, token: int, entry: dict[int, Any] | None, top: int) -> TokenSample:
+    def _end(self, completion: Any, last: int | None, count: int, job: EngineRun, final: bool) -> str | None:
+        """How one choice ended ("eog", "length", "stopped"), or None while it runs.
+
+        1.2.1 sets `finish_reason` only once the whole request is final (`_done`), so under `n > 1` a choice that
+        ends before the others never gets one; its end is read from its tokens instead: an end token (the PyTorch
+        backend's sampler keeps it in `token_ids`) or the full budget. When the request is final, a choice still
+        open ended on an end token that was left out of `token_ids`.
+        """
+        reason = completion.finish_reason
+        if reason == "length":
+            return "length"
+        if reason == "stop" or (last is not None and self.is_eog(last)):
+            return "eog"
+        if reason is not None:
+            return "stopped"  # timeout or cancelled: nothing more will come
+        if count >= job.max_new_tokens:
+            return "length"
+        return "eog" if final else None
+
+    def _sample(self, index: int, token: int, entry: Any, top: int) -> TokenSample:
         if entry is None:
             return TokenSample(index, token, self._pieces[token])
+        if isinstance(entry, float):  # TRTLLMSampler's top-1 logprobs: the sampled token's value only
+            return TokenSample(
+                index,
+                token,
+                self._pieces[token],
+                logprob=entry,
+                top=(TopLogprob(token, self._pieces[token], entry),)[:top],
+            )
         chosen = entry.get(token)
         ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:top]
         return TokenSample(
@@ -305,6 +350,40 @@ class LogitBias:
                 logits[..., ids] += values
         else:
             logits[..., ids] += values
+
+
+# TorchLlmArgs.max_num_tokens when unset: the most prompt tokens one forward pass takes.
+_RELEASE_MAX_NUM_TOKENS = 8192
+
+
+def _chunked_prefill(model_id: str, settings: TensorRTLLMChatSettings) -> dict[str, Any]:
+    """Chunked prefill on, so that any prompt within `max_seq_len` runs.
+
+    Without it, 1.2.1's `LLM._check_arguments` refuses inside `generate_async` (a ValueError, after the request was
+    accepted) every prompt longer than `max_num_tokens` (8192 unless set). ARK's prompt limit stays `max_seq_len`,
+    checked before the engine (400 `context_length_exceeded`). A model that turns chunking off in `llm_args` must
+    batch `max_seq_len` tokens at once, or fail at start here.
+    """
+    if "enable_chunked_prefill" not in settings.llm_args:
+        return {"enable_chunked_prefill": True}
+    batch = settings.llm_args.get("max_num_tokens") or settings.max_num_tokens or _RELEASE_MAX_NUM_TOKENS
+    if not settings.llm_args["enable_chunked_prefill"] and batch < settings.max_seq_len:
+        raise ConfigError(
+            f"models[{model_id}].settings.llm_args.enable_chunked_prefill: without chunked prefill, max_num_tokens "
+            f"({batch}) must be at least max_seq_len ({settings.max_seq_len}), or longer prompts fail in TensorRT-LLM"
+        )
+    return {}
+
+
+def _greedy_parameter(s: Sampling) -> str:
+    """The parameter that makes `SamplingParams` greedy (its `params_imply_greedy_decoding`), or "" if none does."""
+    if s.temperature == 0:
+        return "temperature 0"
+    if s.top_k == 1:
+        return "top_k 1"
+    if s.top_p == 0:
+        return "top_p 0"
+    return ""
 
 
 def _ignored_by_torch_sampler(s: Sampling) -> list[str]:

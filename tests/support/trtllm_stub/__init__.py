@@ -8,19 +8,31 @@ fields: an unknown keyword, a deprecated one or a value outside a recorded set o
 Below that surface the stub is a fake model, deterministic and tiny (`FakeModel`): it "generates" tokens from
 logits it computes on CPU, applies the request's logits processors to them, keeps a KV-cache of prompts per
 `cache_salt` so `cached_tokens` is the real longest common prefix, and records every call for the tests to read.
+
+Where ARK depends on the release's behaviour, the stub does what 1.2's sources do (checked against
+`executor/result.py`, `sampling_params.py` at 1.2.0rc2 and `llmapi/llm.py`; docs/architecture.md lists them):
+under `n > 1` the PyTorch backend sends one response per sequence and `_handle_sequence` advances the diff of that
+sequence only, so the other outputs' `token_ids_diff` still hold their previous tokens; `finish_reason` is set only
+when the whole request is final, so a sequence that ends before the others never gets one; the end and stop tokens
+the sampler wrote stay in `token_ids` (a stop token is cut when the request is final); `SamplingParams._validate`
+refuses greedy sampling with several returns; and without chunked prefill a prompt longer than `max_num_tokens`
+fails inside `generate_async`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import json
+import os
 import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 API_PATH = Path(__file__).resolve().parents[1] / "trtllm_api.json"
 API: dict[str, Any] = json.loads(API_PATH.read_text())
@@ -30,7 +42,7 @@ class RecordedObject:
     """An instance of a recorded class: accepts only the recorded arguments, exposes only recorded attributes."""
 
     _qualname = ""
-    _params: tuple[dict[str, Any], ...] = ()  # positional-capable parameters in order (kind "class")
+    _params: tuple[dict[str, Any], ...] = ()  # parameters in order (classes, and dataclasses that are not kw_only)
     _fields: dict[str, dict[str, Any]] = {}  # keyword fields (pydantic models, dataclasses, kwargs models)
     _keyword_only = True
     _deprecated: frozenset[str] = frozenset()
@@ -38,7 +50,7 @@ class RecordedObject:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         object.__setattr__(self, "_values", {})
-        names = [p["name"] for p in self._params] if self._params else []
+        names = [p["name"] for p in self._params if p["kind"] != "keyword_only"]
         if args and (self._keyword_only or len(args) > len(names)):
             raise TypeError(f"{self._qualname}() takes keyword arguments only, or fewer positional ones")
         bound = dict(zip(names, args, strict=False))
@@ -69,7 +81,7 @@ class RecordedObject:
         if name in values:
             return values[name]
         if name in self._fields or name in self._attributes or name in {p["name"] for p in self._params}:
-            return None  # recorded, left at its default
+            return self._fields.get(name, {}).get("default")  # recorded, left at its default
         raise AttributeError(f"{self._qualname} has no attribute {name!r} in tensorrt-llm {API['version']}")
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -82,18 +94,94 @@ class RecordedObject:
 
 
 def _recorded_class(qualname: str, spec: dict[str, Any], base: type = RecordedObject) -> type:
+    params = tuple(p for p in spec.get("init", []) if p["kind"] != "var_keyword")
     namespace: dict[str, Any] = {
         "_qualname": qualname,
         "_fields": dict(spec.get("fields", {})),
-        "_params": tuple(p for p in spec.get("init", []) if p["kind"] != "var_keyword"),
-        "_keyword_only": spec["kind"] != "class",
+        "_params": params,
+        "_keyword_only": not any(p["kind"] != "keyword_only" for p in params),
         "_deprecated": frozenset(spec.get("deprecated", ())),
         "_attributes": frozenset(spec.get("attributes", ())),
     }
     cls = type(qualname.rsplit(":", 1)[-1], (base,), namespace)
+    _introspectable(cls, qualname, spec)
     for name, nested in spec.get("nested", {}).items():
         setattr(cls, name, _recorded_class(f"{qualname}.{name}", nested))
     return cls
+
+
+_KINDS = {
+    "positional_only": inspect.Parameter.POSITIONAL_ONLY,
+    "positional_or_keyword": inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    "keyword_only": inspect.Parameter.KEYWORD_ONLY,
+    "var_positional": inspect.Parameter.VAR_POSITIONAL,
+    "var_keyword": inspect.Parameter.VAR_KEYWORD,
+}
+
+
+def _signature(params: list[dict[str, Any]], *, method: bool = True) -> inspect.Signature:
+    head = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] if method else []
+    return inspect.Signature(
+        head
+        + [
+            inspect.Parameter(p["name"], _KINDS[p["kind"]], default=inspect.Parameter.empty if p["required"] else None)
+            if p["kind"] not in ("var_positional", "var_keyword")
+            else inspect.Parameter(p["name"], _KINDS[p["kind"]])
+            for p in params
+        ]
+    )
+
+
+def _introspectable(cls: type, qualname: str, spec: dict[str, Any]) -> None:
+    """Give a stub class the surface deploy/gpu/record_trtllm_api.py reads on the real one.
+
+    Pydantic models get `model_fields`, dataclasses `__dataclass_fields__`, classes an `__init__` signature, and
+    every recorded method a function with the recorded signature (binding its arguments, then refusing to run:
+    below the API the stub runs only what `build` wires to the fake model).
+    """
+    from pydantic.fields import FieldInfo
+
+    kind = spec["kind"]
+    if kind == "model":
+        cls.model_fields = {
+            name: FieldInfo(
+                annotation=Literal[tuple(f["choices"])] if "choices" in f else Any,  # type: ignore[misc]
+                default=... if f["required"] else f.get("default"),
+                json_schema_extra={"status": "deprecated"} if name in spec.get("deprecated", ()) else None,
+            )
+            for name, f in spec.get("fields", {}).items()
+        }
+    elif kind == "dataclass":
+        fields = spec.get("fields", {})
+        order = [p["name"] for p in spec.get("init", []) if p["name"] in fields]
+        order += [name for name in fields if name not in order]
+        made = dataclasses.make_dataclass(
+            cls.__name__,
+            [
+                (name, Any) if fields[name]["required"] else (name, Any, dataclasses.field(default=None))
+                for name in order
+            ],
+            kw_only=not spec.get("init"),
+        )
+        cls.__dataclass_fields__ = made.__dataclass_fields__
+        cls.__dataclass_params__ = made.__dataclass_params__
+    if kind == "class" or "init" in spec:
+        init = cls.__init__
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+
+        __init__.__signature__ = _signature(spec.get("init", []))  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[misc]
+    for method, params in spec.get("methods", {}).items():
+        if any(method in klass.__dict__ for klass in cls.__mro__[:-1]):
+            continue  # the stub runs it
+
+        def refuse(*args: Any, _method: str = method, **kwargs: Any) -> Any:
+            raise NotImplementedError(f"the stub does not run {qualname}.{_method}")
+
+        refuse.__signature__ = _signature(params)  # type: ignore[attr-defined]
+        setattr(cls, method, refuse)
 
 
 def check_call(qualname: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +214,9 @@ class FakeModel:
     step, `i` and the prompt's length; `script` forces the preferred tokens instead (a list per sequence, then the
     end token). The preferred token gets logit 10, every other 0, then the request's logits processors run and the
     argmax is taken: a bias of -100 on the preferred token changes the output. As the release does, a sequence
-    ends on `end_id` or one of `stop_token_ids`, which are left out of `token_ids` (`stop_reason` names a stop
-    token; it is None for `end_id`).
+    ends on `end_id` or one of `stop_token_ids`, kept in `token_ids` as the PyTorch backend's sampler writes them
+    (`end_token_in_output=False` drops them instead, as the TensorRT engine path does: ARK must handle both); when
+    the request is final a stop token is cut and named by `stop_reason` (None for `end_id`).
     """
 
     vocab_size: int = 64
@@ -141,6 +230,7 @@ class FakeModel:
     # Set to make the next request fail after its first output, as a GPU error would.
     fail_after_first: bool = False
     step_delay: float = 0.0
+    end_token_in_output: bool = True
 
     def cached_tokens(self, prompt: list[int], salt: str | None) -> int:
         best = 0
@@ -182,10 +272,11 @@ def build(model: FakeModel) -> dict[str, types.ModuleType]:
         return modules[name]
 
     classes: dict[str, type] = {}
+    bases = {SAMPLING_NAME: _SamplingParamsBase, COMPLETION_NAME: _CompletionOutputBase}
     for qualname, spec in API["symbols"].items():
         if qualname in (LLM_NAME, OUTPUT_NAME):
             continue
-        classes[qualname] = _recorded_class(qualname, spec)
+        classes[qualname] = _recorded_class(qualname, spec, base=bases.get(qualname, RecordedObject))
     classes[LLM_NAME] = _llm_class(model, classes)
     classes[OUTPUT_NAME] = _recorded_class(OUTPUT_NAME, API["symbols"][OUTPUT_NAME], base=_RequestOutputBase)
     for qualname, cls in classes.items():
@@ -217,6 +308,69 @@ OUTPUT_NAME = "tensorrt_llm.llmapi:RequestOutput"
 ARGS_NAME = "tensorrt_llm.llmapi:TorchLlmArgs"
 COMPLETION_NAME = "tensorrt_llm.executor.result:CompletionOutput"
 LOGPROB_NAME = "tensorrt_llm.executor.result:Logprob"
+SAMPLING_NAME = "tensorrt_llm.sampling_params:SamplingParams"
+
+
+class _SamplingParamsBase(RecordedObject):
+    """`SamplingParams.__post_init__` → `_validate()`, as in 1.2's sampling_params.py (the rules ARK can meet)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        n = self.n if self.n is not None else 1
+        self._values.setdefault("n", n)
+        self._values.setdefault("max_tokens", 32)
+        self._values["best_of"] = self.best_of or n
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ValueError(f"require 0 <= top_p <= 1, got top_p={self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"require top_k >= 0, got top_k={self.top_k}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"require temperature >= 0, got temperature={self.temperature}")
+        if self.best_of < n:
+            raise ValueError(f"best_of ({self.best_of}) cannot be less than n ({n})")
+        greedy = (
+            (self.temperature is None and self.top_p is None and self.top_k is None)
+            or self.top_k == 1
+            or self.top_p == 0.0
+            or self.temperature == 0
+        )
+        if (
+            self.best_of > 1
+            and greedy
+            and not self.use_beam_search
+            and not os.environ.get("TLLM_ALLOW_N_GREEDY_DECODING")
+        ):
+            raise ValueError(
+                f"Greedy decoding in the LLM API does not allow multiple returns. Please set to best_of=1, "
+                f"got best_of={self.best_of}."
+            )
+
+
+class _CompletionOutputBase(RecordedObject):
+    """`CompletionOutput`'s diffs are views on what `_handle_sequence` last appended to that one output."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._values.setdefault("text", "")
+        self._values.setdefault("token_ids", [])
+        self._values.setdefault("logprobs", [])
+        self._values.update(_last_token_ids_len=0, _last_logprobs_len=0)
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def text_diff(self) -> str:
+        return ""  # ARK turns detokenization off
+
+    @property
+    def token_ids_diff(self) -> list[int]:
+        return self.token_ids[self._values["_last_token_ids_len"] :]
+
+    @property
+    def logprobs_diff(self) -> list[Any]:
+        return self.logprobs[self._values["_last_logprobs_len"] :]
 
 
 class _RequestOutputBase(RecordedObject):
@@ -235,7 +389,7 @@ def _llm_class(model: FakeModel, classes: dict[str, type]) -> type:
     args_spec = API["symbols"][ARGS_NAME]
     llm_spec = API["symbols"][LLM_NAME]
     init_names = [p["name"] for p in llm_spec["init"] if p["kind"] != "var_keyword"]
-    completion_cls = _recorded_class(COMPLETION_NAME, API["symbols"][COMPLETION_NAME])
+    completion_cls = classes[COMPLETION_NAME]
     logprob_cls = classes[LOGPROB_NAME]
     kv_cache_config_cls = classes["tensorrt_llm.llmapi:KvCacheConfig"]
     retention_cls = classes["tensorrt_llm.bindings.executor:KvCacheRetentionConfig"]
@@ -279,8 +433,14 @@ def _llm_class(model: FakeModel, classes: dict[str, type]) -> type:
                     raise TypeError("guided_decoding must be a GuidedDecodingParams")
                 if self.args.guided_decoding_backend is None:
                     raise ValueError("guided decoding requested, but the LLM has no guided_decoding_backend")
-            if params.max_tokens is None:
+            if "max_tokens" not in params._values:
                 raise AssertionError("ARK always sets max_tokens (the release's default is 32)")
+            # llm.py's _check_arguments (PyTorch backend): without chunked prefill, one prompt must fit one batch.
+            if not self.args.enable_chunked_prefill and len(inputs) > self.args.max_num_tokens:
+                raise ValueError(
+                    f"The sum of prompt length ({float(len(inputs))}), query length (0) should not exceed "
+                    f"max_num_tokens ({self.args.max_num_tokens})"
+                )
             salt = bound.get("cache_salt")
             if salt is not None and not (isinstance(salt, str) and salt):
                 raise ValueError("cache_salt must be a non-empty string or None")
@@ -302,6 +462,9 @@ def _llm_class(model: FakeModel, classes: dict[str, type]) -> type:
             check_call(LLM_NAME, "shutdown", (), {})
             model.calls.append(("shutdown", None))
 
+    LLM.__init__.__signature__ = _signature(llm_spec["init"])  # type: ignore[attr-defined]
+    for method, params in llm_spec["methods"].items():
+        getattr(LLM, method).__signature__ = _signature(params)
     return LLM
 
 
@@ -315,57 +478,63 @@ async def _stream(
     completion_cls: type,
     logprob_cls: type,
 ) -> Any:
+    """What `generate_async(..., streaming=True)` yields: one response per sequence and step, as the PyTorch
+    backend's child requests send them, each handled as `GenerationResultBase._handle_sequence` does."""
     import torch
 
-    n = params.n or 1
-    cached = model.cached_tokens(prompt, salt)
-    output._values["cached_tokens"] = cached
+    n = params.n
+    output._values["cached_tokens"] = model.cached_tokens(prompt, salt)
     processors = params.logits_processor or []
     processors = processors if isinstance(processors, list) else [processors]
-    completions = [completion_cls(index=i, text="", token_ids=[]) for i in range(n)]
-    for completion in completions:
-        completion._values.update(token_ids_diff=[], text_diff="", logprobs_diff=[], logprobs=[])
+    completions = [completion_cls(i) for i in range(n)]
     output._values["outputs"] = completions
-    done = [False] * n
+    end_id = params.end_id if params.end_id is not None else model.eos_token_id
+    final = [False] * n  # the runtime's per-sequence `is_sequence_final`
     step = 0
-    while not all(done):
-        if aborted.is_set():
-            return
-        if model.step_delay:
-            await asyncio.sleep(model.step_delay)
-        else:
-            await asyncio.sleep(0)
+    while not all(final):
+        await asyncio.sleep(model.step_delay)
         for i, completion in enumerate(completions):
-            completion._values.update(token_ids_diff=[], text_diff="", logprobs_diff=[])
-            if done[i]:
+            if final[i]:
                 continue
+            if aborted.is_set():
+                return
             logits = model.logits(i, step, len(prompt))
             for processor in processors:
                 processor(output.request_id, logits, [prompt + completion.token_ids], None, None)
             token = int(torch.argmax(logits[0]))
-            ends = token == (params.end_id if params.end_id is not None else model.eos_token_id)
-            stops = token in (params.stop_token_ids or ())
-            if (ends or stops) and not params.ignore_eos:
-                completion._values.update(finish_reason="stop", stop_reason=token if stops else None)
-                done[i] = True
-                continue
-            completion._values["token_ids"] = [*completion.token_ids, token]
-            completion._values["token_ids_diff"] = [token]
+            reason = None
+            if not params.ignore_eos and token == end_id:
+                reason = "end_id"
+            elif not params.ignore_eos and token in (params.stop_token_ids or ()):
+                reason = "stop_words"
+            elif len(completion.token_ids) + 1 >= params.max_tokens:
+                reason = "length"
+            final[i] = reason is not None
+            new = [] if reason in ("end_id", "stop_words") and not model.end_token_in_output else [token]
+            # _handle_sequence: only this sequence's output advances.
+            completion._values["_last_token_ids_len"] = len(completion.token_ids)
+            completion._values["token_ids"] = completion.token_ids + new
             if params.logprobs:
                 log_probs = torch.log_softmax(logits[0].float(), dim=-1)
                 top = torch.topk(log_probs, params.logprobs)
                 entry = {
-                    int(t): logprob_cls(logprob=float(v), rank=r + 1)
+                    int(t): logprob_cls(float(v), r + 1)
                     for r, (v, t) in enumerate(zip(top.values, top.indices, strict=True))
                 }
-                entry.setdefault(token, logprob_cls(logprob=float(log_probs[token]), rank=None))
-                completion._values["logprobs"] = [*completion.logprobs, entry]
-                completion._values["logprobs_diff"] = [entry]
-            if len(completion.token_ids) >= params.max_tokens:
+                entry.setdefault(token, logprob_cls(float(log_probs[token]), None))
+                completion._values["_last_logprobs_len"] = len(completion.logprobs)
+                completion._values["logprobs"] = completion.logprobs + [entry] * len(new)
+            done = all(final)  # `_done` ← the response's `is_final`: every sequence has finished
+            if done and reason == "length":
                 completion._values["finish_reason"] = "length"
-                done[i] = True
+            elif done and reason is not None:
+                completion._values["finish_reason"] = "stop"
+                if reason == "stop_words":
+                    completion._values["stop_reason"] = token
+                    if new and not params.include_stop_str_in_output:
+                        completion._values["token_ids"] = completion.token_ids[:-1]
+            output._values["finished"] = done
+            yield output
+            if model.fail_after_first:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
         step += 1
-        output._values["finished"] = all(done)
-        yield output
-        if model.fail_after_first:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
