@@ -14,6 +14,7 @@ import time
 
 from services.common.config import SessionsConfig, load_config
 from services.common.server import configure_logging, serve
+from services.sessions.objects import open_object_store
 from services.sessions.registry import Registry, sweep_forever
 from services.sessions.servicer import registry_service
 from services.sessions.store import SessionStore, open_store
@@ -50,7 +51,7 @@ async def main() -> None:
     store = await connect(config.sessions)
     log.info("session store: %s", config.sessions.store.partition("@")[2] or config.sessions.store)
     workers = WorkerClients(token=config.services.internal_token)
-    registry = Registry(store, on_drop=workers.drop_state)
+    registry = Registry(store, on_drop=workers.drop_state, objects=open_object_store(config.sessions))
     sweeper = asyncio.create_task(sweep_forever(registry))
 
     async def stop() -> None:
