@@ -126,7 +126,8 @@ def play_responses(http: httpx.Client, v: Variant, workload: Workload, u: int, t
         "temperature": 0,
         "max_output_tokens": MAX_TOKENS,
         "tools": [{"type": "function", **TOOL}],
-        "tool_choice": "required" if t % 2 == 1 else "none",
+        "tool_choice": "required" if t % 2 == 1 else "auto",
+        "parallel_tool_calls": False,
         "instructions": st["instructions"],
     }
     if stateful:
@@ -161,7 +162,8 @@ def play_chat(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int
         "max_tokens": MAX_TOKENS,
         "messages": st["messages"],
         "tools": [{"type": "function", "function": TOOL}],
-        "tool_choice": "required" if t % 2 == 1 else "none",
+        "tool_choice": "required" if t % 2 == 1 else "auto",
+        "parallel_tool_calls": False,
     }
     ttft, events = _stream(http, f"{v.base_url}/chat/completions", v.key, body)
     text_parts, calls = [], {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class _Request(BaseModel):
@@ -103,8 +103,20 @@ class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens", "content_filter"]
 
 
+# Fields of Response that the spec does not let be null: left out while unset (usage, until the response ends).
+_OMITTED_WHEN_UNSET = ("user", "safety_identifier", "prompt_cache_key", "usage")
+
+
 class Response(BaseModel):
     """OpenAI's Response object; `output` items are dicts built by edge.responses.items."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_strings(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in _OMITTED_WHEN_UNSET:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
     id: str
     object: Literal["response"] = "response"
