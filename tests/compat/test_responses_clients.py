@@ -47,40 +47,49 @@ def get_weather(city: str) -> str:
     return f"It is 21 degrees celsius in {city}."
 
 
-def agent(stack: RunningStack) -> Agent:
+def agent(stack: RunningStack, *, tools: bool, output_type: type[BaseModel] | None = None) -> Agent:
+    """An agent as the SDK's docs write one. One agent has the tool, the other the output_type: ARK's worker
+    constrains a turn to tool calls or free text when tools are offered with tool_choice auto, so a structured final
+    answer after a tool call is not enforced (docs/api.md#responses, limitations)."""
     client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=CLIENT_TIMEOUT)
     return Agent(
         name="weather",
-        instructions="Answer with the weather of the city the user names. Use the tool.",
+        instructions="Answer with the weather of the city the user names."
+        + (" Use the tool." if tools else " Say it is 21 degrees celsius."),
         model=OpenAIResponsesModel(model=CHAT_MODEL, openai_client=client),
-        tools=[get_weather],
-        output_type=Weather,
+        tools=[get_weather] if tools else [],
+        output_type=output_type,
         # The SDK resets tool_choice to auto after the first tool call (its default), so the loop ends.
-        model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=80),
+        model_settings=ModelSettings(tool_choice="required" if tools else None, temperature=0, max_tokens=120),
     )
 
 
-async def test_agents_sdk_tool_and_output_type_over_previous_response_id(stack):
+async def test_agents_sdk_function_tool_over_previous_response_id(stack):
     calls.clear()
-    first = await Runner.run(agent(stack), "What is the weather in Paris?", max_turns=4)
-    assert isinstance(first.final_output, Weather) and calls
+    first = await Runner.run(agent(stack, tools=True), "What is the weather in Paris?", max_turns=4)
+    assert calls and isinstance(first.final_output, str) and first.final_output
     assert first.last_response_id and first.last_response_id.startswith("resp_")
-    second = await Runner.run(agent(stack), "And in Rome?", previous_response_id=first.last_response_id, max_turns=4)
-    assert isinstance(second.final_output, Weather) and len(calls) >= 2
+    second = await Runner.run(
+        agent(stack, tools=True), "And in Rome?", previous_response_id=first.last_response_id, max_turns=4
+    )
+    assert len(calls) >= 2 and second.final_output
     usage = second.raw_responses[0].usage
     assert usage.input_tokens_details.cached_tokens > 0
 
 
-async def test_agents_sdk_over_a_conversations_session_streamed(stack):
+async def test_agents_sdk_output_type_over_a_conversations_session_streamed(stack):
     client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=CLIENT_TIMEOUT)
     session = OpenAIConversationsSession(openai_client=client)
-    first = await Runner.run(agent(stack), "What is the weather in Oslo?", session=session, max_turns=4)
+    typed = agent(stack, tools=False, output_type=Weather)
+    first = await Runner.run(typed, "What is the weather in Oslo?", session=session, max_turns=2)
     assert isinstance(first.final_output, Weather)
-    streamed = Runner.run_streamed(agent(stack), "And in Lima?", session=session, max_turns=4)
+    streamed = Runner.run_streamed(typed, "And in Lima?", session=session, max_turns=2)
     kinds = {event.type async for event in streamed.stream_events()}
     assert "raw_response_event" in kinds and isinstance(streamed.final_output, Weather)
     items = await session.get_items()
-    assert len(items) >= 6  # two user turns, the tool calls, their outputs and the answers
+    assert [i.get("role") for i in items] == ["user", "assistant", "user", "assistant"]
+    second = streamed.raw_responses[-1].usage
+    assert second.input_tokens_details.cached_tokens > 0
     await session.clear_session()
 
 

@@ -88,17 +88,18 @@ test("AI SDK streamText with a tool over several steps", async () => {
         },
       }),
     },
-    prepareStep: ({ stepNumber }) => ({ toolChoice: stepNumber === 0 ? "required" : "none" }),
+    // Later steps keep the tools offered (auto): a step without them would render another prompt.
+    prepareStep: ({ stepNumber }) => ({ toolChoice: stepNumber === 0 ? "required" : "auto" }),
     stopWhen: stepCountIs(3),
     maxOutputTokens: 40,
+    temperature: 0,
   });
-  let text = "";
-  for await (const delta of result.textStream) text += delta;
+  for await (const part of result.fullStream) assert.notEqual(part.type, "error", JSON.stringify(part));
   const steps = await result.steps;
-  assert.equal(called, 1);
+  assert.ok(called >= 1);
   assert.ok(steps.length >= 2);
   assert.equal(steps[0].toolCalls[0].toolName, "weather");
-  assert.ok(text.length > 0);
+  assert.ok(steps.at(-1).usage.inputTokens > 0);
 });
 
 test("AI SDK generateObject", async () => {
