@@ -108,6 +108,7 @@ bench: protos ## Run the benchmarks (side by side with in-process references)
 	$(BIN)/python -m bench.state_restore
 	$(BIN)/python -m bench.multi_user_sessions
 	$(BIN)/python -m bench.session_store
+	$(BIN)/python -m bench.responses_agent_loop
 
 clean: ## Remove generated stubs and caches (keeps .venv)
 	rm -rf gen .pytest_cache .ruff_cache

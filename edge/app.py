@@ -14,6 +14,8 @@ from edge.clients.chat_workers import ChatWorkers, WorkerPolicy
 from edge.clients.embeddings import EmbeddingsBackend
 from edge.clients.registry import SessionRegistryClient
 from edge.clients.transcription import TranscriptionBackend
+from edge.conversations.router import router as conversations_router
+from edge.conversations.serving import Conversations
 from edge.dependencies import EdgeState
 from edge.drain import Drain, DrainMiddleware
 from edge.embeddings.router import router as embeddings_router
@@ -29,8 +31,11 @@ from edge.middleware import (
     RequestIdMiddleware,
 )
 from edge.models.router import router as models_router
+from edge.responses.router import router as responses_router
+from edge.responses.serving import Responses
 from edge.sessions.placement import SessionPlacer
 from edge.sessions.router import router as sessions_router
+from edge.stored_objects import StoredObjects
 from edge.transcriptions.router import router as transcriptions_router
 from edge.transcriptions.serving import Transcriptions
 from services.common.config import ArkConfig
@@ -59,23 +64,32 @@ def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
             else None
         )
         sessions = SessionPlacer(registry, config.sessions)
+        # Stored responses and conversations are kept by the registry whether or not sessions are enabled.
+        stored = StoredObjects(config.services.registry.address, token=token)
         catalog = Catalog(config)
+        chat = ChatCompletions(catalog, workers, sessions, config.limits)
+        responses = Responses(catalog, chat, stored, config.limits)
         freeze_startup_objects()
         try:
             yield {
                 "ark": EdgeState(
                     config=config,
                     catalog=catalog,
-                    chat=ChatCompletions(catalog, workers, sessions, config.limits),
+                    chat=chat,
                     embeddings=Embeddings(catalog, embeddings_backend, config.limits),
                     sessions=sessions,
                     transcriptions=Transcriptions(catalog, transcription_backend),
+                    responses=responses,
+                    conversations=Conversations(stored),
                 )
             }
         finally:
             await workers.close()
             await embeddings_backend.close()
             await transcription_backend.close()
+            if responses.background is not None:
+                await responses.background.close()  # running background responses end `failed`
+            await stored.close()
             if registry is not None:
                 await registry.close()
 
@@ -87,6 +101,8 @@ def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
     app.include_router(embeddings_router)
     app.include_router(sessions_router)
     app.include_router(transcriptions_router)
+    app.include_router(responses_router)
+    app.include_router(conversations_router)
     # Outermost last: request id wraps everything, so even a 401 or 413 carries one.
     app.add_middleware(AuthMiddleware, api_keys=config.auth.api_keys)
     app.add_middleware(

@@ -122,6 +122,65 @@ TRANSCRIPTIONS: dict[str, Param] = {
     "known_speaker_references": Param(R, "no speaker diarization", (None, [])),
 }
 
+RESPONSES: dict[str, Param] = {
+    "model": Param(S, "a configured chat model id or alias"),
+    "input": Param(
+        S,
+        "a string or items: messages of any role with text parts, `function_call`, `function_call_output`, "
+        "`reasoning` (accepted, adds nothing), `item_reference`; image, file and audio parts are rejected",
+    ),
+    "instructions": Param(
+        S, "a system (developer) message ahead of the input; not carried over by previous_response_id"
+    ),
+    "previous_response_id": Param(S, "continues the stored chain on the worker holding its state"),
+    "conversation": Param(S, "a conversation id: its items are the history, and the turn is appended to it"),
+    "store": Param(S, "default true: kept for sessions.stored_retention_seconds (30 days)", (None, False, True)),
+    "stream": Param(S, "server-sent events in the spec's order, with sequence_number"),
+    "stream_options": Param(S, "`include_obfuscation` is accepted and ignored (no obfuscation field is sent)"),
+    "background": Param(
+        S,
+        "returns `queued` at once; any edge polls, cancels and resumes the stream (`starting_after`); needs `store`",
+    ),
+    "tools": Param(
+        S,
+        "`function` tools (`strict` too); built-in tools (web search, file search, code interpreter, computer, MCP, "
+        "image generation) are refused with a 400 naming the tool",
+    ),
+    "tool_choice": Param(
+        S, "`auto`, `none`, `required`, a named function, or `allowed_tools` (the prompt lists only the allowed tools)"
+    ),
+    "parallel_tool_calls": Param(S, "as for chat"),
+    "max_tool_calls": Param(IGN, "ARK runs no built-in tools; one turn makes the calls the model writes"),
+    "text": Param(
+        S, "`format`: `text`, `json_object`, `json_schema` (on chat's constraint engine); `verbosity` is ignored"
+    ),
+    "max_output_tokens": Param(
+        S, "a cut answer has status `incomplete`, `incomplete_details.reason: max_output_tokens`"
+    ),
+    "temperature": Param(S, "0..2"),
+    "top_p": Param(S, "0..1"),
+    "top_logprobs": Param(S, "0..20, with include `message.output_text.logprobs`"),
+    "include": Param(
+        S,
+        "`message.output_text.logprobs`; `reasoning.encrypted_content` is accepted and returns nothing (no "
+        "reasoning model); others are refused",
+    ),
+    "metadata": Param(S, "stored and returned"),
+    "prompt_cache_key": Param(S, "names the conversation for placement, as for chat"),
+    "prompt_cache_retention": Param(IGN, "ARK caches by session and prefix"),
+    "prompt_cache_options": Param(IGN, "ARK caches by session and prefix"),
+    "truncation": Param(
+        S, "`disabled` (a prompt beyond the context is a 400); `auto` is accepted and behaves the same"
+    ),
+    "user": Param(IGN, "end-user id hint (echoed)"),
+    "safety_identifier": Param(IGN, "end-user id hint (echoed)"),
+    "reasoning": Param(IGN, "the served models do not reason: accepted, no reasoning items are returned"),
+    "service_tier": Param(IGN, "one tier"),
+    "moderation": Param(IGN, "no moderation layer"),
+    "context_management": Param(IGN, "no server-side compaction"),
+    "prompt": Param(R, "no stored prompt templates"),
+}
+
 
 # ARK-only request fields for chat completions (top level; the openai SDK sends them through `extra_body`).
 CHAT_EXTENSIONS: dict[str, str] = {
@@ -137,6 +196,15 @@ CHAT_EXTENSIONS: dict[str, str] = {
         "the response (or the last chunk) carries `ark`: cached tokens, the tier the reused state came from "
         "(`state_tier`: `resident`, `host`, `disk` or null), session state and timings"
     ),
+}
+
+# ARK-only request fields of /v1/responses.
+RESPONSES_EXTENSIONS: dict[str, str] = {
+    "top_k": CHAT_EXTENSIONS["top_k"],
+    "min_p": CHAT_EXTENSIONS["min_p"],
+    "repetition_penalty": CHAT_EXTENSIONS["repetition_penalty"],
+    "seed": "same seed, same output on the same worker",
+    "stream_keepalive_seconds": CHAT_EXTENSIONS["stream_keepalive_seconds"],
 }
 
 
@@ -178,5 +246,6 @@ if __name__ == "__main__":
         ("chat completions", CHAT_COMPLETIONS),
         ("embeddings", EMBEDDINGS),
         ("transcriptions", TRANSCRIPTIONS),
+        ("responses", RESPONSES),
     ]:
         print(f"### {name}\n\n{markdown_table(table)}\n")

@@ -11,8 +11,10 @@ from pydantic import BaseModel, ValidationError
 
 from edge.catalog import Catalog
 from edge.chat.serving import ChatCompletions
+from edge.conversations.serving import Conversations
 from edge.embeddings.serving import Embeddings
 from edge.errors import validation_error
+from edge.responses.serving import Responses
 from edge.sessions.cookies import COOKIE_NAME
 from edge.sessions.placement import SessionPlacer
 from edge.transcriptions.serving import Transcriptions
@@ -29,6 +31,8 @@ class EdgeState:
     embeddings: Embeddings
     sessions: SessionPlacer
     transcriptions: Transcriptions
+    responses: Responses
+    conversations: Conversations
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from edge import sse
 from edge.chat.schemas import ChatCompletionRequest
 from edge.dependencies import Chat, Ctx, SessionCookie, State, json_body
 from edge.sessions.headers import session_headers
@@ -31,7 +32,7 @@ async def create_chat_completion(
     if job.ignored_params:
         headers["x-ark-ignored-params"] = ",".join(job.ignored_params)
     if body.stream:
-        headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        headers |= sse.HEADERS
         return StreamingResponse(chat.sse_events(job, running), media_type="text/event-stream", headers=headers)
     completion = await chat.complete(job, running, request.receive)
     if completion is None:  # the client went away: nobody reads this

@@ -14,6 +14,7 @@ from typing import Any
 from starlette.types import Receive
 
 from ark.chat.v1 import chat_service_pb2 as pb
+from edge import sse
 from edge.catalog import Catalog
 from edge.chat import translate
 from edge.chat.schemas import ChatCompletionRequest
@@ -88,10 +89,6 @@ async def _disconnect(receive: Receive) -> None:
     """Return when the client disconnects (the body is already read: the server has nothing else to deliver)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _finish(finished: pb.GenerationFinished) -> str:
@@ -272,7 +269,7 @@ class ChatCompletions:
                 payload["usage"] = translate.usage_to_json(
                     pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, cached_tokens=cached_tokens)
                 )
-            return _sse(payload)
+            return sse.frame(payload)
 
         def open_choice(index: int) -> bytes | None:
             if index in opened:
@@ -284,7 +281,7 @@ class ChatCompletions:
             yield open_choice(0)
             async for message in self._with_keepalive(call, job.keepalive_seconds):
                 if message is None:
-                    yield b": keep-alive\n\n"
+                    yield sse.KEEPALIVE
                     continue
                 kind = message.WhichOneof("event")
                 if kind == "delta":
@@ -324,18 +321,18 @@ class ChatCompletions:
                     if job.ark_metadata and not job.include_usage:
                         payload = json.loads(last[6:])
                         payload["ark"] = self._ark(running, f)
-                        last = _sse(payload)
+                        last = sse.frame(payload)
                     yield last
                     if job.include_usage:
                         final = {**base, "choices": [], "usage": translate.usage_to_json(f.usage)}
                         if job.ark_metadata:
                             final["ark"] = self._ark(running, f)
-                        yield _sse(final)
-                    yield b"data: [DONE]\n\n"
+                        yield sse.frame(final)
+                    yield sse.DONE
                     return
             raise InternalError("The chat worker ended the stream without finishing.")
         except ArkError as exc:
-            yield _sse(exc.to_dict())
+            yield sse.frame(exc.to_dict())
         finally:
             # Runs on client disconnect too (the task is cancelled): cancelling the call aborts generation.
             call.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from edge import sse
 from edge.dependencies import Ctx, State, TranscriptionsDep
 from edge.transcriptions.multipart import read_transcription_request
 
@@ -19,7 +20,7 @@ async def create_transcription(request: Request, ctx: Ctx, state: State, transcr
     headers = {"x-ark-ignored-params": ",".join(job.ignored_params)} if job.ignored_params else {}
     if job.stream:
         events = await transcriptions.open_stream(job)
-        headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        headers |= sse.HEADERS
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     rendered = await transcriptions.complete(job)
     if isinstance(rendered.body, dict):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from ark.transcription.v1 import transcription_service_pb2 as pb
+from edge import sse
 from edge.catalog import Catalog
 from edge.clients.transcription import TranscriptionBackend, TranscriptionStream
 from edge.compat import TRANSCRIPTIONS, apply_policy
@@ -42,10 +42,6 @@ class Rendered:
 
 
 _MEDIA_TYPES = {"text": "text/plain; charset=utf-8", "srt": "text/plain; charset=utf-8", "vtt": "text/vtt"}
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 class Transcriptions:
@@ -113,13 +109,13 @@ class Transcriptions:
                 kind = message.WhichOneof("event")
                 if kind == "segment":
                     if delta := deltas.push(message.segment.text):
-                        yield _sse(translate.delta_event(delta))
+                        yield sse.frame(translate.delta_event(delta))
                 elif kind == "finished":
-                    yield _sse(translate.done_event(deltas.text, message.finished.usage))
+                    yield sse.frame(translate.done_event(deltas.text, message.finished.usage))
                     return
             raise InternalError("The transcription service ended the stream without finishing.")
         except ArkError as exc:
-            yield _sse(exc.to_dict())
+            yield sse.frame(exc.to_dict())
         finally:
             # Runs on client disconnect too (the task is cancelled): cancelling the call stops transcription.
             stream.cancel()

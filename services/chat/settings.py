@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from services.common.config import EngineSettings
 
 Threads = int | Literal["auto"]
+# TensorRT-LLM 1.2.1's TorchLlmArgs.max_num_tokens when unset: the most prompt tokens one forward pass takes.
+RELEASE_MAX_NUM_TOKENS = 8192
 
 
 class LlamaCppSettings(EngineSettings):
@@ -53,3 +55,18 @@ class TensorRTLLMChatSettings(EngineSettings):
     tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
     # Further `LLM(...)` arguments, passed as they are (TensorRT-LLM validates them).
     llm_args: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _long_prompts_fit_a_forward_pass(self) -> TensorRTLLMChatSettings:
+        """Without chunked prefill, 1.2.1's `LLM._check_arguments` refuses inside `generate_async` (a ValueError,
+        after the request was accepted) every prompt longer than `max_num_tokens`: a model that turns chunking off
+        must take `max_seq_len` tokens in one pass, or fail at start here."""
+        if self.llm_args.get("enable_chunked_prefill", True):
+            return self
+        batch = self.llm_args.get("max_num_tokens") or self.max_num_tokens or RELEASE_MAX_NUM_TOKENS
+        if batch < self.max_seq_len:
+            raise ValueError(
+                f"llm_args.enable_chunked_prefill: without chunked prefill, max_num_tokens ({batch}) must be at least "
+                f"max_seq_len ({self.max_seq_len}), or longer prompts fail in TensorRT-LLM"
+            )
+        return self

@@ -163,6 +163,10 @@ class SessionsConfig(_Strict):
     store: str = "memory"
     # Prefix of every key in a shared store, so that several deployments can use one server.
     store_key_prefix: Annotated[str, Field(min_length=1)] = "ark:"
+    # Stored objects of /v1/responses and /v1/conversations (docs/sessions.md#stored-responses): how long they are
+    # kept (OpenAI keeps 30 days), and how many of each kind one API key may hold (beyond: 429 insufficient_quota).
+    stored_retention_seconds: Annotated[int, Field(gt=0)] = 30 * 86400
+    max_stored_per_api_key: Annotated[int, Field(gt=0)] = 10000
 
     @field_validator("store")
     @classmethod

@@ -121,6 +121,16 @@ class OverloadedError(ArkError):
         super().__init__(message, retry_after=retry_after, **kw)
 
 
+class QuotaExceededError(ArkError):
+    """The API key holds as many stored objects as it may; deleting some (or waiting for expiry) makes room."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+    should_retry = False
+
+
 class UnavailableError(ArkError):
     """A backend is down or draining."""
 

@@ -13,6 +13,7 @@ import time
 
 from services.common.config import ArkConfig, ConfigError, SessionsConfig
 from services.common.runner import Built, run_service
+from services.sessions.objects import open_object_store
 from services.sessions.registry import Registry, sweep_forever
 from services.sessions.servicer import registry_service
 from services.sessions.store import SessionStore, open_store
@@ -43,7 +44,7 @@ async def build(config: ArkConfig, address: str) -> Built:
     store = await connect(config.sessions)
     log.info("session store: %s", config.sessions.store.partition("@")[2] or config.sessions.store)
     workers = WorkerClients(token=config.services.internal_token)
-    registry = Registry(store, on_drop=workers.drop_state)
+    registry = Registry(store, on_drop=workers.drop_state, objects=open_object_store(config.sessions))
     sweeper = asyncio.create_task(sweep_forever(registry))
 
     async def stop() -> None:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from services.common.errors import NotFoundError
 from services.sessions import metrics
+from services.sessions.objects import InMemoryObjectStore, ObjectStore, StoredObject
 from services.sessions.store import ConversationPlacement, EndedSession, SessionRecord, SessionStore, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ def session_not_found() -> NotFoundError:
 
 
 class Registry:
-    def __init__(self, store: SessionStore, *, on_drop: DropState) -> None:
+    def __init__(self, store: SessionStore, *, on_drop: DropState, objects: ObjectStore | None = None) -> None:
         self.store = store
+        # Stored responses and conversations (services/sessions/objects.py).
+        self.objects = objects if objects is not None else InMemoryObjectStore(store.policy)
         self._on_drop = on_drop
         self._id = uuid.uuid4().hex  # this registry, as a lease holder
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -90,6 +93,16 @@ class Registry:
             raise session_not_found()
         await self._deliver([ended], "deleted")
 
+    async def delete_object(self, owner: str, kind: str, object_id: str) -> StoredObject | None:
+        """Delete a stored object; the session holding its conversation state ends with it, so every worker drops
+        that state from every tier (a continuation of another object of that session recomputes, never fails)."""
+        removed = await self.objects.delete(owner, kind, object_id)
+        if removed is not None and removed.session_id:
+            ended = await self.store.end_session(removed.session_id, owner)
+            if ended is not None:
+                await self._deliver([ended], "deleted")
+        return removed
+
     async def sweep(self) -> int:
         """End expired sessions if this registry holds the sweeper lease; returns how many it ended."""
         if not await self.store.hold_lease(SWEEPER_LEASE, self._id, 3 * SWEEP_INTERVAL_SECONDS):
@@ -121,6 +134,7 @@ class Registry:
         for task in list(self._deliveries):
             task.cancel()
         await self.store.close()
+        await self.objects.close()
 
 
 SWEEP_INTERVAL_SECONDS = 1.0

@@ -7,7 +7,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ark.sessions.v1 import session_registry_service_pb2 as pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as pb_grpc
+from services.common.errors import InvalidRequestError, NotFoundError
 from services.common.server import Service
+from services.sessions.objects import StoredItem, StoredObject
 from services.sessions.registry import Registry
 from services.sessions.store import SessionRecord, WorkerRecord
 
@@ -48,7 +50,106 @@ def _session(record: SessionRecord) -> pb.Session:
     )
 
 
-class SessionRegistryServicer(pb_grpc.SessionRegistryServiceServicer):
+KINDS = {
+    pb.STORED_OBJECT_KIND_RESPONSE: "response",
+    pb.STORED_OBJECT_KIND_CONVERSATION: "conversation",
+    pb.STORED_OBJECT_KIND_RESPONSE_EVENTS: "response_events",
+}
+
+
+def _kind(kind: int) -> str:
+    if kind not in KINDS:
+        raise InvalidRequestError("A stored object's kind must be set.", param="kind")
+    return KINDS[kind]
+
+
+def _object_not_found(kind: int, object_id: str) -> NotFoundError:
+    # The same answer for unknown, expired and foreign ids: nothing about other keys' objects leaks.
+    return NotFoundError(f"No {KINDS.get(kind, 'object')} found with id '{object_id}'.", code="not_found")
+
+
+def _stored(kind: int, record: StoredObject | None, object_id: str) -> pb.StoredObject:
+    if record is None:
+        raise _object_not_found(kind, object_id)
+    return pb.StoredObject(
+        kind=kind,
+        id=record.id,
+        payload_json=record.payload,
+        session_id=record.session_id,
+        create_time=_ts(record.created_at),
+        expire_time=_ts(record.expires_at),
+    )
+
+
+def _items(items) -> list[StoredItem]:
+    return [StoredItem(i.id, i.payload_json) for i in items]
+
+
+class StoredObjectsServicer:
+    """The stored-object RPCs, mixed into the registry's servicer: thin, each one store call."""
+
+    _registry: Registry
+
+    async def CreateStoredObject(self, request: pb.CreateStoredObjectRequest, context) -> pb.CreateStoredObjectResponse:
+        o = request.object
+        record = await self._registry.objects.create(
+            request.api_key_hash, _kind(o.kind), o.id, o.payload_json, o.session_id, _items(request.items)
+        )
+        return pb.CreateStoredObjectResponse(object=_stored(o.kind, record, o.id))
+
+    async def GetStoredObject(self, request: pb.GetStoredObjectRequest, context) -> pb.GetStoredObjectResponse:
+        record = await self._registry.objects.get(request.api_key_hash, _kind(request.kind), request.id)
+        return pb.GetStoredObjectResponse(object=_stored(request.kind, record, request.id))
+
+    async def UpdateStoredObject(self, request: pb.UpdateStoredObjectRequest, context) -> pb.UpdateStoredObjectResponse:
+        record = await self._registry.objects.update(
+            request.api_key_hash, _kind(request.kind), request.id, request.payload_json, request.session_id
+        )
+        return pb.UpdateStoredObjectResponse(object=_stored(request.kind, record, request.id))
+
+    async def DeleteStoredObject(self, request: pb.DeleteStoredObjectRequest, context) -> pb.DeleteStoredObjectResponse:
+        record = await self._registry.delete_object(request.api_key_hash, _kind(request.kind), request.id)
+        _stored(request.kind, record, request.id)
+        return pb.DeleteStoredObjectResponse()
+
+    async def AppendStoredItems(self, request: pb.AppendStoredItemsRequest, context) -> pb.AppendStoredItemsResponse:
+        kind = _kind(request.kind)
+        if not await self._registry.objects.append_items(request.api_key_hash, kind, request.id, _items(request.items)):
+            raise _object_not_found(request.kind, request.id)
+        return pb.AppendStoredItemsResponse()
+
+    async def ListStoredItems(self, request: pb.ListStoredItemsRequest, context) -> pb.ListStoredItemsResponse:
+        found = await self._registry.objects.list_items(
+            request.api_key_hash,
+            _kind(request.kind),
+            request.id,
+            after=request.after,
+            limit=request.limit,
+            descending=request.descending,
+        )
+        if found is None:
+            raise _object_not_found(request.kind, request.id)
+        items, more = found
+        return pb.ListStoredItemsResponse(
+            items=[pb.StoredItem(id=i.id, payload_json=i.payload) for i in items], has_more=more
+        )
+
+    async def GetStoredItem(self, request: pb.GetStoredItemRequest, context) -> pb.GetStoredItemResponse:
+        item = await self._registry.objects.get_item(
+            request.api_key_hash, _kind(request.kind), request.id, request.item_id
+        )
+        if item is None:
+            raise NotFoundError(f"No item found with id '{request.item_id}'.", code="not_found")
+        return pb.GetStoredItemResponse(item=pb.StoredItem(id=item.id, payload_json=item.payload))
+
+    async def DeleteStoredItem(self, request: pb.DeleteStoredItemRequest, context) -> pb.DeleteStoredItemResponse:
+        kind = _kind(request.kind)
+        if not await self._registry.objects.delete_item(request.api_key_hash, kind, request.id, request.item_id):
+            raise NotFoundError(f"No item found with id '{request.item_id}'.", code="not_found")
+        return pb.DeleteStoredItemResponse()
+
+
+class SessionRegistryServicer(StoredObjectsServicer, pb_grpc.SessionRegistryServiceServicer):
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 

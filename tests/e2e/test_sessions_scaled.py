@@ -188,3 +188,53 @@ def test_a_restarted_worker_is_a_new_epoch_and_its_placements_are_redone(scaled)
     raw, completion = turn(client, messages, "And a country?")
     assert raw.headers["x-ark-worker"] == new  # and then it stays where it went
     assert completion.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def edge_client(stack: ScaledStack, edge: str) -> openai.OpenAI:
+    """The official client talking to one edge directly (not through Envoy's round robin)."""
+    base_url = f"http://{stack.processes[edge].address}/v1"
+    return openai.OpenAI(base_url=base_url, api_key=stack.api_key, max_retries=0, timeout=120)
+
+
+def test_a_stored_response_chain_survives_restarting_every_edge_and_registry(scaled):
+    first_edge, second_edge = scaled.names("edge-")[:2]
+    client = edge_client(scaled, first_edge)
+    first = client.responses.create(model="gpt-4o", input="Name a river.", max_output_tokens=12, temperature=0)
+    for name in [*scaled.names("edge-"), *scaled.names("registry-")]:
+        scaled.processes[name].stop()
+    for name in [*scaled.names("registry-"), *scaled.names("edge-")]:
+        scaled.start(name)
+    scaled.wait_ready()
+    other = edge_client(scaled, second_edge)
+    scaled.wait_until(lambda: _readable(other, first.id), "an edge to read the stored response again")
+    assert other.responses.retrieve(first.id).output_text == first.output_text
+    second = other.responses.create(
+        model="gpt-4o", previous_response_id=first.id, input="Name another.", max_output_tokens=12, temperature=0
+    )
+    cached = second.usage.input_tokens_details.cached_tokens
+    assert cached >= first.usage.input_tokens + first.usage.output_tokens - 2
+
+
+def _readable(client: openai.OpenAI, response_id: str) -> bool:
+    try:
+        client.responses.retrieve(response_id)
+        return True
+    except (openai.APIConnectionError, openai.InternalServerError):
+        return False
+
+
+def test_a_background_response_whose_edge_is_killed_ends_failed(scaled):
+    runner, reader = scaled.names("edge-")[:2]
+    queued = edge_client(scaled, runner).responses.create(
+        model="gpt-4o", input="Write a very long essay about rivers.", background=True, max_output_tokens=4000
+    )
+    other = edge_client(scaled, reader)
+    scaled.wait_until(lambda: other.responses.retrieve(queued.id).status == "in_progress", "the response to start")
+    scaled.processes[runner].kill()
+    try:
+        scaled.wait_until(lambda: other.responses.retrieve(queued.id).status == "failed", "the response to fail", 120)
+        failed = other.responses.retrieve(queued.id)
+        assert failed.error is not None and "stopped" in failed.error.message
+    finally:
+        scaled.start(runner)
+        scaled.wait_ready()

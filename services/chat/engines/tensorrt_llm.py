@@ -85,7 +85,7 @@ class TensorRTLLMEngine(ChatEngine):
         self.max_concurrency = settings.max_batch_size
         self.context_slots = settings.session_slots
         extra = {"max_num_tokens": settings.max_num_tokens} if settings.max_num_tokens else {}
-        extra.update(_chunked_prefill(model.id, settings))
+        extra.update(_chunked_prefill(settings))
         self._llm = tensorrt_llm.LLM(
             model=str(checkpoint),
             tensor_parallel_size=settings.tensor_parallel_size,
@@ -352,27 +352,12 @@ class LogitBias:
             logits[..., ids] += values
 
 
-# TorchLlmArgs.max_num_tokens when unset: the most prompt tokens one forward pass takes.
-_RELEASE_MAX_NUM_TOKENS = 8192
-
-
-def _chunked_prefill(model_id: str, settings: TensorRTLLMChatSettings) -> dict[str, Any]:
-    """Chunked prefill on, so that any prompt within `max_seq_len` runs.
-
-    Without it, 1.2.1's `LLM._check_arguments` refuses inside `generate_async` (a ValueError, after the request was
-    accepted) every prompt longer than `max_num_tokens` (8192 unless set). ARK's prompt limit stays `max_seq_len`,
-    checked before the engine (400 `context_length_exceeded`). A model that turns chunking off in `llm_args` must
-    batch `max_seq_len` tokens at once, or fail at start here.
-    """
-    if "enable_chunked_prefill" not in settings.llm_args:
-        return {"enable_chunked_prefill": True}
-    batch = settings.llm_args.get("max_num_tokens") or settings.max_num_tokens or _RELEASE_MAX_NUM_TOKENS
-    if not settings.llm_args["enable_chunked_prefill"] and batch < settings.max_seq_len:
-        raise ConfigError(
-            f"models[{model_id}].settings.llm_args.enable_chunked_prefill: without chunked prefill, max_num_tokens "
-            f"({batch}) must be at least max_seq_len ({settings.max_seq_len}), or longer prompts fail in TensorRT-LLM"
-        )
-    return {}
+def _chunked_prefill(settings: TensorRTLLMChatSettings) -> dict[str, Any]:
+    """Chunked prefill on unless the model's `llm_args` say otherwise, so that any prompt within `max_seq_len` runs
+    (ARK's prompt limit, checked before the engine: 400 `context_length_exceeded`); without it, 1.2.1 refuses
+    inside `generate_async` every prompt longer than `max_num_tokens`. Turning it off is checked at configuration
+    load (services/chat/settings.py)."""
+    return {} if "enable_chunked_prefill" in settings.llm_args else {"enable_chunked_prefill": True}
 
 
 def _greedy_parameter(s: Sampling) -> str:
