@@ -13,6 +13,7 @@ from edge.chat.serving import ChatCompletions
 from edge.clients.chat_workers import ChatWorkers, WorkerPolicy
 from edge.clients.embeddings import EmbeddingsBackend
 from edge.clients.registry import SessionRegistryClient
+from edge.clients.stored_objects import StoredObjects
 from edge.clients.transcription import TranscriptionBackend
 from edge.conversations.router import router as conversations_router
 from edge.conversations.serving import Conversations
@@ -35,7 +36,6 @@ from edge.responses.router import router as responses_router
 from edge.responses.serving import Responses
 from edge.sessions.placement import SessionPlacer
 from edge.sessions.router import router as sessions_router
-from edge.stored_objects import StoredObjects
 from edge.transcriptions.router import router as transcriptions_router
 from edge.transcriptions.serving import Transcriptions
 from services.common.config import ArkConfig

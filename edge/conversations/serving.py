@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from edge.clients.stored_objects import CONVERSATION, StoredObjects
 from edge.responses import items as it
-from edge.stored_objects import CONVERSATION, StoredObjects
 from services.common.errors import InvalidRequestError, NotFoundError, UnavailableError
 
 MAX_METADATA_PAIRS = 16

@@ -21,8 +21,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from edge.clients.stored_objects import RESPONSE, RESPONSE_EVENTS, Stored, StoredObjects
 from edge.responses.schemas import Event, Response, ResponseError
-from edge.stored_objects import RESPONSE, RESPONSE_EVENTS, Stored, StoredObjects
 from services.common.errors import ArkError
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ from edge.catalog import Catalog
 from edge.chat.schemas import ChatMessageIn
 from edge.chat.serving import DEFAULT_KEEPALIVE_SECONDS, ChatCompletions, Prepared, Running
 from edge.chat.translate import FINISH_REASONS, fingerprint
+from edge.clients.stored_objects import CONVERSATION, RESPONSE, StoredObjects
 from edge.compat import RESPONSES, apply_policy
 from edge.responses import items as it
 from edge.responses import translate
@@ -49,7 +50,6 @@ from edge.responses.schemas import (
     TextDoneEvent,
 )
 from edge.sessions.conversation import conversation_key
-from edge.stored_objects import CONVERSATION, RESPONSE, StoredObjects
 from services.common.config import Capability, LimitsConfig
 from services.common.errors import (
     ArkError,

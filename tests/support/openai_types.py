@@ -29,7 +29,8 @@ from openai.types.audio import (
     transcription_create_params,
 )
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, completion_create_params
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.conversations import Conversation, ConversationDeletedResource, ConversationItemList
+from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
 from openai.types.shared import ErrorObject
 
 __all__ = ["REQUEST_PARAMS", "RESPONSE_TYPES", "request_fields", "validate"]
@@ -70,6 +71,10 @@ RESPONSE_TYPES: dict[str, Any] = {
     "TranscriptTextDoneEvent": TranscriptionTextDoneEvent,
     "Response": Response,
     "ResponseStreamEvent": ResponseStreamEvent,
+    "ResponseItemList": ResponseItemList,
+    "ConversationResource": Conversation,
+    "DeletedConversationResource": ConversationDeletedResource,
+    "ConversationItemList": ConversationItemList,
 }
 
 # Fields OpenAI's API itself returns that neither its document nor its SDK declares: accepted like extensions.

@@ -15,10 +15,10 @@ import grpc
 
 from ark.sessions.v1 import session_registry_service_pb2 as pb
 from ark.sessions.v1 import session_registry_service_pb2_grpc as pb_grpc
-from edge.backends import REGISTRY_SERVICE_CONFIG
+from edge.clients.registry import REGISTRY_SERVICE_CONFIG
+from services.common.channels import CHANNEL_OPTIONS
 from services.common.grpc_errors import from_rpc_error
 from services.common.internal_auth import internal_channel
-from services.common.server import CHANNEL_OPTIONS
 
 RESPONSE = pb.STORED_OBJECT_KIND_RESPONSE
 CONVERSATION = pb.STORED_OBJECT_KIND_CONVERSATION
