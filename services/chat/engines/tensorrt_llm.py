@@ -23,8 +23,8 @@ layer above (services/chat/generator.py); this adapter maps one `EngineRun` onto
 - sessions → a `KvCacheRetentionConfig` raising the priority of the prompt's and the reply's blocks for the
   session's idle timeout, with `KvCacheConfig(enable_block_reuse=True, host_cache_size=...)` so they survive
   other traffic on the GPU or in host memory;
-- end of generation: the end token is reported as a sample (it belongs to the transcript) even though
-  TensorRT-LLM leaves it out of `token_ids`;
+- end of generation: the end token is reported once as a sample (it belongs to the transcript), whether
+  TensorRT-LLM keeps it in `token_ids` (the PyTorch sampler writes it) or leaves it out;
 - 1.2.1's default sampler (`TorchSampler`) ignores min_p, per-request seeds and the three penalties: a request
   setting them is refused (400, naming the parameter) unless the model runs `sampler_type: TRTLLMSampler`, which
   honours them.
