@@ -12,10 +12,10 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.support.openapi import require_spec, validate
+from tests.support.openapi import validate
 from tests.support.stack import RunningStack
 
-pytestmark = [pytest.mark.e2e, require_spec]
+pytestmark = pytest.mark.e2e
 
 MODEL = "gpt-4o"
 WEATHER = {
