@@ -105,13 +105,17 @@ class Traffic:
         self.shared_users = [Conversation() for _ in range(12)]
         self.own_users = [Conversation() for _ in self.own]
         self.audio = SPEECH.data()
+        self.asked = 0
 
     async def close(self) -> None:
         for client in [self.shared, *self.own]:
             await client.close()
 
     def question(self) -> str:
-        return f"Write two sentences about {self.rng.choice(TOPICS)}."
+        # Numbered, so that no two requests are the same: identical requests would share the quarantine of one
+        # that was running on the killed worker (edge/quarantine.py) and be refused with it.
+        self.asked += 1
+        return f"Question {self.asked}: write two sentences about {self.rng.choice(TOPICS)}."
 
     async def one(self, kind: str) -> None:
         client = self.shared
@@ -130,7 +134,7 @@ class Traffic:
         elif kind == "tools":
             await client.chat.completions.create(
                 model="gpt-4o",
-                messages=[{"role": "user", "content": f"Weather in {self.rng.choice(['Rome', 'Oslo', 'Lima'])}?"}],
+                messages=[{"role": "user", "content": f"{self.question()} Then: the weather in Rome?"}],
                 tools=[TOOL],
                 tool_choice="required",
                 max_tokens=48,
@@ -138,7 +142,7 @@ class Traffic:
         elif kind == "json_schema":
             await client.chat.completions.create(
                 model="gpt-4o",
-                messages=[{"role": "user", "content": "Name a city and its country."}],
+                messages=[{"role": "user", "content": f"{self.question()} Then name a city and its country."}],
                 response_format=SCHEMA,
                 max_tokens=48,
             )
