@@ -15,6 +15,7 @@ is sent, a failure is a `response.failed` event, never a cut stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -49,7 +50,7 @@ from edge.responses.schemas import (
     TextDoneEvent,
 )
 from edge.sessions.conversation import conversation_key
-from edge.stored_objects import CONVERSATION, RESPONSE, StoredObjects
+from edge.stored_objects import CONVERSATION, RESPONSE, RESPONSE_EVENTS, StoredObjects
 from services.common.config import Capability, LimitsConfig
 from services.common.errors import (
     ArkError,
@@ -540,8 +541,11 @@ class Responses:
             ) from None
 
     async def delete(self, owner: str, response_id: str) -> None:
-        await self._response(owner, response_id)
+        stored = await self._response(owner, response_id)
         await self.stored.delete(owner, RESPONSE, response_id)
+        if stored.record["response"].get("background"):
+            with contextlib.suppress(NotFoundError):
+                await self.stored.delete(owner, RESPONSE_EVENTS, response_id)
 
     async def cancel(self, owner: str, response_id: str) -> Response:
         record = await self._response(owner, response_id)
