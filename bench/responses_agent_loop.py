@@ -257,7 +257,12 @@ def main() -> None:
     workload = Workload(model_path, args.users, args.turns - 1, args.doc_tokens)
     tmp = Path(tempfile.mkdtemp(prefix="ark-bench-responses-"))
     # A loaded machine may keep a worker busy past the edge's hang detection; this measures speed, not that.
-    patient = {"ARK__EDGE__WORKER_HANG_SECONDS": "600"}
+    patient = {
+        "ARK__EDGE__WORKER_HANG_SECONDS": "600",
+        "ARK__EDGE__EVENT_TIMEOUT_SECONDS": "600",
+        "ARK__EDGE__FIRST_EVENT_TIMEOUT_SECONDS": "600",
+        "ARK__EDGE__WORKER_PROBE_TIMEOUT_SECONDS": "10",
+    }
     ark = [
         Variant("a", "(a) responses, previous_response_id", "", "", args.users),
         Variant("b", "(b) responses, store:false + prompt_cache_key", "", "", args.users),

@@ -82,6 +82,8 @@ class Plan:
     logprobs: bool
     keepalive_seconds: float
     output: list[dict[str, Any]] = field(default_factory=list)
+    # Why the generation failed after it started (a JSON body answers with this error, as chat does).
+    failure: ArkError | None = None
 
 
 def _unix() -> int:
@@ -301,6 +303,7 @@ class Responses:
         except ArkError as exc:
             response.status = "failed"
             response.error = ResponseError(code=_failure_code(exc), message=exc.message)
+            plan.failure = exc
             log.info("response %s failed: %s", response.id, exc.message)
         except asyncio.CancelledError:
             if running is not None:
@@ -505,6 +508,8 @@ class Responses:
             if isinstance(event, ResponseEvent):
                 final = event.response
         assert final is not None
+        if plan.failure is not None:
+            raise plan.failure
         if final.status == "failed" and final.error is not None:
             raise InternalError(final.error.message)
         return final
