@@ -5,7 +5,7 @@ facts) and a lookup tool, then take T turns (10). Every other turn is a tool cal
 lookup with `tool_choice: required` (the answer is a function call), and the next turn sends the tool's output with
 the next question. The users take turns round robin, one request at a time, so each conversation's state must
 survive the others' turns. Variants, each user's turn played on every variant in a row (the machine is shared; its
-drift hits them alike; (e) and (d) run after them):
+drift hits them alike; (d) runs after them):
 
     (a) /v1/responses with `previous_response_id`: only the new items are sent;
     (b) /v1/responses with `store: false`, the whole history every turn and `prompt_cache_key` (Codex's shape);
@@ -148,7 +148,7 @@ def play_responses(http: httpx.Client, v: Variant, workload: Workload, u: int, t
     v.turns.append(Measured(u, t, ttft, usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"]))
 
 
-def play_chat(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int) -> None:
+def play_chat(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int, *, stateless: bool) -> None:
     st = v.state.setdefault(u, {"messages": [], "call": None})
     instructions, text = user_text(workload, u, t, v.name)
     if instructions:
@@ -167,6 +167,8 @@ def play_chat(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int
         "tool_choice": "required" if t % 2 == 1 else "auto",
         "parallel_tool_calls": False,
     }
+    if stateless:
+        body["session"] = "none"  # ARK's extension: no session, every turn recomputes its history
     ttft, events = _stream(http, f"{v.base_url}/chat/completions", v.key, body)
     text_parts, calls = [], {}
     for e in events:
@@ -199,7 +201,7 @@ def play(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int) -> 
     elif v.name in ("b", "d"):
         play_responses(http, v, workload, u, t, stateful=False)
     else:
-        play_chat(http, v, workload, u, t)
+        play_chat(http, v, workload, u, t, stateless=v.name == "e")
 
 
 def last(v: Variant, turns: int) -> list[Measured]:
@@ -267,16 +269,13 @@ def main() -> None:
         Variant("a", "(a) responses, previous_response_id", "", "", args.users),
         Variant("b", "(b) responses, store:false + prompt_cache_key", "", "", args.users),
         Variant("c", "(c) chat completions, full history", "", "", args.users),
+        Variant("e", "(e) chat completions, no session", "", "", args.e_users),
     ]
-    alone = [Variant("e", "(e) chat completions, sessions off", "", "", args.e_users)]
     processes = []
     try:
-        # One stack at a time: two stacks' workers would each take the whole machine's cores.
-        with stack_for(tmp / "sessions-on", patient, ark):
+        with stack_for(tmp / "stack", patient, ark):
             run_turns(ark, workload, args.turns)
-        with stack_for(tmp / "sessions-off", patient | {"ARK__SESSIONS__ENABLED": "false"}, alone):
-            run_turns(alone, workload, args.turns)
-        variants = ark + alone
+        variants = list(ark)
         if binary := os.environ.get("LLAMA_SERVER"):
             process, url = start_llama_server(binary, model_path, tmp / "llama-server.log")
             processes.append(process)
