@@ -15,6 +15,7 @@ is sent, a failure is a `response.failed` event, never a cut stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -27,7 +28,7 @@ from edge.catalog import Catalog
 from edge.chat.schemas import ChatMessageIn
 from edge.chat.serving import DEFAULT_KEEPALIVE_SECONDS, ChatCompletions, Prepared, Running
 from edge.chat.translate import FINISH_REASONS, fingerprint
-from edge.clients.stored_objects import CONVERSATION, RESPONSE, StoredObjects
+from edge.clients.stored_objects import CONVERSATION, RESPONSE, RESPONSE_EVENTS, StoredObjects
 from edge.compat import RESPONSES, apply_policy
 from edge.responses import items as it
 from edge.responses import translate
@@ -81,6 +82,8 @@ class Plan:
     logprobs: bool
     keepalive_seconds: float
     output: list[dict[str, Any]] = field(default_factory=list)
+    # Why the generation failed after it started (a JSON body answers with this error, as chat does).
+    failure: ArkError | None = None
 
 
 def _unix() -> int:
@@ -300,6 +303,7 @@ class Responses:
         except ArkError as exc:
             response.status = "failed"
             response.error = ResponseError(code=_failure_code(exc), message=exc.message)
+            plan.failure = exc
             log.info("response %s failed: %s", response.id, exc.message)
         except asyncio.CancelledError:
             if running is not None:
@@ -504,6 +508,8 @@ class Responses:
             if isinstance(event, ResponseEvent):
                 final = event.response
         assert final is not None
+        if plan.failure is not None:
+            raise plan.failure
         if final.status == "failed" and final.error is not None:
             raise InternalError(final.error.message)
         return final
@@ -540,8 +546,11 @@ class Responses:
             ) from None
 
     async def delete(self, owner: str, response_id: str) -> None:
-        await self._response(owner, response_id)
+        stored = await self._response(owner, response_id)
         await self.stored.delete(owner, RESPONSE, response_id)
+        if stored.record["response"].get("background"):
+            with contextlib.suppress(NotFoundError):
+                await self.stored.delete(owner, RESPONSE_EVENTS, response_id)
 
     async def cancel(self, owner: str, response_id: str) -> Response:
         record = await self._response(owner, response_id)

@@ -356,3 +356,14 @@ def test_background_poll_resume_and_cancel(client, stack: RunningStack):
     assert final.status == "cancelled"
     with pytest.raises(openai.BadRequestError):
         client.responses.cancel(long.id)
+
+
+def test_deleting_a_response_drops_its_conversation_state_on_the_worker(client):
+    opening = "Remember the word periwinkle-" + "x" * 8 + ". Reply with one word."
+    first = create(client, input=opening, max_output_tokens=8)
+    kept = create(client, previous_response_id=first["id"], input="Again.", max_output_tokens=8)
+    assert kept["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"]
+    client.responses.delete(kept["id"])
+    # The chain's state is gone from every tier: continuing the first response recomputes its history.
+    again = create(client, previous_response_id=first["id"], input="Again.", max_output_tokens=8)
+    assert again["usage"]["input_tokens_details"]["cached_tokens"] < first["usage"]["input_tokens"] // 2
