@@ -36,7 +36,15 @@ from services.chat.domain import (
     TokenLogprob,
     Usage,
 )
-from services.chat.engines.base import ChatEngine, EngineRun, EngineStatus, PromptReuse, SequenceEnd, TokenSample
+from services.chat.engines.base import (
+    ChatEngine,
+    EndReason,
+    EngineRun,
+    EngineStatus,
+    PromptReuse,
+    SequenceEnd,
+    TokenSample,
+)
 from services.chat.state_tiers import StateTiers
 from services.chat.templates import template_message, with_tool_instructions
 from services.chat.text import StopMatcher, Utf8Stream
@@ -180,7 +188,12 @@ class Generator:
                 prompt_text, tokens, tier = resident.prompt_text, resident.tokens, resident.tier
             else:
                 prompt_text, tokens = "", self._encode(messages)
-            budget = self._token_budget(len(tokens), request.sampling.max_tokens)
+            try:
+                budget = self._token_budget(len(tokens), request.sampling.max_tokens)
+            except InvalidRequestError:
+                if resident is not None:
+                    self._states.release(resident)
+                raise
             job = EngineRun(
                 prompt=tokens,
                 sampling=request.sampling,
@@ -235,7 +248,7 @@ class Generator:
                         choice = choices[event.index]
                         if choice.done:
                             continue
-                        finish = FinishReason.LENGTH if event.reason == "length" else FinishReason.STOP
+                        finish = FinishReason.LENGTH if event.reason == EndReason.LENGTH else FinishReason.STOP
                     else:
                         continue
                     for tail in self._close(choice):
@@ -271,6 +284,8 @@ class Generator:
             finally:
                 job.abort.set()
                 await events.aclose()
+                if resident is not None:
+                    self._states.release(resident)
 
     def _delta(self, choice: _Choice, sample: TokenSample) -> Delta | None:
         text = choice.stops.push(choice.utf8.push(sample.piece))

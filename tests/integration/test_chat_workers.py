@@ -22,7 +22,7 @@ from services.chat.servicer import chat_service
 from services.common.errors import OverloadedError, QuarantinedRequestError, UnavailableError, WorkerFailedError
 from services.common.server import create_server, mark_serving
 from services.common.shutdown import ShutdownGuard
-from tests.unit.test_generator import FakeEngine
+from tests.support.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 from services.chat.domain import Delta, Message, Role, Sampling, Started
 from services.chat.generator import Generator
 from services.chat.state_tiers import StateTiers
-from tests.unit.test_generator import FakeContext, FakeEngine, request
+from tests.support.fake_engine import FakeContext, FakeEngine, request
 
 
 class SavingEngine(FakeEngine):
