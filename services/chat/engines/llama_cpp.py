@@ -19,6 +19,7 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp import _internals as internals
+from llama_cpp import _logger as llama_logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from services.chat.domain import GenerationRequest
@@ -86,6 +87,7 @@ class LlamaCppEngine(ChatEngine):
         self._path = str(resolve_model_path(model.path))
         self.grammar_vocabulary = self._path  # output constraints compile against this GGUF's vocabulary
         # The weights are memory-mapped once; every sequence shares them and the context.
+        llama_logger.set_verbose(False)  # llama.cpp's own log: errors only
         self._model = internals.LlamaModel(
             path_model=self._path, params=llama_cpp.llama_model_default_params(), verbose=False
         )
