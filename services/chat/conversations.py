@@ -27,7 +27,7 @@ from typing import Any
 from services.chat.domain import Message
 from services.chat.engines.base import ChatEngine
 from services.chat.state_tiers import StateTiers
-from services.chat.transcript import Transcript
+from services.chat.transcript import Transcript, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,6 @@ Render = Callable[..., str]
 # Another conversation's state is reused (and first saved) only for a prefix at least this long, such as a shared
 # system prompt; a few template tokens in common are cheaper to recompute than a state is to save.
 MIN_SHARED_TOKENS = 32
-
-
-def _prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ConversationStates:
@@ -180,7 +171,7 @@ class ConversationStates:
                 plain = plain if plain is not None else encode(messages)
                 tokens = plain
             held = self._engine.context_tokens(slot.context) if slot is not None else state.tokens
-            matched = _prefix(held, tokens)
+            matched = shared_prefix(held, tokens)
             same = bool(conversation_key) and state.conversation_key == conversation_key
             if not (matched >= MIN_SHARED_TOKENS or (matched and (same or continued))):
                 continue  # a few template tokens in common: not worth saving another conversation's state for

@@ -42,6 +42,7 @@ from llama_cpp import _internals as internals
 
 from services.chat.domain import Sampling
 from services.chat.engines.base import EndReason, EngineRun, PromptReuse, SequenceEnd, TokenSample, TopLogprob
+from services.chat.transcript import shared_prefix
 from services.common.errors import ArkError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ class BatchContext:
             free.remove(primary)
         if primary.owner != run.cache_salt and not primary.resident:
             self._clear(primary)  # no reuse across API keys
-        keep = 0 if seeded else min(_prefix(primary.tokens, prompt), len(prompt) - 1)
+        keep = 0 if seeded else min(shared_prefix(primary.tokens, prompt), len(prompt) - 1)
         self._truncate(primary, keep)
         primary.owner = run.cache_salt
         seqs = [primary]
@@ -463,17 +464,8 @@ class BatchContext:
         seq.tokens = tokens
 
 
-def _prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _reuse(seq: KvSequence, prompt: list[int], salt: str) -> int:
-    return _prefix(seq.tokens, prompt) if seq.owner == salt else 0
+    return shared_prefix(seq.tokens, prompt) if seq.owner == salt else 0
 
 
 def _sampler(sampling: Sampling, n_vocab: int, matcher: Any) -> internals.LlamaSampler:
