@@ -93,7 +93,7 @@ llama-server: $(LLAMA_SERVER) ## Build llama.cpp's llama-server from llama-cpp-p
 
 $(LLAMA_SERVER): | $(BIN)/python
 	mkdir -p $(LLAMA_SERVER_DIR)
-	$(BIN)/pip download --quiet --no-binary :all: --no-deps --dest $(LLAMA_SERVER_DIR) \
+	$(BIN)/pip download --quiet --no-binary llama-cpp-python --no-deps --dest $(LLAMA_SERVER_DIR) \
 		llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	tar -xzf $(LLAMA_SERVER_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_SERVER_DIR)
 	cmake -S $(LLAMA_SERVER_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_SERVER_DIR)/build \
@@ -103,6 +103,7 @@ $(LLAMA_SERVER): | $(BIN)/python
 
 bench: protos $(LLAMA_SERVER) ## Run the benchmarks (side by side with in-process references)
 	$(BIN)/python -m bench.batching --llama-server $(LLAMA_SERVER)
+	$(BIN)/python -m bench.batching_sessions --llama-server $(LLAMA_SERVER)
 	$(BIN)/python -m bench.chat_latency
 	$(BIN)/python -m bench.cpu_share
 	$(BIN)/python -m bench.transcription_latency

@@ -92,12 +92,13 @@ class Level:
         return statistics.median(self.ttfts) if self.ttfts else float("nan")
 
 
-async def stream(client: httpx.AsyncClient, url: str, key: str, body: dict) -> tuple[float, int, str] | None:
-    """One streamed completion: (time to first token, completion tokens, text), or None if refused."""
+async def stream(client: httpx.AsyncClient, url: str, key: str, body: dict, *, details: bool = False) -> tuple | None:
+    """One streamed completion: (time to first token, completion tokens, text), with `details` also the prompt
+    tokens and the reused ones (cached_tokens; llama-server's `timings.cache_n`); None if refused."""
     start = time.perf_counter()
     first = 0.0
     text: list[str] = []
-    tokens = 0
+    tokens = prompt = cached = 0
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", url, json=payload, headers={"Authorization": f"Bearer {key}"}) as response:
         if response.status_code != 200:
@@ -107,14 +108,17 @@ async def stream(client: httpx.AsyncClient, url: str, key: str, body: dict) -> t
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            if usage := chunk.get("usage"):
+                tokens, prompt = usage["completion_tokens"], usage["prompt_tokens"]
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            if timings := chunk.get("timings"):
+                cached = cached or timings.get("cache_n", 0)
             for choice in chunk.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
                     first = first or time.perf_counter() - start
                     text.append(piece)
-    return first, tokens, "".join(text)
+    return (first, tokens, "".join(text), prompt, cached) if details else (first, tokens, "".join(text))
 
 
 def story(i: int, model: str) -> dict:
