@@ -54,7 +54,7 @@ class _Slot:
     busy: bool = False  # a turn is running in it: neither a candidate nor a victim until released
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Checkout:
     """The context a request runs in (None: every context is busy, so the turn runs without keeping its state),
     with its prompt and where the reused state came from."""
@@ -64,6 +64,7 @@ class Checkout:
     prompt_text: str
     tokens: list[int]
     tier: str  # "resident", "host", "disk" or "" (nothing reused)
+    released: bool = False
 
 
 @dataclass(slots=True)
@@ -310,7 +311,11 @@ class ConversationStates:
         checkout.state.last_used = self._clock()
 
     def release(self, checkout: Checkout) -> None:
-        """The turn's engine work is over (completed or not): its context may serve other turns again."""
+        """The turn's engine work is over (completed or not): its context may serve other turns again. Only the
+        first call counts (the context may be another turn's by a later one)."""
+        if checkout.released:
+            return
+        checkout.released = True
         for slot in self._slots:
             if slot.context is checkout.context and slot.busy:
                 slot.busy = False

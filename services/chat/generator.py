@@ -17,7 +17,7 @@ fake engine without a model.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from services.chat.constraints import ConstraintCompiler
@@ -270,6 +270,10 @@ class Generator:
                         )
                     t_end = time.perf_counter()
                     first_at = t_first or t_end
+                    if not open_choices:
+                        # Before the last event: the client's next turn may arrive as soon as it has it, and must
+                        # find this turn's context free.
+                        await self._let_go(job, events, resident)
                     yield Finished(
                         finish,
                         Usage(len(tokens), completion_tokens, cached),
@@ -282,10 +286,14 @@ class Generator:
                 if open_choices:
                     raise InternalError("The chat engine ended the generation early.")
             finally:
-                job.abort.set()
-                await events.aclose()
-                if resident is not None:
-                    self._states.release(resident)
+                await self._let_go(job, events, resident)
+
+    async def _let_go(self, job: EngineRun, events: AsyncGenerator, resident: Checkout | None) -> None:
+        """End the engine's work on the run (at once if it is still sampling) and free its context; idempotent."""
+        job.abort.set()
+        await events.aclose()
+        if resident is not None:
+            self._states.release(resident)
 
     def _delta(self, choice: _Choice, sample: TokenSample) -> Delta | None:
         text = choice.stops.push(choice.utf8.push(sample.piece))
