@@ -193,12 +193,12 @@ class BatchContext:
             self._drain_inbox(block=not self._jobs and not self._waiting)
             if self._closed:
                 break
-            self._admit_waiting()
             try:
+                self._admit_waiting()
                 self._step()
             except Exception as exc:  # a failed step fails every job in it; the worker goes on
                 log.exception("a llama.cpp decode step failed")
-                for job in list(self._jobs):
+                for job in [*self._jobs, *self._waiting]:
                     self._finish(job, exc)
         for job in [*self._jobs, *self._waiting]:
             self._finish(job, ArkError("The chat engine is shutting down."))
