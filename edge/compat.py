@@ -61,7 +61,7 @@ CHAT_COMPLETIONS: dict[str, Param] = {
     "max_tokens": Param(S, "1..limits.max_tokens, and within the context window"),
     "n": Param(S, "1..limits.max_n; the prompt is computed once"),
     "prediction": Param(IGN, "a latency hint; output is unchanged"),
-    "seed": Param(S, "same seed, same output on the same worker"),
+    "seed": Param(S, "same seed, same output on the same worker while it runs nothing else"),
     "stream_options": Param(S, "`include_usage`; `include_obfuscation` is ignored"),
     "tools": Param(S, "`function` tools (`strict` too); names unique; arguments constrained to the function's schema"),
     "tool_choice": Param(S, "`auto`, `none`, `required`, or a named function"),

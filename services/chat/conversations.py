@@ -27,7 +27,7 @@ from typing import Any
 from services.chat.domain import Message
 from services.chat.engines.base import ChatEngine
 from services.chat.state_tiers import StateTiers
-from services.chat.transcript import Transcript
+from services.chat.transcript import Transcript, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,20 @@ class _Slot:
     context: Any
     state: ConversationState | None = None
     last_used: float = 0.0
+    busy: bool = False  # a turn is running in it: neither a candidate nor a victim until released
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Checkout:
-    """The context a request runs in, with its prompt and where the reused state came from."""
+    """The context a request runs in (None: every context is busy, so the turn runs without keeping its state),
+    with its prompt and where the reused state came from."""
 
     context: Any
     state: ConversationState
     prompt_text: str
     tokens: list[int]
     tier: str  # "resident", "host", "disk" or "" (nothing reused)
+    released: bool = False
 
 
 @dataclass(slots=True)
@@ -79,15 +82,6 @@ Render = Callable[..., str]
 # Another conversation's state is reused (and first saved) only for a prefix at least this long, such as a shared
 # system prompt; a few template tokens in common are cheaper to recompute than a state is to save.
 MIN_SHARED_TOKENS = 32
-
-
-def _prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ConversationStates:
@@ -108,6 +102,8 @@ class ConversationStates:
         self._key_share = key_share
         self._clock = clock
         self._saved: dict[str, ConversationState] = {}  # tier entry id -> state
+        # Turns of different requests run at once (the engine batches them); their checkouts take turns.
+        self._lock = asyncio.Lock()
 
     # -- status -----------------------------------------------------------------------------------------------------
 
@@ -137,7 +133,32 @@ class ConversationStates:
         continue_from: Callable[[Transcript, Sequence[Message]], list[int] | None],
         encode: Callable[[Sequence[Message]], list[int]],
     ) -> Checkout:
-        """The context to run a request in, holding the best state of its key, and the prompt to run."""
+        """The context to run a request in, holding the best state of its key, and the prompt to run; `release`
+        it when the turn is over."""
+        async with self._lock:
+            return await self._checkout(
+                api_key_hash=api_key_hash,
+                session_id=session_id,
+                conversation_key=conversation_key,
+                idle_timeout=idle_timeout,
+                messages=messages,
+                render=render,
+                continue_from=continue_from,
+                encode=encode,
+            )
+
+    async def _checkout(
+        self,
+        *,
+        api_key_hash: str,
+        session_id: str,
+        conversation_key: str,
+        idle_timeout: float,
+        messages: Sequence[Message],
+        render: Render,
+        continue_from: Callable[[Transcript, Sequence[Message]], list[int] | None],
+        encode: Callable[[Sequence[Message]], list[int]],
+    ) -> Checkout:
         await self.expire_idle()
         prompt_text = render(messages)
         plain: list[int] | None = None
@@ -151,7 +172,7 @@ class ConversationStates:
                 plain = plain if plain is not None else encode(messages)
                 tokens = plain
             held = self._engine.context_tokens(slot.context) if slot is not None else state.tokens
-            matched = _prefix(held, tokens)
+            matched = shared_prefix(held, tokens)
             same = bool(conversation_key) and state.conversation_key == conversation_key
             if not (matched >= MIN_SHARED_TOKENS or (matched and (same or continued))):
                 continue  # a few template tokens in common: not worth saving another conversation's state for
@@ -163,6 +184,9 @@ class ConversationStates:
         now = self._clock()
         if best is None:
             slot = await self._free_slot(api_key_hash)
+            if slot is None:
+                state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
+                return Checkout(None, state, prompt_text, plain if plain is not None else encode(messages), "")
             self._engine.reset_context(slot.context)
             state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
             return self._bind(slot, state, prompt_text, plain if plain is not None else encode(messages), "")
@@ -178,6 +202,9 @@ class ConversationStates:
                 slot, self._touch(state, session_id, conversation_key, idle_timeout), *self._prompt(best), "resident"
             )
         slot = await self._free_slot(api_key_hash)
+        if slot is None:
+            state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
+            return Checkout(None, state, prompt_text, plain if plain is not None else encode(messages), "")
         tier = await self._restore(best.state, slot)
         if not tier:
             self._engine.reset_context(slot.context)
@@ -198,32 +225,39 @@ class ConversationStates:
     def _bind(self, slot: _Slot, state: ConversationState, text: str, tokens: list[int], tier: str) -> Checkout:
         state.entry_id, state.tokens = "", ()
         state.transcript, transcript = None, state.transcript  # until this turn completes
-        slot.state, slot.last_used = state, self._clock()
+        slot.state, slot.last_used, slot.busy = state, self._clock(), True
         del transcript
         return Checkout(slot.context, state, text, tokens, tier)
 
     def _states_of(self, api_key_hash: str) -> list[tuple[ConversationState, _Slot | None]]:
         out: list[tuple[ConversationState, _Slot | None]] = [
-            (s.state, s) for s in self._slots if s.state is not None and s.state.api_key_hash == api_key_hash
+            (s.state, s)
+            for s in self._slots
+            if s.state is not None and not s.busy and s.state.api_key_hash == api_key_hash
         ]
         out.extend((state, None) for state in self._saved.values() if state.api_key_hash == api_key_hash)
         return out
 
     # -- making room ------------------------------------------------------------------------------------------------
 
-    async def _free_slot(self, api_key_hash: str) -> _Slot:
-        """A context to hold a new or restored state: a free one, else the least recent of a key over its share."""
+    async def _free_slot(self, api_key_hash: str) -> _Slot | None:
+        """A context to hold a new or restored state: a free one, else the least recent of a key over its share;
+        None when every context is running a turn."""
         for slot in self._slots:
-            if slot.state is None:
+            if slot.state is None and not slot.busy:
                 return slot
+        idle = [s for s in self._slots if not s.busy and s.state is not None]
+        if not idle:
+            return None
         held: dict[str, int] = {}
         for slot in self._slots:
-            held[slot.state.api_key_hash] = held.get(slot.state.api_key_hash, 0) + 1
+            if slot.state is not None:
+                held[slot.state.api_key_hash] = held.get(slot.state.api_key_hash, 0) + 1
         share = max(1, int(self._key_share * len(self._slots)))
-        over = [s for s in self._slots if held[s.state.api_key_hash] > share]
-        mine = [s for s in self._slots if s.state.api_key_hash == api_key_hash]
+        over = [s for s in idle if held[s.state.api_key_hash] > share]
+        mine = [s for s in idle if s.state.api_key_hash == api_key_hash]
         # Fair share: a key over its share gives up its own contexts first; otherwise the least recent goes.
-        pool = mine if held.get(api_key_hash, 0) >= share else (over or self._slots)
+        pool = (mine if held.get(api_key_hash, 0) >= share else over) or idle
         victim = min(pool, key=lambda s: s.last_used)
         await self._save(victim)
         return victim
@@ -276,13 +310,26 @@ class ConversationStates:
         checkout.state.transcript = transcript
         checkout.state.last_used = self._clock()
 
+    def release(self, checkout: Checkout) -> None:
+        """The turn's engine work is over (completed or not): its context may serve other turns again. Only the
+        first call counts (the context may be another turn's by a later one)."""
+        if checkout.released:
+            return
+        checkout.released = True
+        for slot in self._slots:
+            if slot.context is checkout.context and slot.busy:
+                slot.busy = False
+                if slot.state is None:  # dropped while it ran
+                    self._engine.reset_context(slot.context)
+
     async def drop_session(self, session_id: str) -> bool:
         """Forget every state of a session, in every tier."""
         found = False
         for slot in self._slots:
             if slot.state is not None and slot.state.session_id == session_id:
                 slot.state = None
-                self._engine.reset_context(slot.context)
+                if not slot.busy:  # a running turn's context is reset when it is released
+                    self._engine.reset_context(slot.context)
                 found = True
         for entry_id in [e for e, s in self._saved.items() if s.session_id == session_id]:
             del self._saved[entry_id]
@@ -300,7 +347,7 @@ class ConversationStates:
 
         expired = 0
         for slot in self._slots:
-            if slot.state is not None and idle(slot.state):
+            if slot.state is not None and not slot.busy and idle(slot.state):
                 slot.state = None
                 self._engine.reset_context(slot.context)
                 expired += 1

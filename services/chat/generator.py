@@ -17,7 +17,7 @@ fake engine without a model.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from services.chat.constraints import ConstraintCompiler
@@ -36,7 +36,15 @@ from services.chat.domain import (
     TokenLogprob,
     Usage,
 )
-from services.chat.engines.base import ChatEngine, EngineRun, EngineStatus, PromptReuse, SequenceEnd, TokenSample
+from services.chat.engines.base import (
+    ChatEngine,
+    EndReason,
+    EngineRun,
+    EngineStatus,
+    PromptReuse,
+    SequenceEnd,
+    TokenSample,
+)
 from services.chat.state_tiers import StateTiers
 from services.chat.templates import template_message, with_tool_instructions
 from services.chat.text import StopMatcher, Utf8Stream
@@ -185,7 +193,12 @@ class Generator:
                 prompt_text, tokens, tier = resident.prompt_text, resident.tokens, resident.tier
             else:
                 prompt_text, tokens = "", self._encode(messages)
-            budget = self._token_budget(len(tokens), request.sampling.max_tokens)
+            try:
+                budget = self._token_budget(len(tokens), request.sampling.max_tokens)
+            except InvalidRequestError:
+                if resident is not None:
+                    self._states.release(resident)
+                raise
             job = EngineRun(
                 prompt=tokens,
                 sampling=request.sampling,
@@ -240,7 +253,7 @@ class Generator:
                         choice = choices[event.index]
                         if choice.done:
                             continue
-                        finish = FinishReason.LENGTH if event.reason == "length" else FinishReason.STOP
+                        finish = FinishReason.LENGTH if event.reason == EndReason.LENGTH else FinishReason.STOP
                     else:
                         continue
                     for tail in self._close(choice):
@@ -262,6 +275,10 @@ class Generator:
                         )
                     t_end = time.perf_counter()
                     first_at = t_first or t_end
+                    if not open_choices:
+                        # Before the last event: the client's next turn may arrive as soon as it has it, and must
+                        # find this turn's context free.
+                        await self._let_go(job, events, resident)
                     yield Finished(
                         finish,
                         Usage(len(tokens), completion_tokens, cached),
@@ -274,8 +291,14 @@ class Generator:
                 if open_choices:
                     raise InternalError("The chat engine ended the generation early.")
             finally:
-                job.abort.set()
-                await events.aclose()
+                await self._let_go(job, events, resident)
+
+    async def _let_go(self, job: EngineRun, events: AsyncGenerator, resident: Checkout | None) -> None:
+        """End the engine's work on the run (at once if it is still sampling) and free its context; idempotent."""
+        job.abort.set()
+        await events.aclose()
+        if resident is not None:
+            self._states.release(resident)
 
     def _delta(self, choice: _Choice, sample: TokenSample) -> Delta | None:
         text = choice.stops.push(choice.utf8.push(sample.piece))

@@ -19,15 +19,17 @@ RELEASE_MAX_NUM_TOKENS = 8192
 class LlamaCppSettings(EngineSettings):
     """`settings:` of a llama_cpp chat model (docs/configuration.md)."""
 
-    n_ctx: Annotated[int, Field(ge=0)] = 8192  # context window in tokens (0: the one the model was trained for)
+    n_ctx: Annotated[int, Field(ge=0)] = 8192  # window of one sequence in tokens (0: the one the model was trained for)
+    # Sequences one worker decodes together in one batched step (continuous batching); more requests queue.
+    n_seq: Annotated[int, Field(ge=1, le=128)] = 16
     # CPU threads for decoding; `auto`: this machine's cores shared by the chat workers on it (services/common/cpu.py).
     n_threads: Threads = "auto"
     n_batch: Annotated[int, Field(ge=1)] = 512  # prompt tokens evaluated per step
     # Threads for prompts; unset: as many as for decoding (the library's own default, every core of the machine,
     # oversubscribes it as soon as two workers share it).
     n_threads_batch: Threads | None = None
-    # Memory for resident sessions' KV caches; each resident session holds one context of n_ctx tokens.
-    session_kv_budget_mb: Annotated[float, Field(gt=0)] = 800
+    # KV memory for conversations kept between turns (resident sequences of the worker's one context).
+    session_kv_budget_mb: Annotated[float, Field(gt=0)] = 600
 
     @field_validator("n_threads", "n_threads_batch", mode="before")
     @classmethod

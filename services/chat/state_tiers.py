@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from services.chat.metrics import RESTORE_SECONDS, TIER_BYTES, TIER_ENTRIES, TIER_EVICTIONS, TIER_HITS
+from services.chat.transcript import shared_prefix
 from services.common.config import ConfigError, SessionsConfig
 
 log = logging.getLogger(__name__)
@@ -275,9 +276,7 @@ class StateTiers:
         with self._lock:
             for entry_id in self._by_key.get(api_key_hash, ()):
                 slot = self._slot(entry_id)
-                n = min(len(query), len(slot.tokens))
-                differ = np.flatnonzero(query[:n] != slot.tokens[:n])
-                matched = int(differ[0]) if differ.size else n
+                matched = shared_prefix(query, slot.tokens)
                 rank = (matched, slot.tier is Tier.HOST, slot.stamp)
                 if matched and (best is None or rank > best):
                     best, found = rank, slot.entry

@@ -7,7 +7,9 @@ once, before any expensive work (tokenising, audio decoding), with OverloadedErr
 - `max_queue` requests are already waiting, or
 - the wait it can expect exceeds `max_wait_seconds`: the requests ahead of it times the average time a request
   holds a slot (an exponentially weighted mean of the recent ones), divided by the slots. A queue of short requests
-  stays open; the same length of long ones does not, which a length bound alone cannot tell apart.
+  stays open; the same length of long ones does not, which a length bound alone cannot tell apart. For an engine
+  that batches (the llama.cpp engine decodes its `slots` sequences in one step) the hold time is measured under
+  that batching, so `hold / slots` is the time per request at the engine's real throughput.
 
 The estimate can be wrong (a run of unusually long requests), so a request still waiting after `max_wait_seconds`
 is refused then too: nobody waits past the bound, and a proxy's idle timeout never cuts a queued request.

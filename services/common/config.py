@@ -224,8 +224,9 @@ class LimitsConfig(_Strict):
     structured_output: StructuredOutputLimits = StructuredOutputLimits()
     # A request that would wait longer than this for a chat, embeddings or transcription engine (by the queue
     # ahead of it and the recent time per request or per token) is refused at once with 429 and Retry-After; none
-    # waits longer than this.
-    max_queue_wait_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # waits longer than this. The default stays well inside what clients wait (the OpenAI SDKs: 600 s) and below the
+    # edge's `first_event_timeout_seconds`.
+    max_queue_wait_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # Request line plus headers of one request, and the number of headers, enforced by Envoy and by the edge's own
     # HTTP server (past either: 431). Envoy's maximum is 8 MiB.
     max_header_bytes: Annotated[int, Field(ge=4096, le=8 * 1024 * 1024)] = 64 * 1024

@@ -67,6 +67,16 @@ def test_same_seed_same_output_other_seed_other_output(client):
     assert any(sample(seed) != first for seed in (1, 2, 3))
 
 
+def test_a_seeded_request_repeated_in_its_session_gives_the_same_long_output(client):
+    """The default client keeps its session cookie, so the second request could continue the first one's state;
+    a seeded request is computed from the start each time instead (docs/api.md), and reports nothing reused."""
+    messages = ask("Write a long story about a lighthouse keeper and a storm.")
+    first, second = (create(client, messages=messages, temperature=1.0, seed=99, max_tokens=120) for _ in range(2))
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert first.usage.completion_tokens == second.usage.completion_tokens > 60
+    assert second.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_n_gives_n_choices(client):
     completion = create(client, messages=ask("Name an animal."), n=3, temperature=1.0, seed=7, max_tokens=12)
     assert [c.index for c in completion.choices] == [0, 1, 2]

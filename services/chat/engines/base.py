@@ -13,6 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from services.chat.domain import GenerationRequest, Sampling
@@ -43,13 +44,21 @@ class PromptReuse:
     cached_tokens: int
 
 
+class EndReason(StrEnum):
+    """Why a sequence gets no more tokens; the generation layer reports `length` as such and the rest as `stop`."""
+
+    EOG = "eog"  # end-of-generation sampled
+    LENGTH = "length"  # the token budget is spent
+    STOPPED = "stopped"  # the layer asked it to stop (a stop string, a finished tool call)
+    GRAMMAR = "grammar"  # the output constraint is complete: nothing but end-of-generation could follow
+
+
 @dataclass(frozen=True, slots=True)
 class SequenceEnd:
-    """Sequence `index` will get no more tokens: `eog` (end-of-generation sampled), `length` (budget) or `stopped`
-    (the layer asked it to stop)."""
+    """Sequence `index` will get no more tokens, for `reason`."""
 
     index: int
-    reason: str
+    reason: EndReason
 
 
 EngineEvent = PromptReuse | TokenSample | SequenceEnd

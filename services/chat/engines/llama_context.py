@@ -1,133 +1,497 @@
-"""A llama.cpp context with the sampling chain and the state export ARK needs.
+"""One llama.cpp context decoding many sequences at once (continuous batching), for the llama.cpp engine.
 
-llama-cpp-python builds its sampler chain inside `generate()`; this subclass rebuilds that chain with two stages
-the library's own chain lacks: the output constraint's token mask first (services.chat.grammar.matcher), then a
-logit-bias stage (OpenAI's `logit_bias`).
+A worker holds one context whose KV cache is shared by `n_seq_max` sequences (llama.cpp's unified cache: cells are
+tagged with the sequences they belong to, so a shared prefix is stored once and copying a sequence is free). A
+loop on one thread (the library is not thread-safe) runs steps: each step is one `llama_decode` over the next token
+of every generating sequence plus chunks of new prompts, up to `n_batch` tokens, so a long prompt is prefilled
+between the others' tokens instead of stalling them. After the step each sequence samples from its own logits with
+its own sampler chain (seed, temperature, top-p/top-k/min-p, penalties, logit bias, and the output constraint's
+token mask first). Jobs join and leave between steps; an aborted or stopped sequence leaves at the next step.
 
-It also saves and restores a conversation's state (its KV cells) as bytes, for the host and disk tiers
-(`services.chat.state_tiers`). The library's own `save_state()` adds its `scores` array (up to n_batch x n_vocab
-floats: 100 MB at 512 x 49152) to the whole context's state, and pickling its `LlamaState` copies that again;
-llama.cpp's per-sequence state API writes only the KV cells in use (about 23 KB per token for SmolLM2-135M) and no
-logits: `generate()` re-evaluates at least the last prompt token after a restore, which computes the logits it
-samples from. Everything else is the library's.
+Sequences are of two kinds, both `Sequence`s:
+- scratch sequences run stateless requests; each keeps what it last held (and the cache salt it held it for), and
+  a new request takes the free one sharing the longest prefix of the same salt, so repeated prefixes are reused
+  but never across salts (API keys);
+- resident sequences (`resident()`) hold a conversation between its turns for the conversation store
+  (services.chat.conversations); a turn runs in its conversation's sequence.
+
+A sequence's cells are saved as bytes (`export_state`) and loaded back (`import_state`) with llama.cpp's
+per-sequence state API, between steps, while the other sequences keep decoding: about 23 KB per token for
+SmolLM2-135M, and no logits (the last prompt token is always evaluated again, which computes them).
+
+A seeded request never reuses cells: its prompt is prefilled from the start, so the same request alone on a worker
+gives the same tokens every time (docs/api.md says when outputs are reproducible).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
+import queue
+import random
+import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from services.common.errors import ArkError
+from services.chat.domain import Sampling
+from services.chat.engines.base import EndReason, EngineRun, PromptReuse, SequenceEnd, TokenSample, TopLogprob
+from services.chat.transcript import shared_prefix
+from services.common.errors import ArkError, OverloadedError
 
-_SEQ = 0  # llama-cpp-python keeps a context's tokens in sequence 0
+log = logging.getLogger(__name__)
+
 # llama.cpp's llama_token_data as numpy sees it: the mask stage reads the logits in place.
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+_PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama-cpp-python's default)
+_DECODE_NO_ROOM = 1  # llama_decode: no KV cells left for the batch
 
 
 class StateImportError(ArkError):
-    """A saved state does not fit this context (another model or context size, a damaged blob); the context is
+    """A saved state does not fit this context (another model or context size, a damaged blob); the sequence is
     left empty, so the caller recomputes."""
 
 
-class ArkLlama(llama_cpp.Llama):
-    """`Llama` plus a per-request token mask and logit bias (set `token_mask` and `logit_bias` before `generate`)."""
+@dataclass(eq=False, slots=True)
+class KvSequence:
+    """One llama.cpp sequence id and the tokens whose cells it holds, in order."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.logit_bias: dict[int, float] = {}
-        # Called with the logits (indexed by token id) before any other stage; sets forbidden tokens to -inf.
-        self.token_mask: Callable[[np.ndarray], None] | None = None
+    seq_id: int
+    resident: bool
+    tokens: list[int] = field(default_factory=list)
+    owner: str = ""  # cache salt of what a scratch sequence holds
+    running: bool = False
+    last_used: float = 0.0
 
-    # -- saved state ----------------------------------------------------------------------------------------------
 
-    def state_tokens(self) -> tuple[int, ...]:
-        """The token ids whose KV cells the context holds, in order: what `export_state()` covers."""
-        return tuple(self._input_ids.tolist())
+@dataclass(eq=False, slots=True)
+class _Choice:
+    """One running sequence of a job: a choice being prefilled or generated."""
 
-    def export_state(self) -> bytearray:
-        """The KV cells of `state_tokens()`, in llama.cpp's sequence-state format (opaque; see `import_state`).
+    index: int
+    seq: KvSequence
+    sampler: internals.LlamaSampler
+    matcher: Any
+    pending: list[int]  # tokens to evaluate next: the prompt's rest, then each sampled token
+    generated: int = 0
+    logits_at: int = -1  # this step's batch index of its logits; -1: none this step
+    done: bool = False
 
-        A bytearray that llama.cpp writes into directly: one pass over the memory, where a ctypes buffer turned into
-        bytes would take three (zeroing, writing, copying)."""
-        ctx = self._ctx.ctx
-        self._ctx.kv_cache_seq_rm(_SEQ, self.n_tokens, -1)  # cells past n_tokens are stale (an aborted turn)
-        size = llama_cpp.llama_state_seq_get_size(ctx, _SEQ)
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    run: EngineRun
+    post: Callable[[Any], None]
+    resident: KvSequence | None
+    choices: list[_Choice] = field(default_factory=list)
+    joined: float = 0.0
+
+
+class BatchContext:
+    """The context, its sequences and the decode loop (on its own thread)."""
+
+    def __init__(
+        self,
+        model: internals.LlamaModel,
+        *,
+        n_cells: int,
+        n_scratch: int,
+        n_resident: int,
+        n_batch: int,
+        n_threads: int,
+        n_threads_batch: int,
+        name: str = "llama",
+    ) -> None:
+        self._model = model
+        self._vocab = model.vocab
+        self.n_vocab = model.n_vocab()
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_cells
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_scratch + n_resident
+        params.kv_unified = True
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch
+        params.no_perf = True
+        self._ctx = internals.LlamaContext(model=model, params=params, verbose=False)
+        self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self.n_cells = llama_cpp.llama_n_ctx(self._ctx.ctx)
+        self._n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._scratch = [KvSequence(i, resident=False) for i in range(n_scratch)]
+        self._resident = [KvSequence(n_scratch + i, resident=True) for i in range(n_resident)]
+        self._handed_out = 0
+        self._eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._jobs: list[_Job] = []  # running, in arrival order
+        self._waiting: list[_Job] = []  # waiting for a free scratch sequence
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"llama-{name}", daemon=True)
+        self._thread.start()
+
+    # -- sequences for the conversation store -----------------------------------------------------------------------
+
+    def resident(self) -> KvSequence:
+        """A resident sequence, one per call, for a conversation to keep its cells in between turns."""
+        seq = self._resident[self._handed_out]
+        self._handed_out += 1
+        return seq
+
+    @property
+    def running(self) -> int:
+        """Jobs decoding now (for status)."""
+        return len(self._jobs)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the loop thread between two steps and return its result (blocks the calling thread)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future[Any] = Future()
+        self._inbox.put(("call", fn, future))
+        return future.result()
+
+    def clear(self, seq: KvSequence) -> None:
+        """Forget a sequence's cells (at once for its tokens; its cells before the next step). Never while it runs."""
+        seq.tokens = []
+        self._inbox.put(("call", lambda: self._clear(seq), Future()))
+
+    def export_state(self, seq: KvSequence) -> bytearray:
+        """The sequence's cells (covering `seq.tokens`) in llama.cpp's sequence-state format."""
+        return self.call(lambda: self._export(seq))
+
+    def import_state(self, seq: KvSequence, data: bytes | bytearray, tokens: Sequence[int]) -> None:
+        """Replace the sequence's cells with a state from `export_state` covering `tokens`; raises StateImportError
+        (the sequence left empty) when it does not fit."""
+        self.call(lambda: self._import(seq, data, list(tokens)))
+
+    def submit(self, run: EngineRun, post: Callable[[Any], None], resident: KvSequence | None) -> None:
+        """Start a job: `post` receives PromptReuse, TokenSamples and SequenceEnds, an exception on failure, and
+        `None` last, once the job holds no sequence any more."""
+        self._inbox.put(("job", _Job(run, post, resident)))
+
+    def close(self) -> None:
+        self._inbox.put(("close",))
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+        self._ctx.close()
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._drain_inbox(block=not self._jobs and not self._waiting)
+            if self._closed:
+                break
+            try:
+                self._admit_waiting()
+                self._step()
+            except Exception as exc:  # a failed step fails every job in it; the worker goes on
+                log.exception("a llama.cpp decode step failed")
+                for job in [*self._jobs, *self._waiting]:
+                    self._finish(job, exc)
+        for job in [*self._jobs, *self._waiting]:
+            self._finish(job, ArkError("The chat engine is shutting down."))
+
+    def _drain_inbox(self, *, block: bool) -> None:
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            kind = item[0]
+            if kind == "close":
+                self._closed = True
+                return
+            if kind == "call":
+                _, fn, future = item
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+            elif kind == "job":
+                self._waiting.append(item[1])
+
+    def _admit_waiting(self) -> None:
+        still: list[_Job] = []
+        for job in self._waiting:
+            if job.run.abort.is_set():
+                job.post(None)
+                continue
+            if still or not self._start(job):
+                still.append(job)  # first come, first served
+        self._waiting = still
+
+    def _start(self, job: _Job) -> bool:
+        """Give the job its sequences and its prompt to prefill; False if not enough scratch sequences are free."""
+        run = job.run
+        extra = run.n - (1 if job.resident is not None else 0)
+        if extra > len(self._scratch):
+            self._finish(job, ArkError(f"{run.n} choices need more sequences than this engine has"))
+            return True
+        free = [s for s in self._scratch if not s.running]
+        if len(free) < extra:
+            return False
+        seeded = run.sampling.seed is not None
+        prompt = list(run.prompt)
+        if job.resident is not None:
+            primary = job.resident
+        else:
+            primary = max(free, key=lambda s: (_reuse(s, prompt, run.cache_salt), -len(s.tokens), -s.last_used))
+            free.remove(primary)
+        if primary.owner != run.cache_salt and not primary.resident:
+            self._clear(primary)  # no reuse across API keys
+        keep = 0 if seeded else min(shared_prefix(primary.tokens, prompt), len(prompt) - 1)
+        self._truncate(primary, keep)
+        primary.owner = run.cache_salt
+        seqs = [primary]
+        for _ in range(run.n - 1):
+            seq = min(free, key=lambda s: s.last_used)
+            free.remove(seq)
+            self._clear(seq)
+            seq.owner = run.cache_salt
+            seqs.append(seq)
+        for index, seq in enumerate(seqs):
+            seq.running = True
+            sampling = run.sampling
+            if index and sampling.seed is not None:
+                sampling = replace(sampling, seed=sampling.seed + index)  # n choices, not n copies
+            matcher = run.constraint.matcher() if run.constraint is not None else None
+            pending = prompt[keep:] if index == 0 else []
+            job.choices.append(_Choice(index, seq, _sampler(sampling, self.n_vocab, matcher), matcher, pending))
+        job.joined = time.monotonic()
+        self._jobs.append(job)
+        job.post(PromptReuse(keep))
+        return True
+
+    def _step(self) -> None:
+        """One llama_decode over every running sequence, then each samples from its logits."""
+        for job in list(self._jobs):
+            if job.run.abort.is_set():
+                self._finish(job, None)
+                continue
+            for choice in job.choices:
+                if not choice.done and choice.index in job.run.stopped:
+                    self._end(job, choice, EndReason.STOPPED)
+            if all(c.done for c in job.choices):
+                self._finish(job, None)
+        if not self._jobs:
+            return
+        planned = self._plan()
+        while True:
+            status = self._decode(planned)
+            if status == 0:
+                break
+            if status != _DECODE_NO_ROOM:
+                raise ArkError(f"llama_decode failed ({status})")
+            if not self._make_room():
+                self._finish(
+                    self._jobs[-1],
+                    OverloadedError(
+                        "The server is out of context memory for this model. Retry shortly.",
+                        retry_after=5,
+                    ),
+                )
+                if not self._jobs:
+                    return
+                planned = self._plan()
+        for choice, count in planned:
+            choice.seq.tokens.extend(choice.pending[:count])
+            del choice.pending[:count]
+        self._sample()
+
+    def _plan(self) -> list[tuple[_Choice, int]]:
+        """This step's tokens: every generating sequence's next token first, then prompt chunks in arrival order."""
+        budget = self._n_batch
+        planned: list[tuple[_Choice, int]] = []
+        for job in self._jobs:
+            for choice in job.choices:
+                if not choice.done and choice.generated and choice.pending:
+                    planned.append((choice, 1))
+                    budget -= 1
+        for job in self._jobs:
+            for choice in job.choices:
+                if budget <= 0:
+                    break
+                if not choice.done and not choice.generated and choice.pending:
+                    count = min(budget, len(choice.pending))
+                    planned.append((choice, count))
+                    budget -= count
+        return planned
+
+    def _decode(self, planned: list[tuple[_Choice, int]]) -> int:
+        batch = self._batch
+        n = 0
+        for choice, count in planned:
+            seq = choice.seq
+            start = len(seq.tokens)
+            for offset in range(count):
+                batch.token[n] = choice.pending[offset]
+                batch.pos[n] = start + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.seq_id
+                batch.logits[n] = False
+                n += 1
+            # Logits for the last token of a finished prompt, and for every generating sequence's token.
+            wants = count == len(choice.pending)
+            batch.logits[n - 1] = wants
+            choice.logits_at = n - 1 if wants else -1
+        batch.n_tokens = n
+        if not n:
+            return 0
+        return llama_cpp.llama_decode(self._ctx.ctx, batch)
+
+    def _make_room(self) -> bool:
+        """Free cells no running job needs (idle scratch caches, then idle resident conversations, which are then
+        recomputed on their next turn); False if there were none."""
+        idle = [s for s in self._scratch if not s.running and s.tokens]
+        idle = idle or [s for s in self._resident if not s.running and s.tokens]
+        for seq in idle:
+            self._clear(seq)
+        return bool(idle)
+
+    def _sample(self) -> None:
+        for job in list(self._jobs):
+            run = job.run
+            top = run.sampling.top_logprobs if run.sampling.logprobs else -1
+            first = job.choices[0]
+            for choice in job.choices:
+                # Choices beyond the first sample their first token from the first one's prompt logits.
+                at = choice.logits_at if choice.generated or choice.index == 0 else first.logits_at
+                if choice.done or at < 0 or run.abort.is_set():
+                    continue
+                if not choice.generated and choice.index:
+                    self._copy(first.seq, choice.seq)
+                token = choice.sampler.sample(self._ctx, at)
+                choice.generated += 1
+                piece = self._model.detokenize([token], special=False)
+                if top >= 0:
+                    logprob, best = self._logprobs(at, token, top)
+                    job.post(TokenSample(choice.index, token, piece, logprob, best))
+                else:
+                    job.post(TokenSample(choice.index, token, piece))
+                choice.pending = [token]
+                if token in self._eog:
+                    self._end(job, choice, EndReason.EOG)
+                elif choice.matcher is not None and (not choice.matcher.accept(token) or choice.matcher.terminated):
+                    self._end(job, choice, EndReason.GRAMMAR)
+                elif choice.generated >= run.max_new_tokens:
+                    self._end(job, choice, EndReason.LENGTH)
+            for choice in job.choices:
+                choice.logits_at = -1
+            if all(c.done for c in job.choices):
+                self._finish(job, None)
+
+    def _logprobs(self, at: int, token: int, top: int) -> tuple[float, tuple[TopLogprob, ...]]:
+        """Log probabilities of the model's distribution at the position just sampled (before sampling knobs)."""
+        logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(at), shape=(self.n_vocab,))
+        shifted = logits - logits.max()
+        logz = float(np.log(np.exp(shifted).sum()))
+        best = np.argpartition(-shifted, top)[:top] if top else []
+        ranked = sorted(best, key=lambda t: -shifted[t])
+        return float(shifted[token]) - logz, tuple(
+            TopLogprob(int(t), self._model.detokenize([int(t)], special=False), float(shifted[t]) - logz)
+            for t in ranked
+        )
+
+    def _end(self, job: _Job, choice: _Choice, reason: EndReason) -> None:
+        choice.done = True
+        job.post(SequenceEnd(choice.index, reason))
+
+    def _finish(self, job: _Job, error: BaseException | None) -> None:
+        """The job leaves: its sequences keep their cells (prompt and evaluated reply) for reuse."""
+        if job in self._jobs:
+            self._jobs.remove(job)
+        if job in self._waiting:
+            self._waiting.remove(job)
+        now = time.monotonic()
+        for choice in job.choices:
+            choice.seq.running = False
+            choice.seq.last_used = now
+            choice.sampler.close()
+        job.choices.clear()
+        if error is not None:
+            job.post(error)
+        job.post(None)
+
+    # -- cells ---------------------------------------------------------------------------------------------------------
+
+    def _clear(self, seq: KvSequence) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        seq.tokens = []
+
+    def _truncate(self, seq: KvSequence, keep: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, keep, -1)
+        del seq.tokens[keep:]
+
+    def _copy(self, source: KvSequence, target: KvSequence) -> None:
+        self._clear(target)
+        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, target.seq_id, -1, -1)
+        target.tokens = list(source.tokens)
+
+    def _export(self, seq: KvSequence) -> bytearray:
+        # A bytearray llama.cpp writes into directly: one pass over the memory.
+        size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, seq.seq_id)
         data = bytearray(size)
         target = (ctypes.c_uint8 * size).from_buffer(data)
-        written = llama_cpp.llama_state_seq_get_data(ctx, target, size, _SEQ)
+        written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, target, size, seq.seq_id)
         del target  # releases the export of `data`'s buffer, so it can be resized
         if written == 0 and size:
-            raise ArkError("llama.cpp could not serialise the context's state")
+            raise ArkError("llama.cpp could not serialise the sequence's state")
         del data[written:]
         return data
 
-    def import_state(self, data: bytes | bytearray, tokens: Sequence[int]) -> None:
-        """Replace the context's state with one from `export_state()` of a context of the same model and
-        settings, covering `tokens`; the next `generate()` reuses it as it would its own prefix.
-
-        Raises StateImportError (with the context left empty) when the state does not fit."""
-        tokens = list(tokens)
-        memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-        llama_cpp.llama_memory_clear(memory, False)
-        self.n_tokens = 0
-        self._requires_eval = True
-        if len(tokens) > self._n_ctx:
-            raise StateImportError(f"a saved state of {len(tokens)} tokens exceeds the context ({self._n_ctx})")
-        read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), _SEQ)
-        held = llama_cpp.llama_memory_seq_pos_max(memory, _SEQ) + 1
+    def _import(self, seq: KvSequence, data: bytes | bytearray, tokens: list[int]) -> None:
+        self._clear(seq)
+        if len(tokens) > self.n_cells:
+            raise StateImportError(f"a saved state of {len(tokens)} tokens exceeds the context ({self.n_cells})")
+        read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
+        held = llama_cpp.llama_memory_seq_pos_max(self._memory, seq.seq_id) + 1
         if read == 0 or held != len(tokens):
-            llama_cpp.llama_memory_clear(memory, False)
+            self._clear(seq)
             raise StateImportError(f"a saved state was not loaded (read {read} bytes, {held} of {len(tokens)} cells)")
-        self.input_ids[: len(tokens)] = tokens
-        self.n_tokens = len(tokens)
+        seq.tokens = tokens
 
-    def _init_sampler(  # the library's signature
-        self,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        temp: float = 0.80,
-        repeat_penalty: float = 1.0,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_eta: float = 0.1,
-        mirostat_tau: float = 5.0,
-        penalize_nl: bool = True,
-        logits_processor: Any = None,
-        grammar: Any = None,
-    ) -> internals.LlamaSampler:
-        sampler = internals.LlamaSampler()
-        if self.token_mask is not None:
-            sampler.add_custom(_mask_stage(self.token_mask))
-        if self.logit_bias:
-            sampler.add_logit_bias(self._n_vocab, self.logit_bias)
-        sampler.add_penalties(
-            n_vocab=self._n_vocab,
-            penalty_last_n=self.last_n_tokens_size,
-            penalty_repeat=repeat_penalty,
-            penalty_freq=frequency_penalty,
-            penalty_present=presence_penalty,
-        )
-        if grammar is not None:
-            sampler.add_grammar(self._model, grammar)
-        if temp == 0.0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_k(top_k)
-            sampler.add_typical(typical_p, 1)
-            sampler.add_top_p(top_p, 1)
-            sampler.add_min_p(min_p, 1)
-            sampler.add_temp(temp)
-            sampler.add_dist(self._seed)
-        return sampler
+
+def _reuse(seq: KvSequence, prompt: list[int], salt: str) -> int:
+    return shared_prefix(seq.tokens, prompt) if seq.owner == salt else 0
+
+
+def _sampler(sampling: Sampling, n_vocab: int, matcher: Any) -> internals.LlamaSampler:
+    """A sequence's chain: the constraint's mask, logit bias, penalties, then greedy or top-k/p, min-p, temperature
+    and a seeded draw."""
+    chain = internals.LlamaSampler()
+    if matcher is not None:
+        chain.add_custom(_mask_stage(matcher.mask_logits))
+    if sampling.logit_bias:
+        chain.add_logit_bias(n_vocab, dict(sampling.logit_bias))
+    chain.add_penalties(
+        n_vocab=n_vocab,
+        penalty_last_n=_PENALTY_LAST_N,
+        penalty_repeat=sampling.repetition_penalty or 1.0,
+        penalty_freq=sampling.frequency_penalty,
+        penalty_present=sampling.presence_penalty,
+    )
+    if sampling.temperature == 0.0:
+        chain.add_greedy()
+    else:
+        chain.add_top_k(sampling.top_k or 0)
+        chain.add_top_p(sampling.top_p, 1)
+        chain.add_min_p(sampling.min_p or 0.0, 1)
+        chain.add_temp(sampling.temperature)
+        chain.add_dist(sampling.seed if sampling.seed is not None else random.getrandbits(31))
+    return chain
 
 
 def _mask_stage(mask: Callable[[np.ndarray], None]) -> Callable[[Any], None]:

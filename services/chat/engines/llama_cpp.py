@@ -1,46 +1,42 @@
 """Chat on CPU with llama.cpp (llama-cpp-python): a thin adapter under the generation layer.
 
-It renders with the model's own chat template from the GGUF metadata, tokenizes, and samples tokens for a prompt of
-token ids on a dedicated thread (the library is not thread-safe); tokens travel to the event loop as they are
-sampled, and an abort flag checked before every token stops within one token. Sessions, tools, stop strings and
-`n` are the generation layer's (services/chat/generator.py).
+It renders with the model's own chat template from the GGUF metadata and tokenizes; generation runs in one
+llama.cpp context per worker that decodes many sequences in one batched step (continuous batching:
+services/chat/engines/llama_context.py), so `max_concurrency` is its number of scratch sequences and the generation
+layer's admission lets that many requests run at once. A conversation kept between turns is a resident sequence of
+the same context. Sessions, tools, stop strings and `n` are the generation layer's (services/chat/generator.py).
 
-A context's KV cache is reused when the new prompt shares a prefix with what the context last held (llama-cpp-python
-compares token ids), but never across cache salts (API keys): one tenant's cache never serves another.
+A sequence's KV cells are reused when a new prompt shares a prefix with what it last held, but never across cache
+salts (API keys): one tenant's cache never serves another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import random
-import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import llama_cpp
-import numpy as np
+from llama_cpp import _internals as internals
+from llama_cpp import _logger as llama_logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from services.chat.engines.base import (
-    ChatEngine,
-    EngineEvent,
-    EngineRun,
-    PromptReuse,
-    SequenceEnd,
-    TokenSample,
-    TopLogprob,
-)
-from services.chat.engines.llama_context import ArkLlama, StateImportError
+from services.chat.domain import GenerationRequest
+from services.chat.engines.base import ChatEngine, EngineEvent, EngineRun
+from services.chat.engines.llama_context import BatchContext, KvSequence, StateImportError
 from services.chat.settings import LlamaCppSettings
 from services.common.config import ModelConfig, resolve_model_path
 from services.common.cpu import auto_threads
-from services.common.errors import ArkError
-from services.common.threaded import stream_from_thread
+from services.common.errors import ArkError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
+# KV cells for the running sequences, per sequence: room for a typical prompt and reply each; a longer one borrows
+# from the others, and when the cells run out idle caches are cleared first (llama_context.BatchContext).
+_SCRATCH_CELLS_PER_SEQUENCE = 1024
+# A resident conversation needs this many cells on average; the budget decides how many the worker keeps.
+_RESIDENT_CELLS = 2048
 
 def llama_settings(model: ModelConfig, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], float]:
     """The `Llama(...)` arguments for a model's settings (services/chat/settings.py; `auto` threads resolved for
@@ -57,66 +53,75 @@ def llama_settings(model: ModelConfig, env: Mapping[str, str] | None = None) -> 
     return settings, budget_mb
 
 
-def _kv_bytes(llama: llama_cpp.Llama) -> int:
-    """KV-cache bytes of one context (f16 keys and values for every layer and position)."""
-    meta = llama.metadata
-    arch = meta.get("general.architecture", "llama")
-    layers = int(meta[f"{arch}.block_count"])
-    embd = int(meta[f"{arch}.embedding_length"])
-    heads = int(meta[f"{arch}.attention.head_count"])
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    return 2 * layers * llama.n_ctx() * (embd // heads) * kv_heads * 2
-
-
-def _prefix_length(a: Any, b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def _kv_bytes_per_cell(metadata: Mapping[str, str]) -> int:
+    """KV-cache bytes of one cell (f16 keys and values of one position in every layer)."""
+    arch = metadata.get("general.architecture", "llama")
+    layers = int(metadata[f"{arch}.block_count"])
+    embd = int(metadata[f"{arch}.embedding_length"])
+    heads = int(metadata[f"{arch}.attention.head_count"])
+    kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", heads))
+    return 2 * layers * (embd // heads) * kv_heads * 2
 
 
 class LlamaCppEngine(ChatEngine):
-    """One GGUF model: a scratch context for stateless requests plus resident contexts for sessions."""
+    """One GGUF model: one context of `n_seq` scratch sequences for running requests plus resident sequences for
+    conversations between turns."""
 
     def __init__(self, model: ModelConfig) -> None:
         settings, budget_mb = llama_settings(model)
+        n_seq = settings["n_seq"]
         self.model_id = model.id
         self._path = str(resolve_model_path(model.path))
         self.grammar_vocabulary = self._path  # output constraints compile against this GGUF's vocabulary
-        self._settings = settings
+        # The weights are memory-mapped once; every sequence shares them and the context.
+        llama_logger.set_verbose(False)  # llama.cpp's own log: errors only
+        self._model = internals.LlamaModel(
+            path_model=self._path, params=llama_cpp.llama_model_default_params(), verbose=False
+        )
+        metadata = self._model.metadata()
+        self.context_window = min(settings["n_ctx"], self._model.n_ctx_train())
+        self.vocab_size = self._model.n_vocab()
+        cell = _kv_bytes_per_cell(metadata)
+        resident_cells = int(budget_mb * 1024 * 1024 // cell)
+        self.context_slots = max(1, min(128, resident_cells // _RESIDENT_CELLS))
+        self.max_concurrency = n_seq
+        cells = max(self.context_window, resident_cells + n_seq * _SCRATCH_CELLS_PER_SEQUENCE)
         log.info(
-            "loading %s from %s (%d threads, %d for prompts)",
+            "loading %s from %s: %d sequences at once, %d resident conversations, %d KV cells (%.0f MB), "
+            "%d threads (%d for prompts)",
             model.id,
             self._path,
+            n_seq,
+            self.context_slots,
+            cells,
+            cells * cell / 2**20,
             settings["n_threads"],
             settings["n_threads_batch"],
         )
-        # The weights are memory-mapped once and shared; each further context costs its KV cache and buffers.
-        self._llama = ArkLlama(model_path=self._path, verbose=False, **settings)
-        self.context_window = self._llama.n_ctx()
-        self.vocab_size = self._llama.n_vocab()
-        self.context_slots = max(1, int(budget_mb * 1024 * 1024 // _kv_bytes(self._llama)))
-        log.info("%s: %d resident session contexts (%.0f MB KV budget)", model.id, self.context_slots, budget_mb)
-        template = self._llama.metadata.get("tokenizer.chat_template")
+        self._batch = BatchContext(
+            self._model,
+            n_cells=cells,
+            n_scratch=n_seq,
+            n_resident=self.context_slots,
+            n_batch=settings["n_batch"],
+            n_threads=settings["n_threads"],
+            n_threads_batch=settings["n_threads_batch"],
+            name=model.id,
+        )
+        template = metadata.get("tokenizer.chat_template")
         if not template:
             raise ArkError(f"model {model.id}: the GGUF file carries no chat template")
-        vocab_model = self._llama._model
-        eos_id, bos_id = self._llama.token_eos(), self._llama.token_bos()
-        eos = vocab_model.token_get_text(eos_id) if eos_id != -1 else ""
-        bos = vocab_model.token_get_text(bos_id) if bos_id != -1 else ""
+        eos_id, bos_id = self._model.token_eos(), self._model.token_bos()
+        eos = self._model.token_get_text(eos_id) if eos_id != -1 else ""
+        bos = self._model.token_get_text(bos_id) if bos_id != -1 else ""
         self.eog_token = eos_id
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
         self._formatter_closed = Jinja2ChatFormatter(
             template=template, eos_token=eos, bos_token=bos, add_generation_prompt=False, stop_token_ids=[eos_id]
         )
-        self._vocab = vocab_model.vocab
-        # Asked for every sampled token, on the engine thread and in the generation layer: a set lookup rather than
-        # a foreign call each time.
-        self._eog = frozenset(t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{model.id}")
-        self._cache_owner = ""  # cache salt whose tokens the scratch context currently holds
+        vocab = self._model.vocab
+        # Asked for every sampled token in the generation layer: a set lookup rather than a foreign call each time.
+        self._eog = frozenset(t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, t))
 
     # -- prompt ---------------------------------------------------------------------------------------------------
 
@@ -125,32 +130,39 @@ class LlamaCppEngine(ChatEngine):
         return formatter(messages=list(messages)).prompt
 
     def tokenize(self, text: str) -> list[int]:
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def encode_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         rendered = self._formatter(messages=list(messages))
-        return self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        return self._model.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def is_eog(self, token: int) -> bool:
         return token in self._eog
 
-    # -- contexts -------------------------------------------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        if request.sampling.n > self.max_concurrency:
+            raise InvalidRequestError(
+                f"Invalid value for 'n': this model generates at most {self.max_concurrency} choices at once.",
+                param="n",
+            )
 
-    def new_context(self) -> ArkLlama:
-        return ArkLlama(model_path=self._path, verbose=False, **self._settings)
+    # -- conversations: resident sequences ------------------------------------------------------------------------
 
-    def reset_context(self, context: ArkLlama) -> None:
-        context.reset()
+    def new_context(self) -> KvSequence:
+        return self._batch.resident()
 
-    def context_tokens(self, context: ArkLlama) -> Sequence[int]:
-        return context.state_tokens()
+    def reset_context(self, context: KvSequence) -> None:
+        self._batch.clear(context)
 
-    def export_state(self, context: ArkLlama) -> bytearray:
-        return context.export_state()
+    def context_tokens(self, context: KvSequence) -> Sequence[int]:
+        return tuple(context.tokens)
 
-    def import_state(self, context: ArkLlama, data: bytes | bytearray, tokens: Sequence[int]) -> bool:
+    def export_state(self, context: KvSequence) -> bytearray:
+        return self._batch.export_state(context)
+
+    def import_state(self, context: KvSequence, data: bytes | bytearray, tokens: Sequence[int]) -> bool:
         try:
-            context.import_state(data, tokens)
+            self._batch.import_state(context, data, tokens)
         except StateImportError as exc:
             log.warning("a saved conversation state could not be loaded (%s); it will be recomputed", exc)
             return False
@@ -158,88 +170,31 @@ class LlamaCppEngine(ChatEngine):
 
     # -- generation -----------------------------------------------------------------------------------------------
 
-    def run(self, job: EngineRun) -> AsyncIterator[EngineEvent]:
-        llama = job.context
-        if llama is None:
-            llama = self._llama
-            if self._cache_owner != job.cache_salt:
-                llama.reset()  # no KV reuse across API keys
-                self._cache_owner = job.cache_salt
-        cached = min(_prefix_length(llama._input_ids, job.prompt), len(job.prompt) - 1)
-        return stream_from_thread(
-            self._thread,
-            lambda post, abort: self._run(llama, job, cached, abort, post),
-            is_last=lambda item: item is None,
-        )
+    async def run(self, job: EngineRun) -> AsyncIterator[EngineEvent]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
 
-    def _run(
-        self,
-        llama: ArkLlama,
-        job: EngineRun,
-        cached: int,
-        abort: threading.Event,
-        post: Callable[[EngineEvent | BaseException | None], None],
-    ) -> None:
-        """The `n` sequences one after another, on the engine thread; `None` posted last."""
-        post(PromptReuse(cached))
-        tokens = list(job.prompt)
-        for index in range(job.n):
-            sampling = job.sampling
-            if index and sampling.seed is not None:
-                sampling = replace(sampling, seed=sampling.seed + index)  # n choices, not n copies
-            reason = self._sequence(llama, tokens, index, sampling, job, abort, post)
-            if reason is None:
-                return  # aborted: the consumer is gone
-            post(SequenceEnd(index, reason))
-        post(None)
+        def post(item: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
 
-    def _sequence(self, llama, tokens, index, sampling, job, abort, post) -> str | None:
-        llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
-        llama.logit_bias = dict(sampling.logit_bias)
-        # The output constraint: a fresh matcher per sequence masks every step and consumes every sampled token.
-        matcher = job.constraint.matcher() if job.constraint is not None else None
-        llama.token_mask = matcher.mask_logits if matcher is not None else None
-        top = sampling.top_logprobs if sampling.logprobs else -1
-        stream = llama.generate(
-            tokens,
-            temp=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k or 0,
-            min_p=sampling.min_p or 0.0,
-            repeat_penalty=sampling.repetition_penalty or 1.0,
-            frequency_penalty=sampling.frequency_penalty,
-            presence_penalty=sampling.presence_penalty,
-        )
-        for generated, token in enumerate(stream, start=1):
-            if abort.is_set() or job.abort.is_set():
-                return None
-            if index in job.stopped:
-                return "stopped"
-            piece = llama.detokenize([token])
-            if top >= 0:
-                logprob, best = self._logprobs(llama, token, top)
-                post(TokenSample(index, token, piece, logprob, best))
-            else:
-                post(TokenSample(index, token, piece))
-            if self.is_eog(token):
-                return "eog"
-            if matcher is not None and (not matcher.accept(token) or matcher.terminated):
-                return "grammar"  # the output is complete: nothing but end-of-generation could follow
-            if generated >= job.max_new_tokens:
-                return "length"
-        return "length"
-
-    def _logprobs(self, llama: ArkLlama, token: int, top: int) -> tuple[float, tuple[TopLogprob, ...]]:
-        """Log probabilities of the model's distribution at the position just sampled (before sampling knobs)."""
-        logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(self.vocab_size,))
-        shifted = logits - logits.max()
-        logz = float(np.log(np.exp(shifted).sum()))
-        best = np.argpartition(-shifted, top)[:top] if top else []
-        ranked = sorted(best, key=lambda t: -shifted[t])
-        return float(shifted[token]) - logz, tuple(
-            TopLogprob(int(t), llama.detokenize([int(t)]), float(shifted[t]) - logz) for t in ranked
-        )
+        self._batch.submit(job, post, job.context)
+        released = False
+        try:
+            while True:
+                item = await events.get()
+                if item is None:
+                    released = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.abort.set()
+            # The sequences stay in use until the loop lets the job go (at its next step).
+            while not released:
+                item = await asyncio.shield(events.get())
+                released = item is None
 
     async def close(self) -> None:
-        self._thread.shutdown(wait=True)
-        self._llama.close()
+        await asyncio.to_thread(self._batch.close)
+        self._model.close()
