@@ -80,6 +80,9 @@ RESPONSE_TYPES: dict[str, Any] = {
 # Fields OpenAI's API itself returns that neither its document nor its SDK declares: accepted like extensions.
 UNDECLARED_OPENAI_FIELDS: dict[str, frozenset[str]] = {
     "CreateTranscriptionResponseVerboseJson": frozenset({"task"}),  # "transcribe", in every verbose_json
+    # Whether the response is stored: in every response object OpenAI returns (its API reference's examples).
+    "Response": frozenset({"store"}),
+    "ResponseStreamEvent": frozenset({"response.store"}),
 }
 
 # OpenAPI request schema name -> the TypedDict of the SDK's `create(...)` keyword arguments. The streaming variant
