@@ -49,7 +49,8 @@ def assert_weather_call(call: dict) -> None:
 
 def test_bind_tools_auto_answers_or_calls_the_tool(stack):
     reply = chat(stack).bind_tools([get_weather]).invoke(WEATHER_QUESTION)
-    assert reply.response_metadata["finish_reason"] in {"stop", "tool_calls"}
+    # Under `auto` a small model may answer in prose, and prose may run to max_tokens ("length"); a call is never cut.
+    assert reply.response_metadata["finish_reason"] in {"stop", "tool_calls", "length"}
     if reply.tool_calls:
         assert reply.response_metadata["finish_reason"] == "tool_calls"
         for call in reply.tool_calls:
