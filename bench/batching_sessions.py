@@ -58,7 +58,11 @@ async def user(index: int, url: str, key: str, model: str, delay: float, stats: 
     async with httpx.AsyncClient(timeout=600) as client:  # keeps its cookies: ARK's session
         for turn in range(TURNS + 1):
             body = {"model": model, "messages": messages, "max_tokens": 48, "temperature": 0.0}
-            result = await stream(client, url, key, body, details=True)
+            try:
+                result = await stream(client, url, key, body, details=True)
+            except httpx.HTTPError:  # the server dropped the connection: counted, and this user stops
+                stats["failed"] += 1
+                return
             if result is None:
                 stats["refused"] += 1
                 return
@@ -81,7 +85,7 @@ def play(url: str, key: str, model: str, gap: float, seed: int) -> dict:
     for _ in range(USERS):
         at += rng.expovariate(1 / gap)
         delays.append(at)
-    stats: dict = {"ttft": [], "tokens": 0, "prompt": 0, "cached": 0, "refused": 0}
+    stats: dict = {"ttft": [], "tokens": 0, "prompt": 0, "cached": 0, "refused": 0, "failed": 0}
 
     async def run() -> None:
         await asyncio.gather(*(user(i, url, key, model, delays[i], stats) for i in range(USERS)))
@@ -102,7 +106,7 @@ def summary(name: str, stats: dict) -> str:
         f"{name:<22} {stats['tokens'] / stats['seconds']:7.1f} tok/s  TTFT p50 {statistics.median(every):5.2f} s "
         f"p95 {pct(every, 95):5.2f} s  later turns p50 {statistics.median(later):5.2f} s p95 {pct(later, 95):5.2f} s  "
         f"reused {stats['cached']}/{stats['prompt']} prompt tokens ({stats['cached'] / max(1, stats['prompt']):.0%})"
-        f"  refused {stats['refused']}"
+        f"  refused {stats['refused']}  failed {stats['failed']}"
     )
 
 
@@ -119,6 +123,7 @@ def main() -> None:
     stack = start_stack(tmp / "ark")
     try:
         ark = play(f"{stack.base_url}/chat/completions", stack.api_key, "gpt-4o", args.gap, args.seed)
+        print(summary("ARK (sessions)", ark), flush=True)
     finally:
         stack.stop()
     port = free_port()
