@@ -163,9 +163,13 @@ async def test_a_failed_worker_moves_the_conversation_once_and_renews_the_sessio
 async def test_caps_evict_the_least_recently_used_session_and_record_drops(make_store):
     store = await make_store()
     first = await place(store, conversation="a")
+    await next_millisecond()  # the stores order by last use to the millisecond (Redis' TIME): no ties
     second = await place(store, conversation="b")
+    await next_millisecond()
     await place(store, conversation="c")
+    await next_millisecond()
     await store.get_session(first.session.id, "k")  # first is now more recent than second
+    await next_millisecond()
     result = await store.place("k", MODEL, "", "d", new_session_id="s-4")  # per-key cap 3
     assert [e.id for e in result.ended] == [second.session.id]
     assert (await store.get_session(second.session.id, "k")) is None
@@ -187,6 +191,12 @@ async def test_idle_expiry_is_enforced_by_the_store_and_reported_once(make_store
     assert session.id not in [e.id for e in await store.end_expired()]  # ended once
     _, drops = await store.renew_worker(session.worker_name, session.worker_address, (MODEL,), 4, "first", 30)
     assert drops == [session.id]
+
+
+async def next_millisecond() -> None:
+    """Return once the wall clock's millisecond has moved on (by two, so that clocks read apart agree)."""
+    start = int(time.time() * 1000)
+    await wait_until(lambda: _past((start + 2) / 1000))
 
 
 async def _past(when: float) -> bool:

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 QUEUE_WAIT_SECONDS = 3
+SEQUENCES = 2  # per chat worker (settings.n_seq)
 GRACE_SECONDS = 4
 # Long enough to be cut mid-way, short enough that a test failing midway leaves no long generation behind.
 STREAM_TOKENS = 600
@@ -53,6 +54,9 @@ def faults_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
     tmp = tmp_path_factory.mktemp("faults")
     config = yaml.safe_load((ROOT / "deploy" / "ark.yaml").read_text())
     config["models"] = [m for m in config["models"] if m["capability"] == "chat"]
+    # Few sequences per worker: the overload bursts are sized by what the workers decode at once (the refusal path
+    # is the same whatever that number is), and stay small enough to send on a 2-core machine.
+    config["models"][0]["settings"]["n_seq"] = SEQUENCES
     config_path = tmp / "ark.yaml"
     config_path.write_text(yaml.safe_dump(config))
     stack = start_stack(
@@ -363,11 +367,12 @@ def _overload(stack: RunningStack, factor: int) -> None:
     both_workers_ready(stack)
     # Warm both workers up so that their admission knows how long a request holds a slot.
     _burst(stack, 4)
-    # Capacity: what two workers serve within the wait bound, about (bound / time per request + 1) each.
+    # Capacity: what two workers serve within the wait bound, about (bound / time per request + 1) rounds of their
+    # sequences each (a request alone is as fast as any in a batch, so this errs high: the burst is at least it).
     t0 = time.monotonic()
     complete(stack, "Count from one to twenty.", max_tokens=40)
     per_request = time.monotonic() - t0
-    capacity = 2 * (int(QUEUE_WAIT_SECONDS / max(per_request, 0.05)) + 1)
+    capacity = 2 * SEQUENCES * (int(QUEUE_WAIT_SECONDS / max(per_request, 0.05)) + 1)
     # The burst arrives at once; once it has been refused for load, a request arriving alone shows what a client
     # of a saturated server waits for its 429 (the burst's own refusals queue behind each other in the edge).
     first_refusal = threading.Event()
