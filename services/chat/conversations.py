@@ -135,82 +135,62 @@ class ConversationStates:
     ) -> Checkout:
         """The context to run a request in, holding the best state of its key, and the prompt to run; `release`
         it when the turn is over."""
-        async with self._lock:
-            return await self._checkout(
-                api_key_hash=api_key_hash,
-                session_id=session_id,
-                conversation_key=conversation_key,
-                idle_timeout=idle_timeout,
-                messages=messages,
-                render=render,
-                continue_from=continue_from,
-                encode=encode,
-            )
-
-    async def _checkout(
-        self,
-        *,
-        api_key_hash: str,
-        session_id: str,
-        conversation_key: str,
-        idle_timeout: float,
-        messages: Sequence[Message],
-        render: Render,
-        continue_from: Callable[[Transcript, Sequence[Message]], list[int] | None],
-        encode: Callable[[Sequence[Message]], list[int]],
-    ) -> Checkout:
-        await self.expire_idle()
-        prompt_text = render(messages)
-        plain: list[int] | None = None
-        best: _Candidate | None = None
-        for state, slot in self._states_of(api_key_hash):
-            tokens = None
-            if state.transcript is not None:
-                tokens = continue_from(state.transcript, messages)
-            continued = tokens is not None
-            if tokens is None:
-                plain = plain if plain is not None else encode(messages)
-                tokens = plain
-            held = self._engine.context_tokens(slot.context) if slot is not None else state.tokens
-            matched = shared_prefix(held, tokens)
-            same = bool(conversation_key) and state.conversation_key == conversation_key
-            if not (matched >= MIN_SHARED_TOKENS or (matched and (same or continued))):
-                continue  # a few template tokens in common: not worth saving another conversation's state for
-            if slot is None and not (same or continued) and matched < len(held):
-                continue  # restoring would take another conversation's saved state away from it
-            rank = (matched, same, slot is not None, state.last_used)
-            if best is None or rank > best.rank:
-                best = _Candidate(state, slot, prompt_text, tokens, matched, rank)
-        now = self._clock()
-        if best is None:
+        async with self._lock:  # turns take the store one at a time
+            await self.expire_idle()
+            prompt_text = render(messages)
+            plain: list[int] | None = None
+            best: _Candidate | None = None
+            for state, slot in self._states_of(api_key_hash):
+                tokens = None
+                if state.transcript is not None:
+                    tokens = continue_from(state.transcript, messages)
+                continued = tokens is not None
+                if tokens is None:
+                    plain = plain if plain is not None else encode(messages)
+                    tokens = plain
+                held = self._engine.context_tokens(slot.context) if slot is not None else state.tokens
+                matched = shared_prefix(held, tokens)
+                same = bool(conversation_key) and state.conversation_key == conversation_key
+                if not (matched >= MIN_SHARED_TOKENS or (matched and (same or continued))):
+                    continue  # a few template tokens in common: not worth saving another conversation's state for
+                if slot is None and not (same or continued) and matched < len(held):
+                    continue  # restoring would take another conversation's saved state away from it
+                rank = (matched, same, slot is not None, state.last_used)
+                if best is None or rank > best.rank:
+                    best = _Candidate(state, slot, prompt_text, tokens, matched, rank)
+            now = self._clock()
+            if best is None:
+                slot = await self._free_slot(api_key_hash)
+                if slot is None:
+                    state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
+                    return Checkout(None, state, prompt_text, plain if plain is not None else encode(messages), "")
+                self._engine.reset_context(slot.context)
+                state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
+                return self._bind(slot, state, prompt_text, plain if plain is not None else encode(messages), "")
+            if best.slot is not None:
+                slot = best.slot
+                diverges = best.matched < len(self._engine.context_tokens(slot.context))
+                if diverges and not (conversation_key and best.state.conversation_key == conversation_key):
+                    await self._save(slot)  # another conversation's state: keep it before reusing the shared prefix
+                    state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
+                else:
+                    state = best.state
+                return self._bind(
+                    slot,
+                    self._touch(state, session_id, conversation_key, idle_timeout),
+                    *self._prompt(best),
+                    "resident",
+                )
             slot = await self._free_slot(api_key_hash)
             if slot is None:
                 state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
                 return Checkout(None, state, prompt_text, plain if plain is not None else encode(messages), "")
-            self._engine.reset_context(slot.context)
-            state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
-            return self._bind(slot, state, prompt_text, plain if plain is not None else encode(messages), "")
-        if best.slot is not None:
-            slot = best.slot
-            diverges = best.matched < len(self._engine.context_tokens(slot.context))
-            if diverges and not (conversation_key and best.state.conversation_key == conversation_key):
-                await self._save(slot)  # another conversation's state: keep it before reusing the shared prefix
-                state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
-            else:
-                state = best.state
-            return self._bind(
-                slot, self._touch(state, session_id, conversation_key, idle_timeout), *self._prompt(best), "resident"
-            )
-        slot = await self._free_slot(api_key_hash)
-        if slot is None:
-            state = ConversationState(api_key_hash, session_id, conversation_key, idle_timeout, now)
-            return Checkout(None, state, prompt_text, plain if plain is not None else encode(messages), "")
-        tier = await self._restore(best.state, slot)
-        if not tier:
-            self._engine.reset_context(slot.context)
-            best.state.transcript = None
-        state = self._touch(best.state, session_id, conversation_key, idle_timeout)
-        return self._bind(slot, state, *self._prompt(best), tier)
+            tier = await self._restore(best.state, slot)
+            if not tier:
+                self._engine.reset_context(slot.context)
+                best.state.transcript = None
+            state = self._touch(best.state, session_id, conversation_key, idle_timeout)
+            return self._bind(slot, state, *self._prompt(best), tier)
 
     def _prompt(self, best: _Candidate) -> tuple[str, list[int]]:
         return best.prompt_text, best.tokens

@@ -38,6 +38,7 @@ _SCRATCH_CELLS_PER_SEQUENCE = 1024
 # A resident conversation needs this many cells on average; the budget decides how many the worker keeps.
 _RESIDENT_CELLS = 2048
 
+
 def llama_settings(model: ModelConfig, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], float]:
     """The `Llama(...)` arguments for a model's settings (services/chat/settings.py; `auto` threads resolved for
     `env`, by default this process's environment: services/common/cpu.py), and its session KV budget (MB).
