@@ -28,7 +28,7 @@ test("responses.stream and finalResponse", async () => {
 });
 
 test("responses.parse with zod", async () => {
-  const City = z.object({ name: z.string(), country: z.string() });
+  const City = z.object({ name: z.string().max(40), country: z.string().max(40) });
   const response = await client().responses.parse({
     model: CHAT_MODEL,
     input: "Name a city in Italy.",
@@ -106,8 +106,10 @@ test("AI SDK generateObject", async () => {
   const { openai } = provider();
   const { object } = await generateObject({
     model: openai(CHAT_MODEL),
-    schema: z.object({ name: z.string(), country: z.string() }),
+    // Bounded strings and greedy decoding: unbounded, a tiny model may write one string until the token budget ends.
+    schema: z.object({ name: z.string().max(40), country: z.string().max(40) }),
     prompt: "Name a city in Spain.",
+    temperature: 0,
     maxOutputTokens: 60,
   });
   assert.equal(typeof object.name, "string");
