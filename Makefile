@@ -119,6 +119,7 @@ $(LLAMA_SERVER): | $(BIN)/python
 bench: protos $(LLAMA_SERVER) ## Run the benchmarks (side by side with in-process references)
 	$(BIN)/python -m bench.batching --llama-server $(LLAMA_SERVER)
 	$(BIN)/python -m bench.batching_sessions --llama-server $(LLAMA_SERVER)
+	$(BIN)/python -m bench.responses_agent_loop --llama-server $(LLAMA_SERVER)
 	$(BIN)/python -m bench.chat_latency
 	$(BIN)/python -m bench.cpu_share
 	$(BIN)/python -m bench.transcription_latency
@@ -128,7 +129,6 @@ bench: protos $(LLAMA_SERVER) ## Run the benchmarks (side by side with in-proces
 	$(BIN)/python -m bench.state_restore
 	$(BIN)/python -m bench.multi_user_sessions
 	$(BIN)/python -m bench.session_store
-	$(BIN)/python -m bench.responses_agent_loop
 
 clean: ## Remove generated stubs and caches (keeps .venv)
 	rm -rf gen .pytest_cache .ruff_cache

@@ -5,22 +5,24 @@ facts) and a lookup tool, then take T turns (10). Every other turn is a tool cal
 lookup with `tool_choice: required` (the answer is a function call), and the next turn sends the tool's output with
 the next question. The users take turns round robin, one request at a time, so each conversation's state must
 survive the others' turns. Variants, each user's turn played on every variant in a row (the machine is shared; its
-drift hits them alike; (d) runs after them):
+drift hits them alike; (e) and (d) run after them):
 
     (a) /v1/responses with `previous_response_id`: only the new items are sent;
     (b) /v1/responses with `store: false`, the whole history every turn and `prompt_cache_key` (Codex's shape);
     (c) /v1/chat/completions with the whole history;
-    (e) /v1/chat/completions with the whole history on a stack with sessions off (`sessions.enabled: false`), for
-        fewer users (--e-users, 2 by default: every turn recomputes everything);
-    (d) llama.cpp's `llama-server` /v1/responses: not run. Its build target (`make llama-server`, another change)
-        is not on main yet; `LLAMA_SERVER` (a path to the binary) is the hook: when set, it is started on the chat
-        model's GGUF file at its default settings and played with the whole history like (b).
+    (e) /v1/chat/completions with the whole history on a second stack with sessions off globally
+        (`sessions.enabled: false`), played after (a)-(c) with the same users and turns;
+    (d) llama.cpp's `llama-server` /v1/responses with the whole history like (b), at its default settings (its slots
+        and host prompt cache on), started on the chat model's GGUF file: `--llama-server` (a path to the binary,
+        `make llama-server` builds it; `make bench` passes it). Without it, (d) is not run and the report says so.
 
 Each variant's opening names the variant, so no variant reuses another's states. Every request is streamed; the time
 to first token is the time to the first output item (a text delta or a function call). Goals (issue 20), at the last
-turns: (a) and (b) within 1.1x of (c); (a) >= 15x faster than (e); (a) reuses >= 90 % of each later prompt.
+turns: (a) and (b) within 1.1x of (c); (a) >= 15x faster than (e); (a) faster than (d); (a) reuses >= 90 % of each
+later prompt.
 
-    .venv/bin/python -m bench.responses_agent_loop [--users 8] [--turns 10] [--doc-tokens 1500] [--e-users 2]
+    .venv/bin/python -m bench.responses_agent_loop [--users 8] [--turns 10] [--doc-tokens 1500] \
+        [--llama-server .cache/llama-server/build/bin/llama-server]
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def play_responses(http: httpx.Client, v: Variant, workload: Workload, u: int, t
     v.turns.append(Measured(u, t, ttft, usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"]))
 
 
-def play_chat(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int, *, stateless: bool) -> None:
+def play_chat(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int) -> None:
     st = v.state.setdefault(u, {"messages": [], "call": None})
     instructions, text = user_text(workload, u, t, v.name)
     if instructions:
@@ -167,8 +169,6 @@ def play_chat(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int
         "tool_choice": "required" if t % 2 == 1 else "auto",
         "parallel_tool_calls": False,
     }
-    if stateless:
-        body["session"] = "none"  # ARK's extension: no session, every turn recomputes its history
     ttft, events = _stream(http, f"{v.base_url}/chat/completions", v.key, body)
     text_parts, calls = [], {}
     for e in events:
@@ -201,7 +201,7 @@ def play(http: httpx.Client, v: Variant, workload: Workload, u: int, t: int) -> 
     elif v.name in ("b", "d"):
         play_responses(http, v, workload, u, t, stateful=False)
     else:
-        play_chat(http, v, workload, u, t, stateless=v.name == "e")
+        play_chat(http, v, workload, u, t)
 
 
 def last(v: Variant, turns: int) -> list[Measured]:
@@ -224,7 +224,7 @@ def report(variants: list[Variant], turns: int) -> None:
     if "e" in medians and "a" in medians:
         print(f"(e) / (a) at the last turn: {medians['e'] / medians['a']:.1f}x   (goal >= 15x)")
     if "d" in medians and "a" in medians:
-        print(f"(d) / (a) at the last turn: {medians['d'] / medians['a']:.1f}x")
+        print(f"(d) / (a) at the last turn: {medians['d'] / medians['a']:.1f}x   (goal > 1: (a) faster than (d))")
     print("(one run on a shared 2-core machine: other processes add noise to every figure)")
 
 
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--doc-tokens", type=int, default=1500)
-    parser.add_argument("--e-users", type=int, default=2)
+    parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ""), help="llama-server binary")
     args = parser.parse_args()
     model_path = resolve_model_path(load_config(env={}).models_for(Capability.CHAT)[0].path)
     workload = Workload(model_path, args.users, args.turns - 1, args.doc_tokens)
@@ -269,21 +269,23 @@ def main() -> None:
         Variant("a", "(a) responses, previous_response_id", "", "", args.users),
         Variant("b", "(b) responses, store:false + prompt_cache_key", "", "", args.users),
         Variant("c", "(c) chat completions, full history", "", "", args.users),
-        Variant("e", "(e) chat completions, no session", "", "", args.e_users),
     ]
+    off = Variant("e", "(e) chat completions, sessions off", "", "", args.users)
     processes = []
     try:
         with stack_for(tmp / "stack", patient, ark):
             run_turns(ark, workload, args.turns)
-        variants = list(ark)
-        if binary := os.environ.get("LLAMA_SERVER"):
-            process, url = start_llama_server(binary, model_path, tmp / "llama-server.log")
+        with stack_for(tmp / "stack-sessions-off", patient | {"ARK__SESSIONS__ENABLED": "false"}, [off]):
+            run_turns([off], workload, args.turns)
+        variants = [*ark, off]
+        if args.llama_server:
+            process, url = start_llama_server(args.llama_server, model_path, tmp / "llama-server.log")
             processes.append(process)
-            d = Variant("d", "(d) llama-server /v1/responses, full history", url, "none", args.e_users)
+            d = Variant("d", "(d) llama-server /v1/responses, full history", url, "none", args.users)
             run_turns([d], workload, args.turns)
             variants.append(d)
         else:
-            print("(d) llama-server: not run (set LLAMA_SERVER to its binary; `make llama-server` is not on main yet)")
+            print("(d) llama-server: not run (--llama-server names its binary; `make llama-server` builds it)")
         report(variants, args.turns)
     finally:
         for process in processes:
