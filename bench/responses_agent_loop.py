@@ -79,12 +79,13 @@ class Variant:
     state: dict[int, Any] = field(default_factory=dict)
 
 
-def _stream(http: httpx.Client, url: str, key: str, body: dict) -> tuple[float, list[dict]]:
-    """POST a streaming request; (seconds to the first output, the data events)."""
+def _stream(http: httpx.Client, url: str, key: str, body: dict, *, fresh: bool = False) -> tuple[float, list[dict]]:
+    """POST a streaming request; (seconds to the first output, the data events). `fresh`: on a connection of its
+    own (llama-server closes a kept-alive connection after a stream, and the next request on it would fail)."""
     start = time.perf_counter()
     first = 0.0
     events: list[dict] = []
-    headers = {"authorization": f"Bearer {key}"}
+    headers = {"authorization": f"Bearer {key}"} | ({"connection": "close"} if fresh else {})
     with http.stream("POST", url, json=body, headers=headers, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: {r.status_code} {r.read()[:300]!r}")
@@ -138,7 +139,7 @@ def play_responses(http: httpx.Client, v: Variant, workload: Workload, u: int, t
         body |= {"input": new, "previous_response_id": st["previous"]}
     else:
         body |= {"input": st["items"] + new, "store": False, "prompt_cache_key": f"{v.name}-user-{u}"}
-    ttft, events = _stream(http, f"{v.base_url}/responses", v.key, body)
+    ttft, events = _stream(http, f"{v.base_url}/responses", v.key, body, fresh=v.name == "d")
     final = events[-1]["response"]
     if final["status"] not in ("completed", "incomplete"):
         raise RuntimeError(f"{v.name}: response {final['status']}: {final.get('error')}")
