@@ -380,6 +380,11 @@ def test_conversations_hold_the_turns_of_their_responses(client):
     assert second["conversation"] == {"id": cid}
     cached = second["usage"]["input_tokens_details"]["cached_tokens"]
     assert cached >= first["usage"]["input_tokens"] + first["usage"]["output_tokens"] - 2
+    # A response of a conversation continues over previous_response_id too: its history is the conversation's
+    # items before its own, then its own.
+    third = create(client, previous_response_id=second["id"], input="Thanks.", max_output_tokens=8)
+    cached = third["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached >= second["usage"]["input_tokens"] + second["usage"]["output_tokens"] - 2
     page = json.loads(client.conversations.items.with_raw_response.list(cid, order="asc").text)
     validate("ConversationItemList", page)
     roles = [i.get("role") for i in page["data"]]
