@@ -77,7 +77,6 @@ class Plan:
     response: Response
     job: Prepared
     input_items: list[dict[str, Any]]
-    context: list[dict[str, Any]]
     session_id: str
     conversation_id: str | None
     ignored_params: list[str]
@@ -320,7 +319,6 @@ class Responses:
             response=response,
             job=job,
             input_items=[i for i in resolved if i["type"] != "item_reference"],
-            context=context + resolved,
             session_id=session_id,
             conversation_id=conversation_id,
             ignored_params=ignored,
