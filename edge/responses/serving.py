@@ -176,8 +176,6 @@ class Responses:
         newest: Stored | None = None
         link: str | None = response_id
         for _ in range(self._limits.max_messages):
-            if not link:
-                break
             try:
                 stored = await self.stored.get(owner, RESPONSE, link)
             except NotFoundError:
@@ -200,6 +198,8 @@ class Responses:
                 segments.append(await self._conversation_before(owner, record["conversation_id"], own))
                 break
             link = record["response"].get("previous_response_id")
+            if not link:
+                break
         else:
             raise InvalidRequestError(
                 f"The chain of previous responses is longer than {self._limits.max_messages} responses.",
