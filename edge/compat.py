@@ -64,7 +64,11 @@ CHAT_COMPLETIONS: dict[str, Param] = {
     "seed": Param(S, "same seed, same output on the same worker while it runs nothing else"),
     "stream_options": Param(S, "`include_usage`; `include_obfuscation` is ignored"),
     "tools": Param(S, "`function` tools (`strict` too); names unique; arguments constrained to the function's schema"),
-    "tool_choice": Param(S, "`auto`, `none`, `required`, or a named function"),
+    "tool_choice": Param(
+        S,
+        "`auto`, `none`, `required`, a named function, or `allowed_tools`; the prompt lists every tool whatever the "
+        "choice (the output constraint enforces it, so a conversation's turns share their prompt)",
+    ),
     "parallel_tool_calls": Param(
         S, "supported: up to `limits.structured_output.max_parallel_tool_calls` calls per turn; `false` allows one"
     ),
@@ -146,13 +150,13 @@ RESPONSES: dict[str, Param] = {
         "`function` tools (`strict` too); built-in tools (web search, file search, code interpreter, computer, MCP, "
         "image generation) are refused with a 400 naming the tool",
     ),
-    "tool_choice": Param(
-        S, "`auto`, `none`, `required`, a named function, or `allowed_tools` (the prompt lists only the allowed tools)"
-    ),
+    "tool_choice": Param(S, "as for chat: `auto`, `none`, `required`, a named function, or `allowed_tools`"),
     "parallel_tool_calls": Param(S, "as for chat"),
     "max_tool_calls": Param(IGN, "ARK runs no built-in tools; one turn makes the calls the model writes"),
     "text": Param(
-        S, "`format`: `text`, `json_object`, `json_schema` (on chat's constraint engine); `verbosity` is ignored"
+        S,
+        "`format`: `text`, `json_object`, `json_schema` (on chat's constraint engine; with tools on `auto`, a call "
+        "or an answer in the format); `verbosity` is ignored",
     ),
     "max_output_tokens": Param(
         S, "a cut answer has status `incomplete`, `incomplete_details.reason: max_output_tokens`"

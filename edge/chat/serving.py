@@ -7,9 +7,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.types import Receive
 
@@ -85,10 +85,34 @@ class _Choice:
         return message
 
 
+T = TypeVar("T")
+
+
 async def _disconnect(receive: Receive) -> None:
     """Return when the client disconnects (the body is already read: the server has nothing else to deliver)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive, cancel: Callable[[], None]) -> T | None:
+    """`work`'s result, or None if the client of a non-streaming request disconnects first; then `work` is
+    cancelled and `cancel` is called (it cancels the worker's call, which aborts the generation within a token).
+
+    Starlette does not cancel a handler whose client went away; without this a generation would run to its end
+    for nobody.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            cancel()
+    if not task.done() or task.cancelled():
+        return None
+    return task.result()
 
 
 def _finish(finished: pb.GenerationFinished) -> str:
@@ -180,19 +204,10 @@ class ChatCompletions:
         """
         if receive is None:
             return await self._complete(job, running)
-        work = asyncio.ensure_future(self._complete(job, running))
-        gone = asyncio.ensure_future(_disconnect(receive))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
-                running.stream.cancel()
-        if not work.done() or work.cancelled():
+        completion = await unless_disconnected(self._complete(job, running), receive, running.stream.cancel)
+        if completion is None:
             log.info("request %s: the client went away; generation cancelled", job.request.request_id)
-            return None
-        return work.result()
+        return completion
 
     async def _complete(self, job: Prepared, running: Running) -> dict[str, Any]:
         choices: dict[int, _Choice] = {}

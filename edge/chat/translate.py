@@ -275,9 +275,33 @@ def _tool_choice(choice: str | dict[str, Any] | None, has_tools: bool) -> pb.Too
         if not has_tools:
             raise InvalidRequestError("tool_choice names a function but no 'tools' were given.", param="tool_choice")
         return pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function_name=str(choice["function"].get("name", "")))
+    if (
+        isinstance(choice, dict)
+        and choice.get("type") == "allowed_tools"
+        and isinstance(choice.get("allowed_tools"), dict)
+    ):
+        allowed = choice["allowed_tools"]
+        names = [
+            str(t["function"].get("name", ""))
+            for t in allowed.get("tools") or []
+            if isinstance(t, dict) and isinstance(t.get("function"), dict)
+        ]
+        return allowed_tools_choice(allowed.get("mode", "auto"), names, has_tools)
     raise InvalidRequestError(
-        "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or a function.", param="tool_choice"
+        "Invalid value for 'tool_choice': expected 'none', 'auto', 'required', a function or allowed_tools.",
+        param="tool_choice",
     )
+
+
+def allowed_tools_choice(mode: Any, names: list[str], has_tools: bool) -> pb.ToolChoice:
+    """OpenAI's `allowed_tools`: auto or required among the named functions. The tools themselves stay as given
+    (the worker's constraint enforces the restriction), so the prompt is the same whatever the choice."""
+    if mode not in ("auto", "required"):
+        raise InvalidRequestError("tool_choice.mode must be 'auto' or 'required'.", param="tool_choice.mode")
+    if not names or not has_tools:
+        raise InvalidRequestError("tool_choice.allowed_tools names no function tools.", param="tool_choice")
+    kind = pb.TOOL_CHOICE_MODE_AUTO if mode == "auto" else pb.TOOL_CHOICE_MODE_REQUIRED
+    return pb.ToolChoice(mode=kind, allowed_function_names=names)
 
 
 def logprobs_to_json(positions: Any) -> list[dict[str, Any]]:

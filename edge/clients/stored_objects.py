@@ -36,10 +36,12 @@ class Stored:
     record: dict[str, Any]
     session_id: str
     created_at: int
+    # The version read: an update given it applies only if nobody wrote the object since (else ConflictError).
+    etag: str = ""
 
 
 def _stored(o: pb.StoredObject) -> Stored:
-    return Stored(o.id, json.loads(o.payload_json or "{}"), o.session_id, o.create_time.seconds)
+    return Stored(o.id, json.loads(o.payload_json or "{}"), o.session_id, o.create_time.seconds, o.etag)
 
 
 def _items(items: list[tuple[str, dict[str, Any]]]) -> list[pb.StoredItem]:
@@ -77,10 +79,17 @@ class StoredObjects:
         return _stored((await self._call(self._stub.GetStoredObject, request)).object)
 
     async def update(
-        self, owner: str, kind: int, object_id: str, record: dict[str, Any], *, session_id: str = ""
+        self, owner: str, kind: int, object_id: str, record: dict[str, Any], *, session_id: str = "", etag: str = ""
     ) -> Stored:
+        """Replace the record; with `etag` (a `Stored.etag`), only if the object is still that version, else
+        ConflictError."""
         request = pb.UpdateStoredObjectRequest(
-            api_key_hash=owner, kind=kind, id=object_id, payload_json=json.dumps(record), session_id=session_id
+            api_key_hash=owner,
+            kind=kind,
+            id=object_id,
+            payload_json=json.dumps(record),
+            session_id=session_id,
+            etag=etag,
         )
         return _stored((await self._call(self._stub.UpdateStoredObject, request)).object)
 

@@ -10,6 +10,10 @@
   generation with an error (the response ends `failed`); an edge that stops cleanly marks its running responses
   `failed`; an edge that is killed stops its heartbeat, and the first read after STALE_SECONDS without one (from
   any edge) marks the response `failed` with the reason.
+- Several edges write one stored response (its heartbeat, a cancel, its end, a stale mark), each a read-modify-
+  write: every one is a compare-and-set on the version read (`transition`, the registry's etag), retried on a
+  concurrent write, and none writes over a final status. So the final status is written once: a cancel that
+  lands as the generation ends either wins (the end is not stored) or finds the response finished (a 400).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 from edge.clients.stored_objects import RESPONSE, RESPONSE_EVENTS, Stored, StoredObjects
 from edge.responses.schemas import Event, Response, ResponseError
-from services.common.errors import ArkError
+from services.common.errors import ArkError, ConflictError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ FLUSH_SECONDS = 0.1
 # Several heartbeats: a busy machine may delay one, never this many.
 STALE_SECONDS = 15.0
 POLL_SECONDS = 0.1
+# Writers of one response: its runner's heartbeat, a cancel, a stale mark; a few retries always settle them.
+TRANSITION_ATTEMPTS = 8
 TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
@@ -47,6 +53,10 @@ def failed_record(record: dict[str, Any], message: str) -> dict[str, Any]:
     response.status = "failed"
     response.error = ResponseError(code="server_error", message=message)
     return {**record, "response": response.model_dump(mode="json")}
+
+
+def _fail_unless_final(message: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    return lambda record: None if record["response"]["status"] in TERMINAL else failed_record(record, message)
 
 
 class BackgroundRuns:
@@ -95,29 +105,58 @@ class BackgroundRuns:
                 return  # cancelled by a client: the generation is aborted (closing `events`), the store says so
             # The edge is stopping: the response ends `failed`, never stays in progress.
             with contextlib.suppress(ArkError, asyncio.CancelledError):
-                stored = await self._stored.get(owner, RESPONSE, response_id)
-                if stored.record["response"]["status"] not in TERMINAL:
-                    record = failed_record(stored.record, "The server running this response stopped.")
-                    await self._stored.update(owner, RESPONSE, response_id, record)
+                await self.transition(
+                    owner, response_id, _fail_unless_final("The server running this response stopped.")
+                )
             raise
         except ArkError as exc:
             log.warning("background response %s: %s", response_id, exc.message)
         finally:
             watcher.cancel()
 
+    async def transition(
+        self,
+        owner: str,
+        response_id: str,
+        change: Callable[[dict[str, Any]], dict[str, Any] | None],
+        *,
+        session_id: str = "",
+    ) -> Stored:
+        """Apply `change` to the stored record as one compare-and-set, re-read and retried after a concurrent write;
+        the record as stored after it. `change` returns the new record, or None to leave it as it is (it is final
+        already, say). `session_id`, when given, is stored with the new record."""
+        for _ in range(TRANSITION_ATTEMPTS):
+            stored = await self._stored.get(owner, RESPONSE, response_id)
+            record = change(stored.record)
+            if record is None:
+                return stored
+            try:
+                return await self._stored.update(
+                    owner, RESPONSE, response_id, record, session_id=session_id, etag=stored.etag
+                )
+            except ConflictError:
+                continue
+        raise UnavailableError(f"The response {response_id} is being written by others; retry.")
+
     async def _mark_in_progress(self, owner: str, response_id: str) -> None:
-        stored = await self._stored.get(owner, RESPONSE, response_id)
-        response = stored.record["response"]
-        if response["status"] == "queued":  # unless already cancelled
-            record = {**stored.record, "response": {**response, "status": "in_progress"}, "heartbeat_at": time.time()}
-            await self._stored.update(owner, RESPONSE, response_id, record)
+        def start(record: dict[str, Any]) -> dict[str, Any] | None:
+            response = record["response"]
+            if response["status"] != "queued":  # cancelled already
+                return None
+            return {**record, "response": {**response, "status": "in_progress"}, "heartbeat_at": time.time()}
+
+        await self.transition(owner, response_id, start)
 
     async def _watch(self, owner: str, response_id: str) -> None:
         """Heartbeat, and abort the generation when another edge (or this one) cancelled the response."""
+
+        def beat(record: dict[str, Any]) -> dict[str, Any] | None:
+            return None if record["response"]["status"] in TERMINAL else {**record, "heartbeat_at": time.time()}
+
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
-                stored = await self._stored.get(owner, RESPONSE, response_id)
+                stored = await self.transition(owner, response_id, beat)
                 if stored.record["response"]["status"] == "cancelled":
                     self._cancelled.add(response_id)
                     if (task := self._tasks.get(response_id)) is not None:
@@ -125,7 +164,6 @@ class BackgroundRuns:
                     return
                 if stored.record["response"]["status"] in TERMINAL:
                     return
-                await self._stored.update(owner, RESPONSE, response_id, {**stored.record, "heartbeat_at": time.time()})
             except ArkError as exc:
                 log.warning("background response %s: heartbeat failed: %s", response_id, exc.message)
 
@@ -148,11 +186,12 @@ class BackgroundRuns:
     async def current(self, owner: str, response_id: str) -> Stored:
         """The stored response, marked failed first if the process running it is gone."""
         stored = await self._stored.get(owner, RESPONSE, response_id)
-        if stale(stored.record, time.time()):
-            record = failed_record(stored.record, "The server running this response stopped before it finished.")
-            await self._stored.update(owner, RESPONSE, response_id, record)
-            return Stored(stored.id, record, stored.session_id, stored.created_at)
-        return stored
+        if not stale(stored.record, time.time()):
+            return stored
+        gone = "The server running this response stopped before it finished."
+        return await self.transition(
+            owner, response_id, lambda r: failed_record(r, gone) if stale(r, time.time()) else None
+        )
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())

@@ -30,7 +30,7 @@ async def _sse(responses: Responses, plan: Plan, running):
 
 @router.post("/v1/responses", response_model=None)
 async def create_response(
-    body: Annotated[CreateResponse, json_body(CreateResponse)], ctx: Ctx, responses: ResponsesDep
+    request: Request, body: Annotated[CreateResponse, json_body(CreateResponse)], ctx: Ctx, responses: ResponsesDep
 ) -> Response:
     plan = await responses.prepare(body, request_id=ctx.request_id, api_key_hash=ctx.api_key_hash)
     headers = {"x-ark-ignored-params": ",".join(plan.ignored_params)} if plan.ignored_params else {}
@@ -45,7 +45,9 @@ async def create_response(
         return StreamingResponse(
             _sse(responses, plan, running), media_type="text/event-stream", headers=headers | sse.HEADERS
         )
-    final = await responses.complete(plan, running)
+    final = await responses.complete(plan, running, request.receive)
+    if final is None:  # the client went away: nobody reads this
+        return Response(status_code=499)
     return JSONResponse(final.model_dump(mode="json"), headers=headers)
 
 

@@ -24,11 +24,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.types import Receive
+
 from edge.catalog import Catalog
 from edge.chat.schemas import ChatMessageIn
-from edge.chat.serving import DEFAULT_KEEPALIVE_SECONDS, ChatCompletions, Prepared, Running
+from edge.chat.serving import DEFAULT_KEEPALIVE_SECONDS, ChatCompletions, Prepared, Running, unless_disconnected
 from edge.chat.translate import FINISH_REASONS, fingerprint
-from edge.clients.stored_objects import CONVERSATION, RESPONSE, RESPONSE_EVENTS, StoredObjects
+from edge.clients.stored_objects import CONVERSATION, RESPONSE, RESPONSE_EVENTS, Stored, StoredObjects
 from edge.compat import RESPONSES, apply_policy
 from edge.responses import items as it
 from edge.responses import translate
@@ -75,7 +77,6 @@ class Plan:
     response: Response
     job: Prepared
     input_items: list[dict[str, Any]]
-    context: list[dict[str, Any]]
     session_id: str
     conversation_id: str | None
     ignored_params: list[str]
@@ -96,6 +97,12 @@ def _failure_code(err: ArkError) -> str:
     if isinstance(err, OverloadedError):
         return "rate_limit_exceeded"
     return "server_error"
+
+
+def _own_items(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stored response's own items: its input, then its finished output."""
+    output = record.get("response", {}).get("output", [])
+    return [*record.get("input", []), *(o for o in output if o.get("status") != "in_progress")]
 
 
 def _echo_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -145,16 +152,8 @@ class Responses:
                 param="conversation",
             )
         if body.previous_response_id:
-            try:
-                previous = await self.stored.get(owner, RESPONSE, body.previous_response_id)
-            except NotFoundError:
-                raise InvalidRequestError(
-                    f"Previous response with id '{body.previous_response_id}' not found.",
-                    param="previous_response_id",
-                    code="previous_response_not_found",
-                ) from None
-            record = previous.record
-            return record["context"], previous.session_id, record["conversation_key"], None
+            history, previous = await self._chain(owner, body.previous_response_id)
+            return history, previous.session_id, previous.record.get("conversation_key", ""), None
         if body.conversation:
             conversation_id = body.conversation if isinstance(body.conversation, str) else body.conversation.get("id")
             if not isinstance(conversation_id, str):
@@ -164,6 +163,60 @@ class Responses:
             key = conversation.record.get("conversation_key", "")
             return items, conversation.session_id, key, conversation_id
         return [], "", "", None
+
+    async def _chain(self, owner: str, response_id: str) -> tuple[list[dict[str, Any]], Stored]:
+        """(the items of a stored response's whole chain, oldest first; the response).
+
+        A stored response holds only its own input and output items and names its previous response, so storage
+        grows linearly with a conversation's turns; the chain is walked back through those links, at most
+        `limits.max_messages` of them (each adds at least one message). A missing link (a response deleted or
+        expired) is OpenAI's 400 for an unknown previous response, naming it.
+        """
+        segments: list[list[dict[str, Any]]] = []
+        newest: Stored | None = None
+        link: str | None = response_id
+        for _ in range(self._limits.max_messages):
+            try:
+                stored = await self.stored.get(owner, RESPONSE, link)
+            except NotFoundError:
+                raise InvalidRequestError(
+                    f"Previous response with id '{link}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                ) from None
+            newest = newest or stored
+            record = stored.record
+            if "input" not in record:  # stored before responses were linked: nothing to continue from
+                raise InvalidRequestError(
+                    f"Previous response with id '{link}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            own = _own_items(record)
+            segments.append(own)
+            if record.get("conversation_id"):  # its history is the conversation's items before its own
+                segments.append(await self._conversation_before(owner, record["conversation_id"], own))
+                break
+            link = record["response"].get("previous_response_id")
+            if not link:
+                break
+        else:
+            raise InvalidRequestError(
+                f"The chain of previous responses is longer than {self._limits.max_messages} responses.",
+                param="previous_response_id",
+            )
+        assert newest is not None
+        return [item for segment in reversed(segments) for item in segment], newest
+
+    async def _conversation_before(self, owner: str, conversation_id: str, own: list[dict]) -> list[dict]:
+        """A conversation's items ahead of a response's own items (all of them if those are gone from it)."""
+        try:
+            items, _ = await self.stored.list_items(owner, CONVERSATION, conversation_id)
+        except NotFoundError:
+            return []
+        ids = [i.get("id") for i in items]
+        starts = [ids.index(o["id"]) for o in own if o.get("id") in ids]
+        return items[: min(starts)] if starts else items
 
     async def _conversation(self, owner: str, conversation_id: str):
         try:
@@ -185,7 +238,7 @@ class Responses:
         if hex_id is not None and self._stored is not None:
             try:
                 record = (await self._stored.get(owner, RESPONSE, "resp_" + hex_id)).record
-                for known in record["context"]:
+                for known in _own_items(record):
                     if known.get("id") == reference:
                         return known
             except NotFoundError:
@@ -266,7 +319,6 @@ class Responses:
             response=response,
             job=job,
             input_items=[i for i in resolved if i["type"] != "item_reference"],
-            context=context + resolved,
             session_id=session_id,
             conversation_id=conversation_id,
             ignored_params=ignored,
@@ -317,6 +369,8 @@ class Responses:
         except ArkError as exc:
             response.status = "failed"
             response.error = ResponseError(code="server_error", message=f"The response could not be stored: {exc}")
+        if response.status == "cancelled":
+            return  # a cancel won the race with the end: the log ends as for any cancelled response
         final = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
             response.status, "response.failed"
         )
@@ -479,17 +533,19 @@ class Responses:
             return
         response = plan.response
         session_id = running.session.session_id if running is not None and running.session is not None else ""
-        # What a continuation renders: the history, this input and this output (never the instructions).
-        context = plan.context + [o for o in response.output if o["status"] != "in_progress"]
-        context = [c for c in context if c["type"] != "item_reference"]
         if response.store:
-            record = {
-                "response": response.model_dump(mode="json"),
-                "context": context,
-                "conversation_key": plan.job.conversation_key,
-            }
-            if response.background:  # created when it was queued
-                await self._stored.update(plan.owner, RESPONSE, response.id, record, session_id=session_id)
+            record = {"response": response.model_dump(mode="json"), **self._links(plan)}
+            if response.background:  # created when it was queued; its final status is written once
+                assert self.background is not None
+                stored = await self.background.transition(
+                    plan.owner,
+                    response.id,
+                    lambda r: None if r["response"]["status"] in TERMINAL else record,
+                    session_id=session_id,
+                )
+                if stored.record["response"]["status"] == "cancelled":
+                    response.status = "cancelled"  # a cancel came first: the end is not stored
+                    return
             else:
                 items = [(i["id"], i) for i in plan.input_items]
                 await self._stored.create(plan.owner, RESPONSE, response.id, record, session_id=session_id, items=items)
@@ -501,17 +557,35 @@ class Responses:
                 record = {**conversation.record, "conversation_key": plan.job.conversation_key}
                 await self._stored.update(plan.owner, CONVERSATION, plan.conversation_id, record, session_id=session_id)
 
-    async def complete(self, plan: Plan, running: Running) -> Response:
-        """Run to the end; the final Response (a failure after start raises, as a JSON error body)."""
+    @staticmethod
+    def _links(plan: Plan) -> dict[str, Any]:
+        """What a stored response keeps beside its body for continuations: its own input (the output is in the
+        body), the conversation key its state runs under, and its conversation (the previous response is in the
+        body); never the history (instructions are never carried over either)."""
+        links: dict[str, Any] = {"input": plan.input_items, "conversation_key": plan.job.conversation_key}
+        if plan.conversation_id:
+            links["conversation_id"] = plan.conversation_id
+        return links
+
+    async def complete(self, plan: Plan, running: Running, receive: Receive) -> Response | None:
+        """Run to the end; the final Response (a failure after start raises, as a JSON error body), or None when
+        the client went away first: then the generation is cancelled on its worker and nothing is stored."""
+        final = await unless_disconnected(self._final(plan, running), receive, running.stream.cancel)
+        if final is None:
+            log.info("response %s: the client went away; generation cancelled", plan.response.id)
+            return None
+        if plan.failure is not None:
+            raise plan.failure
+        if final.status == "failed" and final.error is not None:
+            raise InternalError(final.error.message)
+        return final
+
+    async def _final(self, plan: Plan, running: Running) -> Response:
         final: Response | None = None
         async for event in self.events(plan, running):
             if isinstance(event, ResponseEvent):
                 final = event.response
         assert final is not None
-        if plan.failure is not None:
-            raise plan.failure
-        if final.status == "failed" and final.error is not None:
-            raise InternalError(final.error.message)
         return final
 
     # -- stored responses -------------------------------------------------------------------------------------------
@@ -520,7 +594,7 @@ class Responses:
         """Store the response `queued` and run it on this edge; returns the queued response."""
         assert self.background is not None
         plan.response.status = "queued"
-        record = {"context": plan.context, "conversation_key": plan.job.conversation_key}
+        record = {"response": plan.response.model_dump(mode="json"), **self._links(plan)}
         items = [(i["id"], i) for i in plan.input_items]
         await self.background.begin(plan.owner, plan.response, record, items)
         queued = plan.response.model_copy(deep=True)
@@ -557,14 +631,21 @@ class Responses:
         response = Response.model_validate(record.record["response"])
         if not response.background:
             raise InvalidRequestError("Only responses created with background=true can be cancelled.")
-        if response.status in TERMINAL:
-            raise InvalidRequestError(f"Cannot cancel a response with status '{response.status}'.")
-        # The edge running it reads this within a heartbeat and aborts the generation on its worker.
-        response.status = "cancelled"
-        await self.stored.update(
-            owner, RESPONSE, response_id, {**record.record, "response": response.model_dump(mode="json")}
-        )
-        return response
+        assert self.background is not None
+        found: list[str] = []
+
+        def cancel(current: dict[str, Any]) -> dict[str, Any] | None:
+            found.append(current["response"]["status"])
+            if found[-1] in TERMINAL:
+                return None
+            return {**current, "response": {**current["response"], "status": "cancelled"}}
+
+        # The edge running it reads this within a heartbeat and aborts the generation on its worker; written as a
+        # compare-and-set, so a response that has just ended is reported ended, never turned into cancelled.
+        stored = await self.background.transition(owner, response_id, cancel)
+        if found[-1] in TERMINAL:
+            raise InvalidRequestError(f"Cannot cancel a response with status '{found[-1]}'.")
+        return Response.model_validate(stored.record["response"])
 
     async def input_items(
         self, owner: str, response_id: str, *, after: str, limit: int, order: str

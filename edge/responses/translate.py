@@ -52,29 +52,20 @@ def function_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_choice(choice: str | dict[str, Any] | None, tools: list[dict[str, Any]]) -> tuple[Any, list[dict]]:
-    """(chat's tool_choice, the tools offered). `allowed_tools` narrows the tools to its list."""
+def _tool_choice(choice: str | dict[str, Any] | None, tools: list[dict[str, Any]]) -> pb.ToolChoice:
+    """Chat's tool choice for a Responses `tool_choice` (whose dict forms are flat: `{type, name}`, `{type, mode,
+    tools}`); the offered tools are never narrowed, so every turn of a conversation renders the same prompt."""
     if isinstance(choice, dict):
         kind = choice.get("type")
         if kind == "function":
-            return {"type": "function", "function": {"name": choice.get("name", "")}}, tools
+            return chat._tool_choice({"type": "function", "function": {"name": choice.get("name", "")}}, bool(tools))
         if kind == "allowed_tools":
-            allowed = {t.get("name") for t in choice.get("tools") or [] if isinstance(t, dict)}
-            narrowed = [t for t in tools if t["function"].get("name") in allowed]
-            if not narrowed:
-                raise InvalidRequestError(
-                    "tool_choice.allowed_tools names none of the request's function tools.", param="tool_choice"
-                )
-            mode = choice.get("mode", "auto")
-            if mode not in ("auto", "required"):
-                raise InvalidRequestError("tool_choice.mode must be 'auto' or 'required'.", param="tool_choice.mode")
-            return mode, narrowed
+            names = [str(t.get("name", "")) for t in choice.get("tools") or [] if isinstance(t, dict)]
+            return chat.allowed_tools_choice(choice.get("mode", "auto"), names, bool(tools))
         if kind in BUILT_IN_TOOLS:
             raise UnsupportedParameterError(f"The built-in tool '{kind}' is not supported.", param="tool_choice")
         raise InvalidRequestError(f"Invalid value for 'tool_choice': type {kind!r}.", param="tool_choice")
-    if choice is None:
-        return None, tools
-    return choice, tools
+    return chat._tool_choice(choice, bool(tools))
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -134,15 +125,14 @@ def request_to_proto(
     sampling.logprobs = check_include(body.include)
     sampling.top_logprobs = body.top_logprobs or 0 if sampling.logprobs else 0
     tools = function_tools(body.tools)
-    choice, offered = _tool_choice(body.tool_choice, tools)
     request = pb.StreamGenerateChatCompletionRequest(
         request_id=request_id,
         model=model_id,
         messages=messages,
         sampling=sampling,
         response_format=chat._response_format(_response_format(body.text)),
-        tools=chat._tools(offered),
-        tool_choice=chat._tool_choice(choice, bool(offered)),
+        tools=chat._tools(tools),
+        tool_choice=_tool_choice(body.tool_choice, tools),
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
     request.session.api_key_hash = api_key_hash

@@ -1,6 +1,6 @@
 """Output constraints for JSON mode, JSON Schema outputs and tool calls, on llguidance.
 
-A request's `response_format` or `tools` become one grammar (services.chat.grammar.lark). On the way:
+A request's `response_format`, `tools` and `tool_choice` become one grammar (services.chat.grammar.lark). On the way:
 
 1. The schema is checked in pure Python against what the constraint engine enforces and the configured limits
    (services.chat.grammar.schema_check): a keyword that cannot be enforced, a remote `$ref`, a bound out of range
@@ -27,7 +27,13 @@ from typing import Any
 
 from services.chat.domain import GenerationRequest, ResponseFormatType, Tool, ToolChoiceMode
 from services.chat.grammar.compile_worker import CompileRefused, CompileWorker, ParserLimits
-from services.chat.grammar.lark import json_object_grammar, json_schema_grammar, tool_calls_grammar
+from services.chat.grammar.lark import (
+    TEXT_ANSWER,
+    json_answer,
+    json_schema_grammar,
+    no_call_grammar,
+    tool_calls_grammar,
+)
 from services.chat.grammar.schema_check import SchemaLimits, check_schema
 from services.common.config import StructuredOutputLimits
 from services.common.errors import InvalidRequestError
@@ -144,20 +150,50 @@ def _arguments_schema(tool: Tool, index: int, limits: SchemaLimits) -> dict[str,
     return schema
 
 
+def _answer_schema(request: GenerationRequest, limits: SchemaLimits) -> dict[str, Any] | None:
+    """The JSON Schema a non-call answer must follow (`response_format`), or None for free text."""
+    fmt = request.response_format
+    if fmt.type is ResponseFormatType.JSON_OBJECT:
+        return {"type": "object"}
+    if fmt.type is ResponseFormatType.JSON_SCHEMA:
+        where = "response_format.json_schema.schema"
+        # Closed like tool arguments: an application parses the fields it declared, and an open object lets a
+        # small model run on with made-up keys until max_tokens cuts the JSON.
+        return _closed(_parse(fmt.json_schema, limits, param="response_format", where=where))
+    return None
+
+
+def _callable(request: GenerationRequest) -> list[tuple[int, Tool]]:
+    """The tools the model may call (with their index in `tools`): all, the named one, or the allowed ones."""
+    choice = request.tool_choice
+    chosen = list(enumerate(request.tools))
+    if choice.mode is ToolChoiceMode.FUNCTION:
+        chosen = [(i, t) for i, t in chosen if t.name == choice.function_name]
+        if not chosen:
+            raise InvalidRequestError(
+                f"tool_choice names '{choice.function_name[:64]}', which is not among the tools.", param="tool_choice"
+            )
+    elif choice.allowed:
+        chosen = [(i, t) for i, t in chosen if t.name in choice.allowed]
+        if not chosen:
+            raise InvalidRequestError(
+                "tool_choice.allowed_tools names none of the request's function tools.", param="tool_choice"
+            )
+    return chosen
+
+
 def constraint_spec(request: GenerationRequest, config: StructuredOutputLimits) -> _Spec | None:
-    """The grammar a request asks for, after every check that needs no compiling (raises InvalidRequestError)."""
+    """The grammar a request asks for, after every check that needs no compiling (raises InvalidRequestError).
+
+    Every tool of the request stays in the prompt whatever `tool_choice` says (the prompt of a conversation's turns
+    must not change with it, or the turns stop sharing their prefix): `tool_choice` acts here only, on what the
+    output may be — no call ("none"), calls of the allowed or named functions only, a call required or not.
+    """
     limits = _limits(config)
-    tools = request.tools
+    schema = _answer_schema(request, limits)
     mode = request.tool_choice.mode
-    if tools and mode is not ToolChoiceMode.NONE:
-        chosen = list(enumerate(tools))
-        if mode is ToolChoiceMode.FUNCTION:
-            chosen = [(i, t) for i, t in chosen if t.name == request.tool_choice.function_name]
-            if not chosen:
-                raise InvalidRequestError(
-                    f"tool_choice names '{request.tool_choice.function_name[:64]}', which is not among the tools.",
-                    param="tool_choice",
-                )
+    if request.tools and mode is not ToolChoiceMode.NONE:
+        chosen = _callable(request)
         total = sum(len(t.parameters_json.encode()) for _, t in chosen)
         if total > limits.max_schema_bytes:
             raise InvalidRequestError(
@@ -170,18 +206,16 @@ def constraint_spec(request: GenerationRequest, config: StructuredOutputLimits) 
         # repeat the call until max_tokens cuts the last one.
         parallel = request.parallel_tool_calls and mode is not ToolChoiceMode.FUNCTION
         max_calls = config.max_parallel_tool_calls if parallel else 1
-        auto = mode is ToolChoiceMode.AUTO
-        grammar = tool_calls_grammar(schemas, max_calls=max_calls, allow_text=auto)
-        return _Spec(grammar, ToolCallMode.AUTO if auto else ToolCallMode.REQUIRED, max_calls, "tools")
-    fmt = request.response_format
-    if fmt.type is ResponseFormatType.JSON_OBJECT:
-        return _Spec(json_object_grammar(), ToolCallMode.NONE, 0, "response_format")
-    if fmt.type is ResponseFormatType.JSON_SCHEMA:
-        where = "response_format.json_schema.schema"
-        # Closed like tool arguments: an application parses the fields it declared, and an open object lets a
-        # small model run on with made-up keys until max_tokens cuts the JSON.
-        schema = _closed(_parse(fmt.json_schema, limits, param="response_format", where=where))
+        if mode is ToolChoiceMode.AUTO:
+            answer = TEXT_ANSWER if schema is None else json_answer(schema)
+            grammar = tool_calls_grammar(schemas, max_calls=max_calls, answer=answer)
+            return _Spec(grammar, ToolCallMode.AUTO, max_calls, "tools")
+        grammar = tool_calls_grammar(schemas, max_calls=max_calls, answer=None)
+        return _Spec(grammar, ToolCallMode.REQUIRED, max_calls, "tools")
+    if schema is not None:
         return _Spec(json_schema_grammar(schema), ToolCallMode.NONE, 0, "response_format")
+    if request.tools:
+        return _Spec(no_call_grammar(), ToolCallMode.NONE, 0, "tool_choice")
     return None
 
 

@@ -91,6 +91,8 @@ class ToolChoiceMode(StrEnum):
 class ToolChoice:
     mode: ToolChoiceMode = ToolChoiceMode.AUTO
     function_name: str = ""
+    # AUTO or REQUIRED restricted to these functions (OpenAI's `allowed_tools`); empty: every tool.
+    allowed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

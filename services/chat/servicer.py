@@ -96,7 +96,9 @@ def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> Generatio
         ),
         tools=tools,
         tool_choice=ToolChoice(
-            _TOOL_MODES.get(req.tool_choice.mode, ToolChoiceMode.AUTO), req.tool_choice.function_name
+            _TOOL_MODES.get(req.tool_choice.mode, ToolChoiceMode.AUTO),
+            req.tool_choice.function_name,
+            tuple(req.tool_choice.allowed_function_names),
         ),
         parallel_tool_calls=req.parallel_tool_calls,
         session_id=req.session.session_id,

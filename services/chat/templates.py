@@ -9,13 +9,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from services.chat.domain import GenerationRequest, Message, Role, ToolChoiceMode
+from services.chat.domain import GenerationRequest, Message, Role
 from services.chat.tools import format_calls, tool_instructions
 
 
 def with_tool_instructions(request: GenerationRequest) -> tuple[Message, ...]:
-    """The messages, with the tool-calling instructions added to (or as) the system message."""
-    if not request.tools or request.tool_choice.mode is ToolChoiceMode.NONE:
+    """The messages, with the tool-calling instructions added to (or as) the system message.
+
+    Every tool is described whatever `tool_choice` says ("none" and `allowed_tools` included; the output
+    constraint enforces it): a conversation's turns then render the same prompt prefix and reuse each other's state.
+    """
+    if not request.tools:
         return request.messages
     instructions = tool_instructions(request.tools)
     first = request.messages[0]

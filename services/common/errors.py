@@ -94,6 +94,15 @@ class ModelNotFoundError(NotFoundError):
         super().__init__(f"The model `{clip(model)}` does not exist or you do not have access to it.", param="model")
 
 
+class ConflictError(ArkError):
+    """A conditional update found the object changed since it was read (another writer came first)."""
+
+    http_status = 409
+    grpc_code = grpc.StatusCode.ABORTED
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class RequestTooLargeError(ArkError):
     """The body (or an upload) exceeds a configured limit."""
 

@@ -9,13 +9,14 @@ session store uses (services/sessions/redis_objects.py), which every registry an
 
 from __future__ import annotations
 
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.config import SessionsConfig
-from services.common.errors import InvalidRequestError, QuotaExceededError
+from services.common.errors import ConflictError, InvalidRequestError, QuotaExceededError
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,19 @@ class StoredObject:
     session_id: str
     created_at: float
     expires_at: float
+
+    @property
+    def etag(self) -> str:
+        """The payload's SHA-1 (hex): what a conditional update compares (the Redis store's Lua computes the same)."""
+        return payload_etag(self.payload)
+
+
+def payload_etag(payload: str) -> str:
+    return hashlib.sha1(payload.encode()).hexdigest()  # a version tag, not a security boundary
+
+
+def changed(kind: str, object_id: str) -> ConflictError:
+    return ConflictError(f"The {kind} {object_id!r} changed since it was read; read it again.")
 
 
 def quota_exceeded(kind: str, limit: int) -> QuotaExceededError:
@@ -62,9 +76,10 @@ class ObjectStore(ABC):
 
     @abstractmethod
     async def update(
-        self, owner: str, kind: str, object_id: str, payload: str, session_id: str = ""
+        self, owner: str, kind: str, object_id: str, payload: str, session_id: str = "", etag: str = ""
     ) -> StoredObject | None:
-        """Replace the payload (and the session, when given); None when there is no such object."""
+        """Replace the payload (and the session, when given); None when there is no such object. With `etag`, only
+        if the object's is still that one, else ConflictError (a compare-and-set)."""
 
     @abstractmethod
     async def delete(self, owner: str, kind: str, object_id: str) -> StoredObject | None:
@@ -148,10 +163,12 @@ class InMemoryObjectStore(ObjectStore):
         entry = self._live(owner, kind, object_id)
         return None if entry is None else self._record(kind, object_id, entry)
 
-    async def update(self, owner, kind, object_id, payload, session_id=""):
+    async def update(self, owner, kind, object_id, payload, session_id="", etag=""):
         entry = self._live(owner, kind, object_id)
         if entry is None:
             return None
+        if etag and payload_etag(entry.payload) != etag:
+            raise changed(kind, object_id)
         entry.payload = payload
         entry.session_id = session_id or entry.session_id
         return self._record(kind, object_id, entry)

@@ -16,7 +16,15 @@ from redis.exceptions import RedisError, ResponseError
 
 from services.common.config import SessionsConfig
 from services.common.errors import UnavailableError
-from services.sessions.objects import ObjectStore, StoredItem, StoredObject, id_taken, page, quota_exceeded
+from services.sessions.objects import (
+    ObjectStore,
+    StoredItem,
+    StoredObject,
+    changed,
+    id_taken,
+    page,
+    quota_exceeded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +64,10 @@ if not owned() then return false end
 return record()
 """
 
-# ARGV: prefix, owner, kind, id, payload, session ('' keeps it)
+# ARGV: prefix, owner, kind, id, payload, session ('' keeps it), etag ('' for none: the payload's SHA-1)
 _UPDATE = """
 if not owned() then return false end
+if ARGV[7] ~= '' and redis.sha1hex(redis.call('HGET', ok_, 'payload')) ~= ARGV[7] then return 'changed' end
 redis.call('HSET', ok_, 'payload', ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', ok_, 'session', ARGV[6]) end
 return record()
@@ -150,8 +159,11 @@ class RedisObjectStore(ObjectStore):
     async def get(self, owner, kind, object_id):
         return self._object(kind, object_id, await self._run(self._get, owner, kind, object_id))
 
-    async def update(self, owner, kind, object_id, payload, session_id=""):
-        return self._object(kind, object_id, await self._run(self._update, owner, kind, object_id, payload, session_id))
+    async def update(self, owner, kind, object_id, payload, session_id="", etag=""):
+        raw = await self._run(self._update, owner, kind, object_id, payload, session_id, etag)
+        if raw == "changed":
+            raise changed(kind, object_id)
+        return self._object(kind, object_id, raw)
 
     async def delete(self, owner, kind, object_id):
         return self._object(kind, object_id, await self._run(self._delete, owner, kind, object_id))

@@ -78,6 +78,7 @@ def _stored(kind: int, record: StoredObject | None, object_id: str) -> pb.Stored
         session_id=record.session_id,
         create_time=_ts(record.created_at),
         expire_time=_ts(record.expires_at),
+        etag=record.etag,
     )
 
 
@@ -103,7 +104,12 @@ class StoredObjectsServicer:
 
     async def UpdateStoredObject(self, request: pb.UpdateStoredObjectRequest, context) -> pb.UpdateStoredObjectResponse:
         record = await self._registry.objects.update(
-            request.api_key_hash, _kind(request.kind), request.id, request.payload_json, request.session_id
+            request.api_key_hash,
+            _kind(request.kind),
+            request.id,
+            request.payload_json,
+            request.session_id,
+            request.etag,
         )
         return pb.UpdateStoredObjectResponse(object=_stored(request.kind, record, request.id))
 

@@ -4,6 +4,8 @@ objects scoped to their API key, background responses, and OpenAI's errors."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 
@@ -12,6 +14,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from edge.clients.stored_objects import RESPONSE, StoredObjects
+from services.common.config import api_key_hash
 from tests.support.openapi import validate
 from tests.support.stack import RunningStack
 
@@ -85,6 +89,32 @@ def test_previous_response_id_continues_on_the_state_of_the_whole_chain(client):
     assert branch["usage"]["input_tokens_details"]["cached_tokens"] > 0
 
 
+async def test_a_stored_response_holds_its_own_items_and_links_to_the_previous(client, stack: RunningStack):
+    first = create(client, instructions="You are terse.", input="My name is Ada.", max_output_tokens=16)
+    second = create(client, previous_response_id=first["id"], input="What is my name?", max_output_tokens=16)
+    third = create(client, previous_response_id=second["id"], input="Spell it.", max_output_tokens=8)
+    # The chain was rebuilt from the links: the whole of it is reused.
+    cached = third["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached >= second["usage"]["input_tokens"] + second["usage"]["output_tokens"] - 2
+    stored = StoredObjects(stack.addresses["registry"], token=stack.internal_token)
+    try:
+        record = (await stored.get(api_key_hash(stack.api_key), RESPONSE, third["id"])).record
+    finally:
+        await stored.close()
+    # Its own input and output only (storage grows linearly with the turns), and the link to the previous one.
+    assert [i["content"][0]["text"] for i in record["input"]] == ["Spell it."] and "context" not in record
+    assert [o["id"] for o in record["response"]["output"]] == [o["id"] for o in third["output"]]
+    assert record["response"]["previous_response_id"] == second["id"]
+    # input_items lists the response's own input, as OpenAI does for a response made with previous_response_id.
+    assert [i.content[0].text for i in client.responses.input_items.list(third["id"]).data] == ["Spell it."]
+    # A missing link is OpenAI's 400 for an unknown previous response, naming it.
+    client.responses.delete(second["id"])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="x", previous_response_id=third["id"], max_output_tokens=4)
+    assert e.value.body["param"] == "previous_response_id" and second["id"] in e.value.message
+    assert client.responses.retrieve(third["id"]).id == third["id"]
+
+
 def test_stream_events_follow_the_spec(client):
     seen = []
     # The SDK's helper needs `response.completed`: the answer must end before its bound.
@@ -148,7 +178,6 @@ def test_function_call_round_trip_over_previous_response_id(client):
         input=[{"type": "function_call_output", "call_id": calls[0]["call_id"], "output": '{"celsius": 21}'}],
         max_output_tokens=30,
     )
-    # (tool_choice `none` would take the tools out of the prompt, and with them the reuse.)
     assert second["output"]
     assert second["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"]
     # The same reuse as chat completions gets for the same turns (a conversation of its own: another city).
@@ -192,6 +221,51 @@ def test_allowed_tools_and_named_tool_choice(client):
         client, input="Hi", tools=[WEATHER, other_tool], tool_choice={"type": "function", "name": "get_weather"}
     )
     assert body["output"][0]["name"] == "get_weather"
+
+
+def test_a_turn_with_another_tool_choice_still_reuses_the_whole_chain(client):
+    # tool_choice changes what the output may be, never the prompt: every turn renders the same tools.
+    other_tool = {**WEATHER, "name": "get_time", "description": "Current time of a city."}
+    tools = [WEATHER, other_tool]
+    first = create(
+        client, input="What is the weather in Paris?", tools=tools, tool_choice="required", parallel_tool_calls=False
+    )
+    [call] = [o for o in first["output"] if o["type"] == "function_call"]
+    second = create(
+        client,
+        previous_response_id=first["id"],
+        tools=tools,
+        tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": call["call_id"], "output": '{"celsius": 21}'}],
+        max_output_tokens=30,
+    )
+    assert [o["type"] for o in second["output"]] == ["message"]
+    assert second["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"]
+    third = create(
+        client,
+        previous_response_id=second["id"],
+        tools=tools,
+        tool_choice={"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"}]},
+        input="And what time is it there?",
+        parallel_tool_calls=False,
+    )
+    assert [o["name"] for o in third["output"] if o["type"] == "function_call"] == ["get_time"]
+    assert third["usage"]["input_tokens_details"]["cached_tokens"] >= second["usage"]["input_tokens"]
+
+
+def test_a_json_schema_answer_beside_tools_on_auto(client):
+    # The model calls a tool or answers in the schema (OpenAI applies both); this question has no tool to call.
+    parsed = client.responses.parse(
+        model=MODEL,
+        input="Name a city in France.",
+        text_format=City,
+        tools=[WEATHER],
+        tool_choice="auto",
+        max_output_tokens=60,
+        temperature=0,
+    )
+    assert [o.type for o in parsed.output] == ["message"] and isinstance(parsed.output_parsed, City)
+    validate("Response", json.loads(client.responses.with_raw_response.retrieve(parsed.id).text))
 
 
 def test_item_reference_and_input_items(client):
@@ -306,6 +380,11 @@ def test_conversations_hold_the_turns_of_their_responses(client):
     assert second["conversation"] == {"id": cid}
     cached = second["usage"]["input_tokens_details"]["cached_tokens"]
     assert cached >= first["usage"]["input_tokens"] + first["usage"]["output_tokens"] - 2
+    # A response of a conversation continues over previous_response_id too: its history is the conversation's
+    # items before its own, then its own.
+    third = create(client, previous_response_id=second["id"], input="Thanks.", max_output_tokens=8)
+    cached = third["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached >= second["usage"]["input_tokens"] + second["usage"]["output_tokens"] - 2
     page = json.loads(client.conversations.items.with_raw_response.list(cid, order="asc").text)
     validate("ConversationItemList", page)
     roles = [i.get("role") for i in page["data"]]
@@ -356,6 +435,58 @@ def test_background_poll_resume_and_cancel(client, stack: RunningStack):
     assert final.status == "cancelled"
     with pytest.raises(openai.BadRequestError):
         client.responses.cancel(long.id)
+
+
+def generating(stack: RunningStack) -> float:
+    """Generations running on the chat workers now (their gRPC calls in flight)."""
+    total = 0.0
+    for worker in ("chat-1", "chat-2"):
+        for line in httpx.get(stack.metrics_url(worker), timeout=5).text.splitlines():
+            if line.startswith("ark_grpc_requests_in_flight{") and 'method="StreamGenerateChatCompletion"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_until(condition, within: float, what: str) -> float:
+    """Seconds until `condition()` holds (polled); fails after `within`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < within, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+# An answer that cannot end early: a string of at least 10,000 characters (thousands of tokens, tens of seconds).
+ENDLESS = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 10000}},
+    "required": ["story"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("endpoint", ["responses", "chat/completions"])
+async def test_a_non_streaming_client_that_goes_away_cancels_its_generation(stack: RunningStack, endpoint: str):
+    await asyncio.to_thread(wait_until, lambda: generating(stack) == 0, 120, "idle workers")
+    if endpoint == "responses":
+        fmt = {"format": {"type": "json_schema", "name": "s", "schema": ENDLESS}}
+        body = {"model": MODEL, "input": "Write a very long story.", "max_output_tokens": 4000, "text": fmt}
+    else:
+        fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": ENDLESS}}
+        messages = [{"role": "user", "content": "Write a very long story."}]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 4000, "response_format": fmt}
+    headers = {"authorization": f"Bearer {stack.api_key}"}
+    async with httpx.AsyncClient(timeout=300) as http:
+        request = asyncio.ensure_future(http.post(f"{stack.base_url}/{endpoint}", json=body, headers=headers))
+        await asyncio.to_thread(wait_until, lambda: generating(stack) == 1, 60, "the generation to start")
+        assert not request.done()
+        request.cancel()  # closes the connection, as a client that goes away does
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+    # The edge cancels the worker's call at once and the worker aborts within a token; the generation itself would
+    # run for thousands of tokens more.
+    freed = await asyncio.to_thread(wait_until, lambda: generating(stack) == 0, 10, "the worker to drop the generation")
+    print(f"\n[figures] {endpoint}: worker idle {freed:.2f} s after the client left")
 
 
 def test_deleting_a_response_drops_its_conversation_state_on_the_worker(client):

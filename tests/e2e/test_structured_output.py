@@ -77,6 +77,45 @@ def test_strict_pydantic_tool_with_defs_round_trip(client):
     assert raw.parse().choices[0].finish_reason in ("stop", "tool_calls", "length")
 
 
+def test_a_json_schema_answer_beside_tools_on_auto(client):
+    # The model calls a tool or answers in the schema (OpenAI applies both); this question has no tool to call.
+    raw = client.chat.completions.with_raw_response.parse(
+        model="gpt-4o",
+        messages=ask("Give me the capital of France as a city record."),
+        response_format=City,
+        tools=[openai.pydantic_function_tool(GetWeather)],
+        tool_choice="auto",
+        temperature=0,
+        max_tokens=120,
+    )
+    validate("CreateChatCompletionResponse", json.loads(raw.text))
+    choice = raw.parse().choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert isinstance(choice.message.parsed, City)
+
+
+def test_tool_choice_none_and_allowed_tools_keep_the_prompt(client):
+    # Every tool stays in the prompt whatever tool_choice says, so the turns share it; the constraint decides.
+    tools = [openai.pydantic_function_tool(GetWeather), openai.pydantic_function_tool(City, name="get_city")]
+    messages = ask("What is the weather in Paris?")
+    required = client.chat.completions.create(
+        model="gpt-4o", messages=messages, tools=tools, tool_choice="required", temperature=0, max_tokens=80
+    )
+    none = client.chat.completions.create(
+        model="gpt-4o", messages=messages, tools=tools, tool_choice="none", temperature=0, max_tokens=20
+    )
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+    assert none.usage.prompt_tokens == required.usage.prompt_tokens
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_city"}}
+    ]}}  # fmt: skip
+    only_city = client.chat.completions.create(
+        model="gpt-4o", messages=messages, tools=tools, tool_choice=allowed, temperature=0, max_tokens=120
+    )
+    assert {c.function.name for c in only_city.choices[0].message.tool_calls} == {"get_city"}
+    assert only_city.usage.prompt_tokens == required.usage.prompt_tokens
+
+
 def sse_chunks(stack, body: dict) -> list[dict]:
     with httpx.stream(
         "POST",

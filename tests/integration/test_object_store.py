@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from services.common.config import SessionsConfig
-from services.common.errors import InvalidRequestError, QuotaExceededError
+from services.common.errors import ConflictError, InvalidRequestError, QuotaExceededError
 from services.sessions.objects import InMemoryObjectStore, ObjectStore, StoredItem
 from services.sessions.redis_objects import RedisObjectStore
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
@@ -67,6 +67,20 @@ async def test_update_replaces_the_payload_and_keeps_the_session_unless_given(ma
     assert (await store.update("k", "conversation", "conv_1", '{"x":2}', "s1")).session_id == "s1"
     updated = await store.update("k", "conversation", "conv_1", '{"x":3}')
     assert updated.payload == '{"x":3}' and updated.session_id == "s1"
+
+
+async def test_an_update_with_an_etag_applies_only_to_the_version_read(make_store):
+    store = await make_store()
+    read = await store.create("k1", "response", "resp_1", '{"status":"in_progress"}', "", [])
+    # Two writers read the same version; the first write wins, the second finds it changed.
+    first = await store.update("k1", "response", "resp_1", '{"status":"cancelled"}', etag=read.etag)
+    assert first.payload == '{"status":"cancelled"}' and first.etag != read.etag
+    with pytest.raises(ConflictError):
+        await store.update("k1", "response", "resp_1", '{"status":"completed"}', etag=read.etag)
+    assert (await store.get("k1", "response", "resp_1")).payload == '{"status":"cancelled"}'
+    again = await store.update("k1", "response", "resp_1", '{"status":"cancelled","n":1}', etag=first.etag)
+    assert again.etag == (await store.get("k1", "response", "resp_1")).etag
+    assert await store.update("k2", "response", "resp_1", "{}", etag=first.etag) is None  # another key's: absent
 
 
 async def test_items_page_in_both_orders(make_store):

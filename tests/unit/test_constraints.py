@@ -3,6 +3,7 @@
 No model weights are loaded (only the GGUF's vocabulary); matchers are driven with the tokens of known texts.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -129,6 +130,43 @@ async def test_auto_allows_text_or_calls_and_a_named_function_only_itself(compil
     named = await compiler.build(tools_request(ToolChoiceMode.FUNCTION, name="get_time"))
     assert drive(compiler, named, '{"name": "get_weather", "arguments": {"city": "x"}}') is None
     assert drive(compiler, named, '{"name": "get_time", "arguments": {}}') is not None
+
+
+async def test_auto_with_a_json_schema_is_a_call_or_an_answer_in_the_schema(compiler):
+    answer = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    fmt = ResponseFormat(ResponseFormatType.JSON_SCHEMA, json.dumps(answer), "s")
+    request = dataclasses.replace(tools_request(ToolChoiceMode.AUTO), response_format=fmt)
+    constraint = await compiler.build(request)
+    assert constraint.tool_call is ToolCallMode.AUTO
+    assert drive(compiler, constraint, '{"name": "get_time", "arguments": {}}') is not None
+    assert drive(compiler, constraint, '{"n": 42}').terminated
+    assert drive(compiler, constraint, "Hello") is None  # free text is no longer an answer
+    assert drive(compiler, constraint, '{"m": 1}') is None
+    # JSON mode the same way.
+    json_mode = dataclasses.replace(request, response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT))
+    constraint = await compiler.build(json_mode)
+    assert drive(compiler, constraint, '{"anything": [1]}').terminated
+    assert drive(compiler, constraint, "Hello") is None
+
+
+async def test_tool_choice_none_with_tools_forbids_a_call_and_allows_text(compiler):
+    constraint = await compiler.build(tools_request(ToolChoiceMode.NONE))
+    assert constraint.tool_call is ToolCallMode.NONE
+    assert drive(compiler, constraint, "Hello {not a call}") is not None
+    assert drive(compiler, constraint, '{"answer": 1}') is not None
+    assert drive(compiler, constraint, '{"name": "get_time", "arguments": {}}') is None
+    assert drive(compiler, constraint, ' {"name"') is None
+
+
+async def test_allowed_tools_restrict_the_calls_to_their_names(compiler):
+    request = dataclasses.replace(
+        tools_request(ToolChoiceMode.REQUIRED), tool_choice=ToolChoice(ToolChoiceMode.REQUIRED, allowed=("get_time",))
+    )
+    constraint = await compiler.build(request)
+    assert drive(compiler, constraint, '{"name": "get_weather", "arguments": {"city": "x"}}') is None
+    assert drive(compiler, constraint, '{"name": "get_time", "arguments": {}}') is not None
+    with pytest.raises(InvalidRequestError):
+        await compiler.build(dataclasses.replace(request, tool_choice=ToolChoice(allowed=("nope",))))
 
 
 async def test_a_named_tool_choice_is_exactly_one_call_even_with_parallel_calls_allowed(compiler):

@@ -89,11 +89,16 @@ def test_function_tools_text_format_and_sampling_reach_the_chat_request():
     assert request.sampling.max_tokens == 7 and request.sampling.logprobs and request.sampling.top_logprobs == 3
 
 
-def test_allowed_tools_narrow_the_tools_offered():
+def test_allowed_tools_restrict_the_calls_and_keep_every_tool_in_the_prompt():
     tools = [{"type": "function", "name": n} for n in ("a", "b")]
     choice = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "b"}]}
     request = proto(tools=tools, tool_choice=choice)
-    assert [t.name for t in request.tools] == ["b"] and request.tool_choice.mode == pb.TOOL_CHOICE_MODE_REQUIRED
+    assert [t.name for t in request.tools] == ["a", "b"] and request.tool_choice.mode == pb.TOOL_CHOICE_MODE_REQUIRED
+    assert list(request.tool_choice.allowed_function_names) == ["b"]
+    with pytest.raises(InvalidRequestError):
+        proto(tools=tools, tool_choice={**choice, "mode": "none"})
+    request = proto(tools=tools, tool_choice="none")
+    assert [t.name for t in request.tools] == ["a", "b"] and request.tool_choice.mode == pb.TOOL_CHOICE_MODE_NONE
 
 
 def test_unknown_include_values_are_refused():

@@ -64,6 +64,19 @@ def test_auto_mode_detects_a_call():
     assert parser.made_call and calls_of(deltas)[0]["arguments"] == "{}"
 
 
+def test_auto_mode_passes_a_json_answer_through_as_content():
+    for answer in ('{"n": 42}', '{"name": "Ada", "age": 3}', '{"name": 1}'):
+        parser = ToolCallParser(expect_call=False)
+        text, deltas = feed(parser, [answer[i : i + 2] for i in range(0, len(answer), 2)])
+        assert text == answer and deltas == [] and not parser.made_call
+
+
+def test_auto_mode_cut_before_a_call_was_known_is_content():
+    parser = ToolCallParser(expect_call=False)
+    text, deltas = feed(parser, ['{"name": "Al'])
+    assert text == '{"name": "Al' and deltas == [] and not parser.made_call
+
+
 def test_a_call_cut_short_keeps_what_it_streamed():
     parser = ToolCallParser(expect_call=True)
     _, deltas = feed(parser, ['{"name": "f", "arguments": {"city": "Par'])
