@@ -36,6 +36,8 @@ class Embeddings:
 
     def prepare(self, body: EmbeddingRequest, *, request_id: str) -> Prepared:
         model = self._catalog.resolve(body.model, Capability.EMBEDDINGS)
+        # Under overload, refused before its inputs are checked and translated (edge/clients/embeddings.py).
+        self._backend.admit(model.id, translate.input_count(body.input))
         ignored = apply_policy(EMBEDDINGS, body)
         request = translate.request_to_proto(
             body,
