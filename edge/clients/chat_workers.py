@@ -4,7 +4,8 @@ Routing: a stateless request goes to the worker that is up and would start it so
 by the load each worker reports to the health probes (its running requests against its sequences, and its queue:
 every edge's calls), corrected by this edge's calls since that report (edge/clients/worker_load.py). Counting only
 this edge's own calls was blind to the others': with two edges, a stream waited 5.2 s for its first token on one
-worker while the other was idle. A session's request goes to its worker (placed by the registry).
+worker while the other was idle. A session's request goes to its worker, placed by the registry: a new
+conversation on one of the workers that would start it soonest (`soonest()`, sent with the placement request).
 A worker that refused a request for load is not called again for `edge.overload_hold_seconds` (edge/saturation.py):
 when that is every worker, the edge answers 429 itself, in well under a millisecond.
 
@@ -375,6 +376,15 @@ class ChatWorkers:
         if overloaded is not None:
             raise overloaded
         raise UnavailableError("No chat worker is available right now. Retry shortly.", retry_after=1)
+
+    def soonest(self) -> list[str]:
+        """The addresses of the workers that would start a new request soonest (ties all included): where the
+        registry places a new conversation (edge/sessions/placement.py)."""
+        ready = [w for w in self._configured if w.routable and w.saturation.remaining == 0]
+        if not ready:
+            return []
+        best = min(w.load.rank(w.calls) for w in ready)
+        return [w.address for w in ready if w.load.rank(w.calls) == best]
 
     async def _start(self, worker: _Worker, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
         observer = ChatStreamObserver(request.model)
