@@ -21,7 +21,8 @@ batches from the waiting requests and hands them to the encoder:
 - a cancelled request (client gone) is dropped from the queue before its remaining sequences are encoded;
 - admission by time, not just length: a request is refused at once (OverloadedError, HTTP 429 with Retry-After)
   when the wait it can expect exceeds `max_wait_seconds` (the tokens queued ahead of it times the recent encoding
-  cost per padded token, shared by the encoders), or when `max_queued` sequences are already waiting or admitted;
+  cost per padded token, shared by the encoders; an admitted request still being tokenized counts at the recent
+  tokens per input), or when `max_queued` sequences are already waiting or admitted;
   the embedder asks (`admit`, which holds the request's place) before it tokenizes, so a refusal costs no
   tokenizing. A request none of whose sequences has reached an encoder after `max_wait_seconds` is refused then
   too, so nobody waits past the bound. Waits and refusals are the
@@ -103,6 +104,7 @@ class Batcher:
         self._queued_tokens = 0  # tokens of the waiting sequences
         self._reserved = 0  # sequences of admitted requests still being tokenized
         self._cost_per_token: float | None = None  # seconds per padded token, recently (None: nothing seen yet)
+        self._tokens_per_input = 0.0  # tokens of one input, recently: what an admitted, untokenized input will be
         self._requests: deque[_Request] = deque()  # requests with sequences still waiting, oldest first
         self._queued = 0  # sequences waiting, across those requests
         self._arrived = asyncio.Event()
@@ -119,9 +121,10 @@ class Batcher:
 
     def expected_wait(self) -> float:
         """Seconds a request arriving now can expect to wait for an encoder."""
-        if self._cost_per_token is None or not self._queued_tokens:
+        ahead = self._queued_tokens + self._reserved * self._tokens_per_input
+        if self._cost_per_token is None or not ahead:
             return 0.0
-        return self._queued_tokens * self._cost_per_token / self._encoders
+        return ahead * self._cost_per_token / self._encoders
 
     def admit(self, inputs: int) -> Reservation:
         """Refuse now (OverloadedError) if a request of `inputs` sequences arriving now would wait longer than the
@@ -164,7 +167,11 @@ class Batcher:
         )
         self._requests.append(request)
         self._queued += len(sequences)
-        self._queued_tokens += sum(map(len, sequences))
+        tokens = sum(map(len, sequences))
+        self._queued_tokens += tokens
+        mean = tokens / len(sequences)
+        previous = self._tokens_per_input
+        self._tokens_per_input = mean if not previous else previous + _EWMA_WEIGHT * (mean - previous)
         self._last_arrival = request.queued_at
         self._arrived.set()
         if self._task is None:

@@ -184,6 +184,22 @@ async def test_admitted_requests_hold_their_place_while_they_are_tokenized_so_a_
     await batcher.close()
 
 
+async def test_admitted_requests_still_being_tokenized_count_towards_the_expected_wait():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_wait_seconds=0.1, window_seconds=0.001)
+    encoder.delay = 0.05  # 10 tokens in 50 ms or more: at least 5 ms per token
+    assert await batcher.submit([[1] * 10]) == [(1,) * 10]
+    encoder.delay = 0.0
+    tokenizing = batcher.admit(3)  # nothing queued, but 3 inputs of about 10 tokens each are on their way
+    assert batcher.expected_wait() >= 0.15
+    with pytest.raises(OverloadedError) as refused:
+        batcher.admit(1)
+    assert "would wait" in refused.value.message
+    tokenizing.release()  # it failed while tokenizing
+    assert batcher.expected_wait() == 0.0
+    await batcher.close()
+
+
 async def test_a_request_that_would_wait_past_the_bound_is_refused_on_arrival():
     encoder = FakeEncoder()
     batcher = make(encoder, max_wait_seconds=0.1, window_seconds=0.001)
