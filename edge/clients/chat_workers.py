@@ -292,10 +292,10 @@ class ChatWorkers:
     async def _ask_load(self, worker: _Worker) -> None:
         """Refresh the worker's load report (a worker that cannot tell is routed by this edge's calls alone)."""
         counted = frozenset(worker.calls)
+        # At most one probe interval: a slow answer must not hold the next health probe back.
+        timeout = min(self.policy.probe_timeout, self.policy.probe_interval)
         try:
-            status = await worker.chat.GetWorkerStatus(
-                chat_pb.GetWorkerStatusRequest(), timeout=self.policy.probe_timeout
-            )
+            status = await worker.chat.GetWorkerStatus(chat_pb.GetWorkerStatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:
             log.debug("chat worker %s: no load report: %s", worker.address, exc.code().name)
             worker.load.forget()
