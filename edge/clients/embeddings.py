@@ -6,9 +6,9 @@ Overload is refused at the edge, before the request's inputs are translated or s
 - when the inputs this edge has in the service for a model, with the new request's, exceed what the service holds
   for it (`max_queued_inputs` plus a batch in each encoder): the service would refuse it too. A flood of 24
   requests of 2,048 inputs each arrives before the first refusal comes back, and each one the edge translated and
-  sent cost the requests behind it about 10 ms of the edge's CPU and the service's: their refusals took 0.4 s at
-  the median and 1.5 s at worst (bench/embeddings_overload.py). With several edges each counts only its own; the
-  service's admission bounds the sum.
+  sent cost the requests behind it about 10 ms of the edge's CPU and the service's: on a loaded 2-core machine
+  their refusals took 0.96 s at the median and 3.2 s at worst, now 0.16 s and 0.24 s (bench/embeddings_overload.py).
+  With several edges each counts only its own; the service's admission bounds the sum.
 """
 
 from __future__ import annotations
