@@ -50,6 +50,7 @@ from edge.metrics import (
     CHAT_RETRIES,
     CHAT_WORKER_EJECTIONS,
     CHAT_WORKER_FAILURES,
+    CHAT_WORKER_REQUESTS,
     CHAT_WORKER_UP,
     ChatStreamObserver,
 )
@@ -302,6 +303,7 @@ class ChatWorkers:
             return
         report = LoadReport(status.running_requests, status.queued_requests, status.max_running_requests)
         worker.load.reported(report, counted)
+        CHAT_WORKER_REQUESTS.labels(worker.address).set(worker.load.requests(worker.calls))
 
     def _probe_failed(self, worker: _Worker, sent: float, code: grpc.StatusCode) -> None:
         worker.load.forget()
