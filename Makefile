@@ -125,6 +125,7 @@ bench: protos $(LLAMA_SERVER) ## Run the benchmarks (side by side with in-proces
 	$(BIN)/python -m bench.transcription_latency
 	$(BIN)/python -m bench.audio_bounds
 	$(BIN)/python -m bench.embeddings_throughput
+	$(BIN)/python -m bench.embeddings_overload
 	$(BIN)/python -m bench.session_ttft
 	$(BIN)/python -m bench.state_restore
 	$(BIN)/python -m bench.multi_user_sessions

@@ -38,8 +38,9 @@ from edge.sessions.placement import SessionPlacer
 from edge.sessions.router import router as sessions_router
 from edge.transcriptions.router import router as transcriptions_router
 from edge.transcriptions.serving import Transcriptions
-from services.common.config import ArkConfig
+from services.common.config import ArkConfig, Capability
 from services.common.startup import freeze_startup_objects
+from services.embeddings.settings import max_inputs_in_service
 
 
 def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
@@ -53,7 +54,10 @@ def create_app(config: ArkConfig, *, drain: Drain | None = None) -> FastAPI:
         workers = ChatWorkers(config.services.chat.workers, WorkerPolicy.from_config(config.edge), token=token)
         workers.start()  # health probes: failure detection and outlier ejection
         embeddings_backend = EmbeddingsBackend(
-            config.services.embeddings.address, token=token, overload_hold=config.edge.overload_hold_seconds
+            config.services.embeddings.address,
+            token=token,
+            overload_hold=config.edge.overload_hold_seconds,
+            max_inputs={m.id: max_inputs_in_service(m) for m in config.models_for(Capability.EMBEDDINGS)},
         )
         transcription_backend = TranscriptionBackend(config.services.transcription.address, token=token)
         registry = (

@@ -63,6 +63,12 @@ CHAT_CACHED_RATIO = Histogram(
 CHAT_WORKER_UP = Gauge(
     "ark_chat_worker_routable", "1 while the edge routes new requests to this chat worker, else 0", ["worker"]
 )
+CHAT_WORKER_REQUESTS = Gauge(
+    "ark_chat_worker_requests",
+    "Requests running or queued on this chat worker as the edge estimates them at its last load report (every "
+    "edge's; edge/clients/worker_load.py)",
+    ["worker"],
+)
 CHAT_WORKER_EJECTIONS = Counter(
     "ark_chat_worker_ejections",
     "Times the edge stopped routing to a chat worker: probe_failed, call_failed, hung (its streams were ended)",

@@ -155,7 +155,9 @@ class ChatCompletions:
         placement = None
         if job.session_mode != "none":
             cookie = None if job.session_mode == "new" else session_cookie
-            placement = await self._sessions.place(cookie, api_key_hash, job.model, job.conversation_key)
+            placement = await self._sessions.place(
+                cookie, api_key_hash, job.model, job.conversation_key, self._workers.soonest()
+            )
         if placement is None:
             return Running(await self._workers.open_stream(job.request), None)
         try:

@@ -1,16 +1,20 @@
 """The chat workers as the edge sees them: routing, failure detection, and when a request may go elsewhere.
 
-Routing: a stateless request goes to the worker that is up with the fewest calls from this edge in progress (round
-robin among equals), so it starts soonest; a session's request goes to its worker.
+Routing: a stateless request goes to the worker that is up and would start it soonest (round robin among equals):
+by the load each worker reports to the health probes (its running requests against its sequences, and its queue:
+every edge's calls), corrected by this edge's calls since that report (edge/clients/worker_load.py). Counting only
+this edge's own calls was blind to the others': with two edges, a stream waited 5.2 s for its first token on one
+worker while the other was idle. A session's request goes to its worker, placed by the registry: a new
+conversation on one of the workers that would start it soonest (`soonest()`, sent with the placement request).
 A worker that refused a request for load is not called again for `edge.overload_hold_seconds` (edge/saturation.py):
 when that is every worker, the edge answers 429 itself, in well under a millisecond.
 
 Failure detection (the figures are in docs/operations.md):
 
 - every worker's gRPC health is probed each `edge.worker_probe_interval_seconds`, each probe waiting at most
-  `edge.worker_probe_timeout_seconds`. A worker whose last probe failed, that answered NOT_SERVING (it is
-  stopping), or whose call just failed or timed out, gets no new request until a probe finds it SERVING again
-  (outlier ejection);
+  `edge.worker_probe_timeout_seconds` (a serving worker is then asked for its load, for routing). A worker whose
+  last probe failed, that answered NOT_SERVING (it is stopping), or whose call just failed or timed out, gets no
+  new request until a probe finds it SERVING again (outlier ejection);
 - once its probes have failed for `edge.worker_hang_seconds` (a stopped or wedged process), every stream on it ends
   with one error event. A crashed worker's streams end at once: its connection drops;
 - deadlines: `edge.first_event_timeout_seconds` for a worker to take a request up, `edge.event_timeout_seconds`
@@ -41,10 +45,12 @@ from grpc_status import rpc_status
 
 from ark.chat.v1 import chat_service_pb2 as chat_pb
 from ark.chat.v1 import chat_service_pb2_grpc as chat_grpc
+from edge.clients.worker_load import LoadReport, WorkerLoad
 from edge.metrics import (
     CHAT_RETRIES,
     CHAT_WORKER_EJECTIONS,
     CHAT_WORKER_FAILURES,
+    CHAT_WORKER_REQUESTS,
     CHAT_WORKER_UP,
     ChatStreamObserver,
 )
@@ -129,6 +135,7 @@ class _Worker:
         self.calls: set[_Call] = set()
         self.prober: asyncio.Task[None] | None = None
         self.saturation = Saturation("chat", max_hold=overload_hold)  # its last refusal for load, while it holds
+        self.load = WorkerLoad()  # its last load report and this edge's calls since (routing)
         CHAT_WORKER_UP.labels(address).set(1)
 
     @property
@@ -279,9 +286,27 @@ class ChatWorkers:
                 log.exception("probing chat worker %s", worker.address)
             else:
                 worker.probed(reply.status)
+                if worker.serving:
+                    await self._ask_load(worker)
             await asyncio.sleep(max(0.0, self.policy.probe_interval - (loop.time() - sent)))
 
+    async def _ask_load(self, worker: _Worker) -> None:
+        """Refresh the worker's load report (a worker that cannot tell is routed by this edge's calls alone)."""
+        counted = frozenset(worker.calls)
+        # At most one probe interval: a slow answer must not hold the next health probe back.
+        timeout = min(self.policy.probe_timeout, self.policy.probe_interval)
+        try:
+            status = await worker.chat.GetWorkerStatus(chat_pb.GetWorkerStatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            log.debug("chat worker %s: no load report: %s", worker.address, exc.code().name)
+            worker.load.forget()
+            return
+        report = LoadReport(status.running_requests, status.queued_requests, status.max_running_requests)
+        worker.load.reported(report, counted)
+        CHAT_WORKER_REQUESTS.labels(worker.address).set(worker.load.requests(worker.calls))
+
     def _probe_failed(self, worker: _Worker, sent: float, code: grpc.StatusCode) -> None:
+        worker.load.forget()
         if worker.failing_since is None:
             worker.failing_since = sent
         worker.eject("probe_failed", f"health probe failed: {code.name}")
@@ -325,10 +350,8 @@ class ChatWorkers:
                 raise WorkerUnavailableError("The chat worker holding this session is unavailable.") from None
         first = next(self._next) if self._configured else 0
         ordered = self._configured[first:] + self._configured[:first]
-        # By load: the worker with the fewest of this edge's calls running or queued on it starts the request
-        # soonest (each decodes its calls together, so fewer calls means a faster step and no queue); round robin
-        # breaks ties.
-        ordered.sort(key=lambda w: len(w.calls))
+        # By load: the worker that would start it soonest (edge/clients/worker_load.py); round robin breaks ties.
+        ordered.sort(key=lambda w: w.load.rank(w.calls))
         candidates = [w for w in ordered if w.routable]
         if not candidates:
             # Every worker is out. Rather than refuse everything on probes that may only be slow (a saturated
@@ -355,6 +378,15 @@ class ChatWorkers:
         if overloaded is not None:
             raise overloaded
         raise UnavailableError("No chat worker is available right now. Retry shortly.", retry_after=1)
+
+    def soonest(self) -> list[str]:
+        """The addresses of the workers that would start a new request soonest (ties all included): where the
+        registry places a new conversation (edge/sessions/placement.py)."""
+        ready = [w for w in self._configured if w.routable and w.saturation.remaining == 0]
+        if not ready:
+            return []
+        best = min(w.load.rank(w.calls) for w in ready)
+        return [w.address for w in ready if w.load.rank(w.calls) == best]
 
     async def _start(self, worker: _Worker, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
         observer = ChatStreamObserver(request.model)

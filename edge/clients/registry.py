@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import grpc
 
@@ -46,7 +47,14 @@ class SessionRegistryClient:
         self._timeout = timeout
 
     async def place(
-        self, api_key_hash: str, model: str, session_id: str, conversation_key: str, *, failed_worker: str = ""
+        self,
+        api_key_hash: str,
+        model: str,
+        session_id: str,
+        conversation_key: str,
+        *,
+        failed_worker: str = "",
+        soonest: Sequence[str] = (),
     ) -> sessions_pb.PlaceConversationResponse:
         request = sessions_pb.PlaceConversationRequest(
             api_key_hash=api_key_hash,
@@ -54,6 +62,7 @@ class SessionRegistryClient:
             session_id=session_id,
             conversation_key=conversation_key,
             failed_worker_name=failed_worker,
+            soonest_worker_addresses=soonest,
         )
         try:
             return await self._stub.PlaceConversation(request, timeout=self._timeout)

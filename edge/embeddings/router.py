@@ -17,6 +17,7 @@ router = APIRouter()
 async def create_embedding(
     body: Annotated[EmbeddingRequest, json_body(EmbeddingRequest)], ctx: Ctx, embeddings: EmbeddingsDep
 ) -> JSONResponse:
+    embeddings.admit(body)  # overloaded: 429 before the inputs are checked and translated
     job = embeddings.prepare(body, request_id=ctx.request_id)
     headers = {"x-ark-ignored-params": ",".join(job.ignored_params)} if job.ignored_params else {}
     return JSONResponse(await embeddings.create(job), headers=headers)

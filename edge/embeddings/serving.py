@@ -34,6 +34,12 @@ class Embeddings:
             if entry.model.capability is Capability.EMBEDDINGS:
                 openai_tokens.encoding_for(entry.name)
 
+    def admit(self, body: EmbeddingRequest) -> None:
+        """Refuse at once (429), before its inputs are checked and translated, a request the service could not
+        hold now (edge/clients/embeddings.py)."""
+        model = self._catalog.resolve(body.model, Capability.EMBEDDINGS)
+        self._backend.admit(model.id, translate.input_count(body.input))
+
     def prepare(self, body: EmbeddingRequest, *, request_id: str) -> Prepared:
         model = self._catalog.resolve(body.model, Capability.EMBEDDINGS)
         ignored = apply_policy(EMBEDDINGS, body)

@@ -55,6 +55,13 @@ def _text(value: str, param: str) -> pb.EmbeddingInput:
     return pb.EmbeddingInput(text=value)
 
 
+def input_count(value: Any) -> int:
+    """How many inputs `input` holds, before anything is checked (a malformed one is refused by `parse_input`)."""
+    if isinstance(value, list) and value and not _is_int(value[0]):
+        return len(value)
+    return 1
+
+
 def parse_input(value: Any, limits: LimitsConfig, encoding: OpenAIEncoding | None = None) -> list[pb.EmbeddingInput]:
     """The inputs of `input`, whichever of OpenAI's four shapes it has.
 

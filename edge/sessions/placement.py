@@ -14,6 +14,7 @@ could send a conversation to a restarted worker; one registry call per request i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ark.sessions.v1 import session_registry_service_pb2 as sessions_pb
@@ -47,13 +48,16 @@ class SessionPlacer:
     def enabled(self) -> bool:
         return self._registry is not None
 
-    async def place(self, cookie: str | None, api_key_hash: str, model: str, conversation_key: str) -> Placement | None:
-        """A placement for the request, or None to serve it statelessly."""
+    async def place(
+        self, cookie: str | None, api_key_hash: str, model: str, conversation_key: str, soonest: Sequence[str] = ()
+    ) -> Placement | None:
+        """A placement for the request, or None to serve it statelessly. A new conversation goes to one of the
+        `soonest` workers (by address) when one of them is live: ChatWorkers.soonest()."""
         if self._registry is None:
             return None
         session_id = parse_session_id(cookie) or ""
         try:
-            reply = await self._registry.place(api_key_hash, model, session_id, conversation_key)
+            reply = await self._registry.place(api_key_hash, model, session_id, conversation_key, soonest=soonest)
         except ArkError as exc:
             STATELESS_FALLBACKS.inc()
             log.warning("session registry unavailable (%s): serving statelessly", exc.message)

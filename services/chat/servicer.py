@@ -141,11 +141,15 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
         self, request: pb.GetWorkerStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetWorkerStatusResponse:
         statuses = [g.status() for g in self._generators.values()]
+        admissions = [g.admission for g in self._generators.values()]
         return pb.GetWorkerStatusResponse(
             models=list(self._generators),
             session_capacity=sum(s.session_capacity for s in statuses),
             resident_sessions=sum(s.resident_sessions for s in statuses),
             queued_requests=sum(s.queued_requests for s in statuses),
+            # The edges route new requests by these (edge/clients/worker_load.py).
+            running_requests=sum(a.running for a in admissions),
+            max_running_requests=sum(a.slots for a in admissions),
         )
 
 

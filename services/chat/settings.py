@@ -21,7 +21,8 @@ class LlamaCppSettings(EngineSettings):
 
     n_ctx: Annotated[int, Field(ge=0)] = 8192  # window of one sequence in tokens (0: the one the model was trained for)
     # Sequences one worker decodes together in one batched step (continuous batching); more requests queue.
-    n_seq: Annotated[int, Field(ge=1, le=128)] = 16
+    # `auto`: 16 per decoding thread, at most 64 (services/common/cpu.py).
+    n_seq: Annotated[int, Field(ge=1, le=128)] | Literal["auto"] = "auto"
     # CPU threads for decoding; `auto`: this machine's cores shared by the chat workers on it (services/common/cpu.py).
     n_threads: Threads = "auto"
     n_batch: Annotated[int, Field(ge=1)] = 512  # prompt tokens evaluated per step

@@ -58,6 +58,16 @@ class Admission:
     def busy(self) -> bool:
         return self._free == 0
 
+    @property
+    def slots(self) -> int:
+        """Requests served at once."""
+        return self._slots
+
+    @property
+    def running(self) -> int:
+        """Slots held now."""
+        return self._slots - self._free
+
     def expected_wait(self, ahead: int | None = None) -> float:
         """Seconds a request arriving now can expect to wait for a slot (0 when one is free)."""
         ahead = len(self._waiters) if ahead is None else ahead

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.common.cpu import auto_workers
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "deploy" / "ark.yaml"
 ENV_PREFIX = "ARK__"
 
@@ -233,14 +235,34 @@ class LimitsConfig(_Strict):
     max_headers: Annotated[int, Field(ge=16, le=10_000)] = 100
 
 
+# `workers: auto` (and `metrics_ports: auto`): this many workers on loopback, from these ports up.
+AUTO_WORKER_HOST = "127.0.0.1"
+AUTO_FIRST_WORKER_PORT = 50051
+AUTO_FIRST_METRICS_PORT = 9151
+
+
 class ChatServiceConfig(_Strict):
     """Chat workers: each address is one worker process."""
 
+    # `auto`: as many as suit this machine's cores (services/common/cpu.py), on 127.0.0.1:50051 and up.
     workers: Annotated[list[str], Field(min_length=1)] = ["127.0.0.1:50051"]
     # Requests waiting for a slot on one worker before new ones get RESOURCE_EXHAUSTED (HTTP 429).
     max_queue: Annotated[int, Field(ge=0)] = 64
-    # Prometheus port of each worker, in the order of `workers` (empty: no metrics endpoint).
+    # Prometheus port of each worker, in the order of `workers` (empty: no metrics endpoint; `auto`: 9151 and up).
     metrics_ports: list[Annotated[int, Field(gt=0, le=65535)]] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_workers(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        if raw.get("workers") == "auto":
+            raw["workers"] = [f"{AUTO_WORKER_HOST}:{AUTO_FIRST_WORKER_PORT + i}" for i in range(auto_workers())]
+        if raw.get("metrics_ports") == "auto":
+            count = len(raw["workers"]) if isinstance(raw.get("workers"), list) else 1
+            raw["metrics_ports"] = [AUTO_FIRST_METRICS_PORT + i for i in range(count)]
+        return raw
 
     @model_validator(mode="after")
     def _one_metrics_port_per_worker(self) -> ChatServiceConfig:

@@ -21,9 +21,11 @@ batches from the waiting requests and hands them to the encoder:
 - a cancelled request (client gone) is dropped from the queue before its remaining sequences are encoded;
 - admission by time, not just length: a request is refused at once (OverloadedError, HTTP 429 with Retry-After)
   when the wait it can expect exceeds `max_wait_seconds` (the tokens queued ahead of it times the recent encoding
-  cost per padded token, shared by the encoders), or when `max_queued` sequences are already waiting; the embedder
-  asks (`admit`) before it tokenizes. A request none of whose sequences has reached an encoder after
-  `max_wait_seconds` is refused then too, so nobody waits past the bound. Waits and refusals are the
+  cost per padded token, shared by the encoders; an admitted request still being tokenized counts at the recent
+  tokens per input), or when `max_queued` sequences are already waiting or admitted;
+  the embedder asks (`admit`, which holds the request's place) before it tokenizes, so a refusal costs no
+  tokenizing. A request none of whose sequences has reached an encoder after `max_wait_seconds` is refused then
+  too, so nobody waits past the bound. Waits and refusals are the
   `ark_queue_wait_seconds` and `ark_admission_rejected_total` metrics, as for chat and transcription.
 
 Pure asyncio and generic over the encoder, so it is unit-tested with a fake one.
@@ -100,7 +102,9 @@ class Batcher:
         self._model = model or name  # the metrics' label
         self._encoders = encoders
         self._queued_tokens = 0  # tokens of the waiting sequences
+        self._reserved = 0  # sequences of admitted requests still being tokenized
         self._cost_per_token: float | None = None  # seconds per padded token, recently (None: nothing seen yet)
+        self._tokens_per_input = 0.0  # tokens of one input, recently: what an admitted, untokenized input will be
         self._requests: deque[_Request] = deque()  # requests with sequences still waiting, oldest first
         self._queued = 0  # sequences waiting, across those requests
         self._arrived = asyncio.Event()
@@ -117,30 +121,41 @@ class Batcher:
 
     def expected_wait(self) -> float:
         """Seconds a request arriving now can expect to wait for an encoder."""
-        if self._cost_per_token is None or not self._queued_tokens:
+        ahead = self._queued_tokens + self._reserved * self._tokens_per_input
+        if self._cost_per_token is None or not ahead:
             return 0.0
-        return self._queued_tokens * self._cost_per_token / self._encoders
+        return ahead * self._cost_per_token / self._encoders
 
-    def admit(self) -> None:
-        """Refuse now (OverloadedError) if a request arriving now would wait longer than the bound."""
+    def admit(self, inputs: int) -> Reservation:
+        """Refuse now (OverloadedError) if a request of `inputs` sequences arriving now would wait longer than the
+        bound or overfill the queue; else hold its place in the queue until `submit` (or `release`).
+
+        The caller asks before tokenizing: under a flood of large requests, tokenizing each before refusing it took
+        most of a second per refusal."""
         if self._closed:
             raise UnavailableError("The embeddings service is shutting down.")
         expected = self.expected_wait()
         if self._max_wait is not None and expected > self._max_wait:
             raise wait_too_long(self._model, expected, self._max_wait)
-
-    async def submit(self, sequences: Sequence[Sequence[int]]) -> list[Any]:
-        """Encode `sequences` (one request's) in shared batches; results in the same order."""
-        self.admit()
-        if not sequences:
-            return []
-        if self._queued + len(sequences) > self._max_queued:
+        if inputs and self._queued + self._reserved + inputs > self._max_queued:
             raise refusal(
                 self._model,
                 "queue_full",
-                f"The server is busy: {self._queued} inputs are already queued for this model. Retry shortly.",
+                f"The server is busy: {self._queued + self._reserved} inputs are already queued for this model. "
+                "Retry shortly.",
                 self.expected_wait() - (self._max_wait or 0.0),
             )
+        self._reserved += inputs
+        return Reservation(self, inputs)
+
+    async def submit(self, sequences: Sequence[Sequence[int]], reservation: Reservation | None = None) -> list[Any]:
+        """Encode `sequences` (one request's) in shared batches; results in the same order. Without the
+        `reservation` of an earlier `admit`, it is admitted now."""
+        if reservation is None:
+            reservation = self.admit(len(sequences))
+        reservation.release()
+        if not sequences:
+            return []
         loop = asyncio.get_running_loop()
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         request = _Request(
@@ -152,7 +167,11 @@ class Batcher:
         )
         self._requests.append(request)
         self._queued += len(sequences)
-        self._queued_tokens += sum(map(len, sequences))
+        tokens = sum(map(len, sequences))
+        self._queued_tokens += tokens
+        mean = tokens / len(sequences)
+        previous = self._tokens_per_input
+        self._tokens_per_input = mean if not previous else previous + _EWMA_WEIGHT * (mean - previous)
         self._last_arrival = request.queued_at
         self._arrived.set()
         if self._task is None:
@@ -266,6 +285,19 @@ class Batcher:
                 if len(batch) == self._max_batch_size:
                     break
         return batch
+
+
+class Reservation:
+    """An admitted request's place in the queue, from `admit` until its sequences are queued (or it fails)."""
+
+    def __init__(self, batcher: Batcher, inputs: int) -> None:
+        self._batcher = batcher
+        self._inputs = inputs
+
+    def release(self) -> None:
+        """Give the place up (idempotent): the sequences are queued now, or will never be."""
+        self._batcher._reserved -= self._inputs
+        self._inputs = 0
 
 
 def _settle(batch: list[_Item], running: asyncio.Future[Sequence[Any]]) -> None:

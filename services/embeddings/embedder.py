@@ -58,16 +58,20 @@ class Embedder:
                 code="array_above_max_length",
             )
         dimensions = self._output_dimensions(request.dimensions)
-        self._batcher.admit()  # a request that would wait too long is refused before it is tokenized
-        sequences = await self._tokenize(request.inputs)
-        prompt_tokens = sum(len(seq) for seq in sequences)
-        if prompt_tokens > self._limits.max_embedding_tokens:
-            raise InvalidRequestError(
-                f"Requested {prompt_tokens} tokens, max {self._limits.max_embedding_tokens} tokens per request.",
-                param="input",
-                code="max_tokens_per_request",
-            )
-        vectors = np.stack(await self._batcher.submit(sequences))
+        # A request that would wait too long or overfill the queue is refused before it is tokenized.
+        reservation = self._batcher.admit(len(request.inputs))
+        try:
+            sequences = await self._tokenize(request.inputs)
+            prompt_tokens = sum(len(seq) for seq in sequences)
+            if prompt_tokens > self._limits.max_embedding_tokens:
+                raise InvalidRequestError(
+                    f"Requested {prompt_tokens} tokens, max {self._limits.max_embedding_tokens} tokens per request.",
+                    param="input",
+                    code="max_tokens_per_request",
+                )
+            vectors = np.stack(await self._batcher.submit(sequences, reservation))
+        finally:
+            reservation.release()
         if dimensions != self.engine.dimensions:
             # Matryoshka shortening, as OpenAI's text-embedding-3: keep the leading components, back to unit norm.
             vectors = vectors[:, :dimensions]

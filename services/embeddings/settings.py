@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from services.common.config import EngineSettings
+from services.common.config import EngineSettings, ModelConfig, engine_settings
 
 
 class EmbeddingsSettings(EngineSettings):
@@ -60,3 +60,11 @@ class TensorRTLLMEmbeddingsSettings(EmbeddingsSettings):
 
     # The Hugging Face folder holding the tokenizer (the engine folder holds none).
     tokenizer_path: str = Field(min_length=1)
+
+
+def max_inputs_in_service(model: ModelConfig) -> int:
+    """The most inputs the service holds for an embeddings model at once: its queue and a batch in each encoder (the
+    edge refuses beyond it without asking: edge/clients/embeddings.py)."""
+    settings = engine_settings(model)
+    assert isinstance(settings, EmbeddingsSettings)
+    return settings.max_queued_inputs + settings.max_batch_size * settings.encoder_threads

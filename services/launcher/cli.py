@@ -158,6 +158,17 @@ Press Ctrl-C to stop.
 """
 
 
+def pinned_workers(config: ArkConfig) -> dict[str, str]:
+    """Environment overrides naming the chat workers (and their metrics ports) of `config` one by one."""
+    chat = config.services.chat
+    env = {WORKERS_ENV: f"[{','.join(chat.workers)}]"}
+    if chat.metrics_ports:
+        env[METRICS_PORTS_ENV] = f"[{','.join(map(str, chat.metrics_ports))}]"
+    return env
+
+
+WORKERS_ENV = "ARK__SERVICES__CHAT__WORKERS"
+METRICS_PORTS_ENV = "ARK__SERVICES__CHAT__METRICS_PORTS"
 # The environment override of `services.internal_token` (services/common/internal_auth.py).
 INTERNAL_TOKEN_ENV = "ARK__SERVICES__INTERNAL_TOKEN"
 DRAIN_ENV = "ARK__EDGE__DRAIN_GRACE_SECONDS"
@@ -182,6 +193,9 @@ def up(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ark: {exc}", file=sys.stderr)
         return 2
+    # `workers: auto` is resolved from this machine's cores (services/common/cpu.py); every child gets the list
+    # resolved here, so that the edge calls exactly the workers started.
+    env.update(pinned_workers(config))
     # The edge's drain (and the workers' grace, which follows it) must fit in the bounded stop below.
     drain = min(config.edge.drain_grace_seconds, max(0.0, args.stop_timeout - DRAIN_MARGIN_SECONDS))
     if drain < config.edge.drain_grace_seconds:

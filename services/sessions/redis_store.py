@@ -110,11 +110,12 @@ return out
 """
 
 # ARGV: prefix, key hash, model, session id, conversation key, new session id, failed worker, idle ms, max age ms,
-# per-key cap, global cap
+# per-key cap, global cap, the soonest workers' addresses (newline-separated)
 _PLACE = """
 local key, model, sid, ckey, new_sid, failed = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local idle, max_age = tonumber(ARGV[8]), tonumber(ARGV[9])
 local cap_key, cap_total = tonumber(ARGV[10]), tonumber(ARGV[11])
+local soonest = ARGV[12]
 
 -- Live workers serving the model; nothing is written before we know there is one.
 local live, count = {}, 0
@@ -157,16 +158,23 @@ end
 local expires = math.min(now + idle, created + max_age)
 
 -- The conversation: kept on its worker while that incarnation lives (compare-and-set: a conversation another
--- registry already moved off a failed worker stays where it went), else the least loaded live worker.
+-- registry already moved off a failed worker stays where it went), else the least loaded live worker among the
+-- soonest (the caller's view of which starts it soonest), or among all when none of those is live.
 local ck = P .. 'c:' .. key .. ':' .. model .. ':' .. ckey
 local c = redis.call('HMGET', ck, 'worker', 'epoch')
 local wname, placed_now = nil, 0
 if c[1] and live[c[1]] and tonumber(c[2]) == live[c[1]][4] and c[1] ~= failed then
   wname = c[1]
 else
+  local function eligible(name) return name ~= failed or count == 1 end
+  local function soon(w) return string.find('\\n' .. soonest .. '\\n', '\\n' .. w[1] .. '\\n', 1, true) end
+  local any_soon = false
+  for name, w in pairs(live) do
+    if soonest ~= '' and eligible(name) and soon(w) then any_soon = true end
+  end
   local best = nil
   for name, w in pairs(live) do
-    if name ~= failed or count == 1 then
+    if eligible(name) and (not any_soon or soon(w)) then
       local n = load(name)
       local score = {n / math.max(1, w[3]), n, name}
       if not best or score[1] < best[1] or (score[1] == best[1] and (score[2] < best[2]
@@ -315,7 +323,9 @@ class RedisSessionStore(SessionStore):
         ]
         return sorted(workers, key=lambda w: w.name)
 
-    async def place(self, api_key_hash, model, session_id, conversation_key, *, new_session_id, failed_worker=""):
+    async def place(
+        self, api_key_hash, model, session_id, conversation_key, *, new_session_id, failed_worker="", soonest=()
+    ):
         p = self.policy
         reply = await self._run(
             self._place,
@@ -329,6 +339,7 @@ class RedisSessionStore(SessionStore):
             p.max_age_seconds * 1000,
             p.max_per_api_key,
             p.max_total,
+            "\n".join(soonest),
         )
         if reply[0] == "no_worker":
             raise no_worker(model)

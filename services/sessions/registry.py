@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from services.common.errors import NotFoundError
 from services.sessions import metrics
@@ -63,7 +63,14 @@ class Registry:
     # -- sessions and conversations -------------------------------------------------------------------------------
 
     async def place(
-        self, api_key_hash: str, model: str, session_id: str, conversation_key: str, *, failed_worker: str = ""
+        self,
+        api_key_hash: str,
+        model: str,
+        session_id: str,
+        conversation_key: str,
+        *,
+        failed_worker: str = "",
+        soonest: Sequence[str] = (),
     ) -> ConversationPlacement:
         """The session for a request and the worker for its conversation (see SessionStore.place)."""
         result = await self.store.place(
@@ -73,6 +80,7 @@ class Registry:
             conversation_key,
             new_session_id=str(uuid.uuid4()),
             failed_worker=failed_worker,
+            soonest=soonest,
         )
         metrics.PLACEMENTS.labels("placed" if result.placement.placed_now else "kept").inc()
         if result.ended:

@@ -193,6 +193,7 @@ class SessionRegistryServicer(StoredObjectsServicer, pb_grpc.SessionRegistryServ
             request.session_id,
             request.conversation_key,
             failed_worker=request.failed_worker_name,
+            soonest=tuple(request.soonest_worker_addresses),
         )
         return pb.PlaceConversationResponse(
             session=_session(placement.session),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.common.config import SessionsConfig
@@ -118,11 +118,14 @@ class SessionStore(ABC):
         *,
         new_session_id: str,
         failed_worker: str = "",
+        soonest: Sequence[str] = (),
     ) -> PlaceResult:
         """Resume `session_id` (when it exists, belongs to the key and has not expired) or create `new_session_id`,
         and place the conversation. `failed_worker`: the caller could not reach it; the session is replaced by a
-        new one and the conversation moves off that worker unless it already has. Raises UnavailableError when no
-        live worker serves the model (and then changes nothing)."""
+        new one and the conversation moves off that worker unless it already has. A conversation placed now goes to
+        a live worker whose address is in `soonest` (the caller's view of which would start it soonest) when there
+        is one, the least loaded of them by conversations. Raises UnavailableError when no live worker serves the
+        model (and then changes nothing)."""
 
     @abstractmethod
     async def get_session(self, session_id: str, api_key_hash: str) -> SessionRecord | None:
@@ -266,7 +269,9 @@ class InMemorySessionStore(SessionStore):
         workers = tuple(sorted((n, self._workers[n].address) for n in s.workers if n in self._workers))
         return EndedSession(session_id, workers)
 
-    async def place(self, api_key_hash, model, session_id, conversation_key, *, new_session_id, failed_worker=""):
+    async def place(
+        self, api_key_hash, model, session_id, conversation_key, *, new_session_id, failed_worker="", soonest=()
+    ):
         now = self._clock()
         live = self._live(model, now)
         if not live:
@@ -292,6 +297,7 @@ class InMemorySessionStore(SessionStore):
         )
         if placed_now:
             candidates = [n for n in live if n != failed_worker] or live
+            candidates = [n for n in candidates if self._workers[n].address in soonest] or candidates
             name = min(candidates, key=lambda n: _load_order(n, self._load(n, now), self._workers[n].capacity))
             conversation = _Conversation(name, self._workers[name].epoch, 0.0)
         assert conversation is not None

@@ -117,6 +117,31 @@ async def test_a_stateless_request_goes_to_the_worker_with_the_fewest_calls(two_
     long_one.cancel()
 
 
+async def test_a_new_stream_goes_to_the_idle_worker_when_another_edge_keeps_the_other_busy(two_workers):
+    a, b, other_edge = two_workers
+    a.engine.hold.clear()
+    b.engine.hold.clear()
+    # Another edge (or this one before a restart) started a long generation on a: it runs there, held.
+    long_one = await other_edge.open_stream(_request("long"), address=a.address)
+    this_edge = ChatWorkers([a.address, b.address], POLICY)  # no call of its own anywhere
+    this_edge.start()
+    try:
+        # Its probes bring the workers' own reports: a's one sequence is taken.
+        deadline = asyncio.get_running_loop().time() + 10
+        while this_edge._workers[a.address].load.requests(set()) < 1:
+            assert asyncio.get_running_loop().time() < deadline, "no load report from a"
+            await asyncio.sleep(0.05)
+        # Where the registry is told to place a new conversation: b alone.
+        assert this_edge.soonest() == [b.address]
+        # Round robin, or this edge's own calls alone, would send it to a (first in turn), behind the long one.
+        b.engine.hold.set()
+        assert await asyncio.wait_for(_text(this_edge, _request("new")), 5) == "Hello!"
+        assert len(a.engine.runs) == 1 and len(b.engine.runs) == 1
+    finally:
+        long_one.cancel()
+        await this_edge.close()
+
+
 @contextlib.asynccontextmanager
 async def _two_busy_workers(
     overload_hold: float,

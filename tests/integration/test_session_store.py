@@ -77,6 +77,24 @@ async def test_a_conversation_stays_on_its_worker_and_a_session_spreads_by_load(
     assert {w.name: w.placed for w in await store.live_workers(MODEL)} == {"w1": 1, "w2": 1}
 
 
+async def test_a_new_conversation_goes_to_a_worker_that_would_start_it_soonest(make_store):
+    store = await make_store()
+    first = await place(store, conversation="c1")  # w1 (the least loaded by conversations, by name)
+    # The edge says w1 would start a request soonest (w2 is busy with other requests): the new one goes there,
+    # though w1 already holds more conversations.
+    busy_elsewhere = await place(store, first.session.id, conversation="c2", soonest=[f"{first.worker.name}:1"])
+    assert busy_elsewhere.placed_now and busy_elsewhere.worker.name == first.worker.name
+    # A conversation already placed stays where its state is, whatever the edge says.
+    kept = await place(store, first.session.id, conversation="c1", soonest=["w2:1"])
+    assert kept.worker.name == first.worker.name and not kept.placed_now
+    # Addresses of no live worker are no preference: the least loaded by conversations.
+    other = await place(store, first.session.id, conversation="c3", soonest=["gone:1"])
+    assert other.worker.name != first.worker.name
+    # Several soonest (a tie): the least loaded of them.
+    tied = await place(store, first.session.id, conversation="c4", soonest=["w1:1", "w2:1"])
+    assert tied.worker.name == other.worker.name
+
+
 async def test_without_a_cookie_a_conversation_is_placed_by_content_within_its_key(make_store):
     store = await make_store()
     a = await place(store, "", conversation="c1")

@@ -169,6 +169,37 @@ async def test_a_full_queue_refuses_new_requests():
     await batcher.close()
 
 
+async def test_admitted_requests_hold_their_place_while_they_are_tokenized_so_a_flood_is_refused_on_arrival():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_queued=4, window_seconds=0.001)
+    first = batcher.admit(3)  # the embedder tokenizes its 3 inputs now: nothing is queued yet
+    with pytest.raises(OverloadedError) as refused:
+        batcher.admit(2)  # refused before it is tokenized: 3 + 2 would overfill the queue
+    assert refused.value.retry_after >= 1 and "3 inputs are already queued" in refused.value.message
+    second = batcher.admit(1)
+    assert await batcher.submit([[1], [2], [3]], first) == [(1,), (2,), (3,)]
+    second.release()  # it failed while tokenizing (a bad input): its place is free again
+    second.release()  # once only
+    assert await batcher.submit([[4]] * 4) == [(4,)] * 4
+    await batcher.close()
+
+
+async def test_admitted_requests_still_being_tokenized_count_towards_the_expected_wait():
+    encoder = FakeEncoder()
+    batcher = make(encoder, max_wait_seconds=0.1, window_seconds=0.001)
+    encoder.delay = 0.05  # 10 tokens in 50 ms or more: at least 5 ms per token
+    assert await batcher.submit([[1] * 10]) == [(1,) * 10]
+    encoder.delay = 0.0
+    tokenizing = batcher.admit(3)  # nothing queued, but 3 inputs of about 10 tokens each are on their way
+    assert batcher.expected_wait() >= 0.15
+    with pytest.raises(OverloadedError) as refused:
+        batcher.admit(1)
+    assert "would wait" in refused.value.message
+    tokenizing.release()  # it failed while tokenizing
+    assert batcher.expected_wait() == 0.0
+    await batcher.close()
+
+
 async def test_a_request_that_would_wait_past_the_bound_is_refused_on_arrival():
     encoder = FakeEncoder()
     batcher = make(encoder, max_wait_seconds=0.1, window_seconds=0.001)
@@ -178,12 +209,12 @@ async def test_a_request_that_would_wait_past_the_bound_is_refused_on_arrival():
     encoder.hold()
     blocker = asyncio.create_task(batcher.submit([[0]]))
     await wait_until_encoding(encoder)
-    batcher.admit()  # nothing queued yet: no wait expected
+    batcher.admit(1).release()  # nothing queued yet: no wait expected
     queued = [asyncio.create_task(batcher.submit([[2] * 10] * 3))]
     await asyncio.sleep(0)
     assert batcher.expected_wait() >= 0.15  # 30 tokens ahead
     with pytest.raises(OverloadedError) as refused:
-        batcher.admit()  # what the embedder asks before tokenizing
+        batcher.admit(1)  # what the embedder asks before tokenizing
     assert refused.value.retry_after >= 1 and "would wait" in refused.value.message
     with pytest.raises(OverloadedError):
         await batcher.submit([[3]])

@@ -27,7 +27,7 @@ from services.chat.engines.base import ChatEngine, EngineEvent, EngineRun
 from services.chat.engines.llama_context import BatchContext, KvSequence, StateImportError
 from services.chat.settings import LlamaCppSettings
 from services.common.config import ModelConfig, resolve_model_path
-from services.common.cpu import auto_threads
+from services.common.cpu import auto_sequences, auto_threads
 from services.common.errors import ArkError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ _RESIDENT_CELLS = 2048
 
 
 def llama_settings(model: ModelConfig, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], float]:
-    """The `Llama(...)` arguments for a model's settings (services/chat/settings.py; `auto` threads resolved for
-    `env`, by default this process's environment: services/common/cpu.py), and its session KV budget (MB).
+    """The `Llama(...)` arguments for a model's settings (services/chat/settings.py; `auto` threads and sequences
+    resolved for `env`, by default this process's environment: services/common/cpu.py), and its session KV budget
+    (MB).
 
     Prompt evaluation uses as many threads as decoding unless `n_threads_batch` says otherwise."""
     settings = LlamaCppSettings.of(model).model_dump()
@@ -51,6 +52,8 @@ def llama_settings(model: ModelConfig, env: Mapping[str, str] | None = None) -> 
             settings[name] = auto_threads(env)
     if settings["n_threads_batch"] is None:
         settings["n_threads_batch"] = settings["n_threads"]
+    if settings["n_seq"] == "auto":
+        settings["n_seq"] = auto_sequences(settings["n_threads"])
     return settings, budget_mb
 
 
