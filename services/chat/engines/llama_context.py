@@ -42,6 +42,7 @@ from llama_cpp import _internals as internals
 
 from services.chat.domain import Sampling
 from services.chat.engines.base import EndReason, EngineRun, PromptReuse, SequenceEnd, TokenSample, TopLogprob
+from services.chat.metrics import ENGINE_CPU
 from services.chat.transcript import shared_prefix
 from services.common.errors import ArkError, OverloadedError
 
@@ -133,6 +134,10 @@ class BatchContext:
         self._jobs: list[_Job] = []  # running, in arrival order
         self._waiting: list[_Job] = []  # waiting for a free scratch sequence
         self._closed = False
+        # CPU seconds of the loop thread (ggml's own threads, when there are more than one, are not counted).
+        self._cpu_decode = ENGINE_CPU.labels(name, "decode")
+        self._cpu_rest = ENGINE_CPU.labels(name, "rest")
+        self._decode_seconds = 0.0  # this step's, inside llama_decode
         self._thread = threading.Thread(target=self._loop, name=f"llama-{name}", daemon=True)
         self._thread.start()
 
@@ -193,6 +198,8 @@ class BatchContext:
             self._drain_inbox(block=not self._jobs and not self._waiting)
             if self._closed:
                 break
+            started = time.thread_time()
+            self._decode_seconds = 0.0
             try:
                 self._admit_waiting()
                 self._step()
@@ -200,6 +207,8 @@ class BatchContext:
                 log.exception("a llama.cpp decode step failed")
                 for job in [*self._jobs, *self._waiting]:
                     self._finish(job, exc)
+            self._cpu_decode.inc(self._decode_seconds)
+            self._cpu_rest.inc(time.thread_time() - started - self._decode_seconds)
         for job in [*self._jobs, *self._waiting]:
             self._finish(job, ArkError("The chat engine is shutting down."))
 
@@ -350,7 +359,10 @@ class BatchContext:
         batch.n_tokens = n
         if not n:
             return 0
-        return llama_cpp.llama_decode(self._ctx.ctx, batch)
+        started = time.thread_time()
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        self._decode_seconds += time.thread_time() - started
+        return status
 
     def _make_room(self) -> bool:
         """Free cells no running job needs (idle scratch caches, then idle resident conversations, which are then
