@@ -77,7 +77,7 @@ class _Choice:
 
     index: int
     seq: KvSequence
-    sampler: internals.LlamaSampler
+    sampler: internals.LlamaSampler | _PlainSampler
     matcher: Any
     pending: list[int]  # tokens to evaluate next: the prompt's rest, then each sampled token
     generated: int = 0
@@ -480,9 +480,20 @@ def _reuse(seq: KvSequence, prompt: list[int], salt: str) -> int:
     return shared_prefix(seq.tokens, prompt) if seq.owner == salt else 0
 
 
-def _sampler(sampling: Sampling, n_vocab: int, matcher: Any) -> internals.LlamaSampler:
-    """A sequence's chain: the constraint's mask, logit bias, penalties, then greedy or top-k/p, min-p, temperature
-    and a seeded draw."""
+def _sampler(sampling: Sampling, n_vocab: int, matcher: Any) -> internals.LlamaSampler | _PlainSampler:
+    """A sequence's sampler: `_PlainSampler` for plain temperature sampling (no constraint, bias, penalty or
+    truncation: the common request), else llama.cpp's chain: the constraint's mask, logit bias, penalties, then
+    greedy or top-k/p, min-p, temperature and a seeded draw."""
+    plain = (
+        matcher is None
+        and not sampling.logit_bias
+        and sampling.repetition_penalty in (None, 1.0)
+        and not sampling.frequency_penalty
+        and not sampling.presence_penalty
+    )
+    untruncated = not sampling.top_k and sampling.top_p >= 1.0 and not sampling.min_p
+    if plain and (untruncated or sampling.temperature == 0.0):
+        return _PlainSampler(sampling.temperature, sampling.seed, n_vocab)
     chain = internals.LlamaSampler()
     if matcher is not None:
         chain.add_custom(_mask_stage(matcher.mask_logits))
@@ -504,6 +515,45 @@ def _sampler(sampling: Sampling, n_vocab: int, matcher: Any) -> internals.LlamaS
         chain.add_temp(sampling.temperature)
         chain.add_dist(sampling.seed if sampling.seed is not None else random.getrandbits(31))
     return chain
+
+
+class _PlainSampler:
+    """Greedy or a seeded draw from softmax(logits / temperature), read in place from llama.cpp's logits.
+
+    llama.cpp's chain copies the whole vocabulary into a candidate array and exponentiates it element by element
+    for every token it samples: 415 us per draw for SmolLM2's 49,152 tokens, 3% of a token's CPU at 16 streams. In
+    numpy the same draw is 90 us: one vectorised exp into a reused buffer, sums of 512-token blocks, then a
+    cumulative sum inside the one block the uniform draw falls in. Greedy is an argmax (7 us against 52 us).
+    Seeded draws are reproducible (numpy's PCG64), though not the same tokens as llama.cpp's generator would draw.
+    """
+
+    _BLOCK = 512
+
+    def __init__(self, temperature: float, seed: int | None, n_vocab: int) -> None:
+        self._n_vocab = n_vocab
+        self._inverse = np.float32(1.0 / temperature) if temperature > 0.0 else None
+        # Any int64 the API accepts (negative too) seeds the generator: numpy takes non-negative seeds.
+        self._rng = np.random.default_rng(seed % 2**64 if seed is not None else random.getrandbits(64))
+        self._weights = np.empty(n_vocab, dtype=np.single)
+        self._starts = np.arange(0, n_vocab, self._BLOCK)
+
+    def sample(self, ctx: internals.LlamaContext, at: int) -> int:
+        logits = np.ctypeslib.as_array(ctx.get_logits_ith(at), shape=(self._n_vocab,))
+        if self._inverse is None:
+            return int(logits.argmax())
+        weights = np.subtract(logits, logits.max(), out=self._weights)
+        weights *= self._inverse
+        np.exp(weights, out=weights)
+        blocks = np.cumsum(np.add.reduceat(weights, self._starts, dtype=np.double))
+        target = self._rng.random() * blocks[-1]
+        block = min(int(np.searchsorted(blocks, target, side="right")), len(blocks) - 1)
+        start = int(self._starts[block])
+        inside = np.cumsum(weights[start : start + self._BLOCK], dtype=np.double)
+        rest = target - (blocks[block - 1] if block else 0.0)
+        return start + min(int(np.searchsorted(inside, rest, side="right")), len(inside) - 1)
+
+    def close(self) -> None:
+        """Nothing to free (the chain's interface)."""
 
 
 def _mask_stage(mask: Callable[[np.ndarray], None]) -> Callable[[Any], None]:
