@@ -108,6 +108,7 @@ class BatchContext:
         n_threads: int,
         n_threads_batch: int,
         name: str = "llama",
+        after_step: Callable[[], None] | None = None,
     ) -> None:
         self._model = model
         self._vocab = model.vocab
@@ -138,6 +139,8 @@ class BatchContext:
         self._cpu_decode = ENGINE_CPU.labels(name, "decode")
         self._cpu_rest = ENGINE_CPU.labels(name, "rest")
         self._decode_seconds = 0.0  # this step's, inside llama_decode
+        # Called on the loop thread after every step: a job's `post` may hold what it was given until then.
+        self._after_step = after_step or (lambda: None)
         self._thread = threading.Thread(target=self._loop, name=f"llama-{name}", daemon=True)
         self._thread.start()
 
@@ -182,7 +185,8 @@ class BatchContext:
 
     def submit(self, run: EngineRun, post: Callable[[Any], None], resident: KvSequence | None) -> None:
         """Start a job: `post` receives PromptReuse, TokenSamples and SequenceEnds, an exception on failure, and
-        `None` last, once the job holds no sequence any more."""
+        `None` last, once the job holds no sequence any more; always on the loop thread, with `after_step` called
+        once the step is over."""
         self._inbox.put(("job", _Job(run, post, resident)))
 
     def close(self) -> None:
@@ -207,10 +211,12 @@ class BatchContext:
                 log.exception("a llama.cpp decode step failed")
                 for job in [*self._jobs, *self._waiting]:
                     self._finish(job, exc)
+            self._after_step()
             self._cpu_decode.inc(self._decode_seconds)
             self._cpu_rest.inc(time.thread_time() - started - self._decode_seconds)
         for job in [*self._jobs, *self._waiting]:
             self._finish(job, ArkError("The chat engine is shutting down."))
+        self._after_step()
 
     def _drain_inbox(self, *, block: bool) -> None:
         while True:
