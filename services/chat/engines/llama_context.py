@@ -6,7 +6,9 @@ loop on one thread (the library is not thread-safe) runs steps: each step is one
 of every generating sequence plus chunks of new prompts, up to `n_batch` tokens, so a long prompt is prefilled
 between the others' tokens instead of stalling them. After the step each sequence samples from its own logits with
 its own sampler chain (seed, temperature, top-p/top-k/min-p, penalties, logit bias, and the output constraint's
-token mask first). Jobs join and leave between steps; an aborted or stopped sequence leaves at the next step.
+token mask first; plain greedy or temperature sampling in numpy, `_PlainSampler`), and the step's events are handed
+over together (`after_step`). Jobs join and leave between steps; an aborted or stopped sequence leaves at the next
+step.
 
 Sequences are of two kinds, both `Sequence`s:
 - scratch sequences run stateless requests; each keeps what it last held (and the cache salt it held it for), and
