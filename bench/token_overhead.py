@@ -187,8 +187,10 @@ def main() -> None:
         )
     ark_cpu = sum(single.breakdown.values())
     ark_rate = (single.tokens - 1) / (single.seconds - single.ttfts[0])
+    cells = ", ".join(f"{part} {ms:.3f}" for part, ms in single.breakdown.items())
+    print(f"\none greedy stream of {single.tokens} tokens, CPU ms per token: {cells}")
     print(
-        f"\none greedy stream, CPU ms per token: ARK {ark_cpu:.2f} (every process, prompt included), in-process "
+        f"one greedy stream, CPU ms per token: ARK {ark_cpu:.2f} (every process, prompt included), in-process "
         f"llama-cpp-python {reference_cpu:.2f} (decode): {reference_cpu / ark_cpu:.2f}x"
     )
     print(
