@@ -30,6 +30,13 @@ RESTORE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
+ENGINE_CPU = Counter(
+    "ark_chat_engine_cpu_seconds",
+    "CPU time of the engine's decode loop (llama.cpp): inside llama_decode, and the rest of its steps (planning the "
+    "batch, sampling, handing tokens over); what the rest takes is taken from decoding on a busy machine",
+    ["model", "part"],
+)
+
 
 class _EngineStatus(Protocol):
     session_capacity: int

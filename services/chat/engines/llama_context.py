@@ -6,7 +6,9 @@ loop on one thread (the library is not thread-safe) runs steps: each step is one
 of every generating sequence plus chunks of new prompts, up to `n_batch` tokens, so a long prompt is prefilled
 between the others' tokens instead of stalling them. After the step each sequence samples from its own logits with
 its own sampler chain (seed, temperature, top-p/top-k/min-p, penalties, logit bias, and the output constraint's
-token mask first). Jobs join and leave between steps; an aborted or stopped sequence leaves at the next step.
+token mask first; plain greedy or temperature sampling in numpy, `_PlainSampler`), and the step's events are handed
+over together (`after_step`). Jobs join and leave between steps; an aborted or stopped sequence leaves at the next
+step.
 
 Sequences are of two kinds, both `Sequence`s:
 - scratch sequences run stateless requests; each keeps what it last held (and the cache salt it held it for), and
@@ -42,6 +44,7 @@ from llama_cpp import _internals as internals
 
 from services.chat.domain import Sampling
 from services.chat.engines.base import EndReason, EngineRun, PromptReuse, SequenceEnd, TokenSample, TopLogprob
+from services.chat.metrics import ENGINE_CPU
 from services.chat.transcript import shared_prefix
 from services.common.errors import ArkError, OverloadedError
 
@@ -76,7 +79,7 @@ class _Choice:
 
     index: int
     seq: KvSequence
-    sampler: internals.LlamaSampler
+    sampler: internals.LlamaSampler | _PlainSampler
     matcher: Any
     pending: list[int]  # tokens to evaluate next: the prompt's rest, then each sampled token
     generated: int = 0
@@ -107,6 +110,7 @@ class BatchContext:
         n_threads: int,
         n_threads_batch: int,
         name: str = "llama",
+        after_step: Callable[[], None] | None = None,
     ) -> None:
         self._model = model
         self._vocab = model.vocab
@@ -133,6 +137,12 @@ class BatchContext:
         self._jobs: list[_Job] = []  # running, in arrival order
         self._waiting: list[_Job] = []  # waiting for a free scratch sequence
         self._closed = False
+        # CPU seconds of the loop thread (ggml's own threads, when there are more than one, are not counted).
+        self._cpu_decode = ENGINE_CPU.labels(name, "decode")
+        self._cpu_rest = ENGINE_CPU.labels(name, "rest")
+        self._decode_seconds = 0.0  # this step's, inside llama_decode
+        # Called on the loop thread after every step: a job's `post` may hold what it was given until then.
+        self._after_step = after_step or (lambda: None)
         self._thread = threading.Thread(target=self._loop, name=f"llama-{name}", daemon=True)
         self._thread.start()
 
@@ -177,7 +187,8 @@ class BatchContext:
 
     def submit(self, run: EngineRun, post: Callable[[Any], None], resident: KvSequence | None) -> None:
         """Start a job: `post` receives PromptReuse, TokenSamples and SequenceEnds, an exception on failure, and
-        `None` last, once the job holds no sequence any more."""
+        `None` last, once the job holds no sequence any more; always on the loop thread, with `after_step` called
+        once the step is over."""
         self._inbox.put(("job", _Job(run, post, resident)))
 
     def close(self) -> None:
@@ -193,6 +204,8 @@ class BatchContext:
             self._drain_inbox(block=not self._jobs and not self._waiting)
             if self._closed:
                 break
+            started = time.thread_time()
+            self._decode_seconds = 0.0
             try:
                 self._admit_waiting()
                 self._step()
@@ -200,8 +213,12 @@ class BatchContext:
                 log.exception("a llama.cpp decode step failed")
                 for job in [*self._jobs, *self._waiting]:
                     self._finish(job, exc)
+            self._after_step()
+            self._cpu_decode.inc(self._decode_seconds)
+            self._cpu_rest.inc(time.thread_time() - started - self._decode_seconds)
         for job in [*self._jobs, *self._waiting]:
             self._finish(job, ArkError("The chat engine is shutting down."))
+        self._after_step()
 
     def _drain_inbox(self, *, block: bool) -> None:
         while True:
@@ -350,7 +367,10 @@ class BatchContext:
         batch.n_tokens = n
         if not n:
             return 0
-        return llama_cpp.llama_decode(self._ctx.ctx, batch)
+        started = time.thread_time()
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        self._decode_seconds += time.thread_time() - started
+        return status
 
     def _make_room(self) -> bool:
         """Free cells no running job needs (idle scratch caches, then idle resident conversations, which are then
@@ -468,9 +488,20 @@ def _reuse(seq: KvSequence, prompt: list[int], salt: str) -> int:
     return shared_prefix(seq.tokens, prompt) if seq.owner == salt else 0
 
 
-def _sampler(sampling: Sampling, n_vocab: int, matcher: Any) -> internals.LlamaSampler:
-    """A sequence's chain: the constraint's mask, logit bias, penalties, then greedy or top-k/p, min-p, temperature
-    and a seeded draw."""
+def _sampler(sampling: Sampling, n_vocab: int, matcher: Any) -> internals.LlamaSampler | _PlainSampler:
+    """A sequence's sampler: `_PlainSampler` for plain temperature sampling (no constraint, bias, penalty or
+    truncation: the common request), else llama.cpp's chain: the constraint's mask, logit bias, penalties, then
+    greedy or top-k/p, min-p, temperature and a seeded draw."""
+    plain = (
+        matcher is None
+        and not sampling.logit_bias
+        and sampling.repetition_penalty in (None, 1.0)
+        and not sampling.frequency_penalty
+        and not sampling.presence_penalty
+    )
+    untruncated = not sampling.top_k and sampling.top_p >= 1.0 and not sampling.min_p
+    if plain and (untruncated or sampling.temperature == 0.0):
+        return _PlainSampler(sampling.temperature, sampling.seed, n_vocab)
     chain = internals.LlamaSampler()
     if matcher is not None:
         chain.add_custom(_mask_stage(matcher.mask_logits))
@@ -492,6 +523,45 @@ def _sampler(sampling: Sampling, n_vocab: int, matcher: Any) -> internals.LlamaS
         chain.add_temp(sampling.temperature)
         chain.add_dist(sampling.seed if sampling.seed is not None else random.getrandbits(31))
     return chain
+
+
+class _PlainSampler:
+    """Greedy or a seeded draw from softmax(logits / temperature), read in place from llama.cpp's logits.
+
+    llama.cpp's chain copies the whole vocabulary into a candidate array and exponentiates it element by element
+    for every token it samples: 415 us per draw for SmolLM2's 49,152 tokens, 3% of a token's CPU at 16 streams. In
+    numpy the same draw is 90 us: one vectorised exp into a reused buffer, sums of 512-token blocks, then a
+    cumulative sum inside the one block the uniform draw falls in. Greedy is an argmax (7 us against 52 us).
+    Seeded draws are reproducible (numpy's PCG64), though not the same tokens as llama.cpp's generator would draw.
+    """
+
+    _BLOCK = 512
+
+    def __init__(self, temperature: float, seed: int | None, n_vocab: int) -> None:
+        self._n_vocab = n_vocab
+        self._inverse = np.float32(1.0 / temperature) if temperature > 0.0 else None
+        # Any int64 the API accepts (negative too) seeds the generator: numpy takes non-negative seeds.
+        self._rng = np.random.default_rng(seed % 2**64 if seed is not None else random.getrandbits(64))
+        self._weights = np.empty(n_vocab, dtype=np.single)
+        self._starts = np.arange(0, n_vocab, self._BLOCK)
+
+    def sample(self, ctx: internals.LlamaContext, at: int) -> int:
+        logits = np.ctypeslib.as_array(ctx.get_logits_ith(at), shape=(self._n_vocab,))
+        if self._inverse is None:
+            return int(logits.argmax())
+        weights = np.subtract(logits, logits.max(), out=self._weights)
+        weights *= self._inverse
+        np.exp(weights, out=weights)
+        blocks = np.cumsum(np.add.reduceat(weights, self._starts, dtype=np.double))
+        target = self._rng.random() * blocks[-1]
+        block = min(int(np.searchsorted(blocks, target, side="right")), len(blocks) - 1)
+        start = int(self._starts[block])
+        inside = np.cumsum(weights[start : start + self._BLOCK], dtype=np.double)
+        rest = target - (blocks[block - 1] if block else 0.0)
+        return start + min(int(np.searchsorted(inside, rest, side="right")), len(inside) - 1)
+
+    def close(self) -> None:
+        """Nothing to free (the chain's interface)."""
 
 
 def _mask_stage(mask: Callable[[np.ndarray], None]) -> Callable[[Any], None]:

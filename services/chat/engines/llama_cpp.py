@@ -102,6 +102,8 @@ class LlamaCppEngine(ChatEngine):
             settings["n_threads"],
             settings["n_threads_batch"],
         )
+        # Events the loop thread posted during its current step, for their event loops (_hand_over).
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any], Any]] = []
         self._batch = BatchContext(
             self._model,
             n_cells=cells,
@@ -111,6 +113,7 @@ class LlamaCppEngine(ChatEngine):
             n_threads=settings["n_threads"],
             n_threads_batch=settings["n_threads_batch"],
             name=model.id,
+            after_step=self._hand_over,
         )
         template = metadata.get("tokenizer.chat_template")
         if not template:
@@ -174,12 +177,29 @@ class LlamaCppEngine(ChatEngine):
 
     # -- generation -----------------------------------------------------------------------------------------------
 
+    def _hand_over(self) -> None:
+        """After each step, on the loop thread: one wake-up of the event loop for every event of the step.
+
+        A wake-up per event (a token of each of 16 sequences) let the event loop take the interpreter from the
+        loop thread between two samples, 16 times a step, and the step's sampling waited for the generation layer;
+        handed over at once, the event loop processes the step's tokens while the next llama_decode runs (it
+        releases the interpreter)."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for loop, events, item in outbox:
+            by_loop.setdefault(loop, []).append((events, item))
+        for loop, items in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_put_all, items)
+
     async def run(self, job: EngineRun) -> AsyncIterator[EngineEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
 
-        def post(item: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
+        def post(item: Any) -> None:  # on the loop thread; delivered by _hand_over
+            self._outbox.append((loop, events, item))
 
         self._batch.submit(job, post, job.context)
         released = False
@@ -202,3 +222,8 @@ class LlamaCppEngine(ChatEngine):
     async def close(self) -> None:
         await asyncio.to_thread(self._batch.close)
         self._model.close()
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for events, item in items:
+        events.put_nowait(item)
