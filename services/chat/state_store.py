@@ -277,7 +277,8 @@ class ConversationStore:
         wanted = _Wanted(self._prompts, messages)
         with self._lock:
             transcripts = [e.transcript for e in self._entries.values() if e.api_key_hash == key]
-        for transcript in transcripts:  # the costly part (rendering, tokenizing) outside the lock
+        wanted.plain  # noqa: B018 - the costly part (rendering, tokenizing) outside the lock
+        for transcript in transcripts:
             wanted.tokens_for(transcript)
 
         # 1. Decide and claim (lock held): the best state, the context to run in, a state to save out of it first.
