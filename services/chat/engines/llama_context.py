@@ -467,13 +467,10 @@ class BatchContext:
         if len(tokens) > self.n_cells:
             raise StateImportError(f"a saved state of {len(tokens)} tokens exceeds the context ({self.n_cells})")
         read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
-        if read == 0:
-            # No room for its cells: a restored conversation goes before the idle scratch caches.
-            idle = [s for s in self._scratch if not s.running and s.tokens]
-            for other in idle:
-                self._clear(other)
-            if idle:
-                read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
+        # No room for its cells: a conversation coming back goes before idle caches and idle resident conversations.
+        while read == 0 and self._make_room():
+            self._clear(seq)
+            read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
         held = llama_cpp.llama_memory_seq_pos_max(self._memory, seq.seq_id) + 1
         if read == 0 or held != len(tokens):
             self._clear(seq)
