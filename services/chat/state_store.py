@@ -149,7 +149,6 @@ class _Match:
     matched: int
     held: int  # tokens the state covers
     same: bool  # same conversation key
-    continued: bool
 
 
 class ConversationStore:
@@ -369,7 +368,7 @@ class ConversationStore:
                 continue  # restoring would take another conversation's saved state away from it
             rank = (matched, same, _SPEED[entry.tier], order)
             if best is None or rank > best_rank:
-                best, best_rank = _Match(entry, tokens, matched, len(held), same, continued), rank
+                best, best_rank = _Match(entry, tokens, matched, len(held), same), rank
         return best
 
     # -- room: one cascade, one fair-share rule ----------------------------------------------------------------------
@@ -508,7 +507,7 @@ class ConversationStore:
         entry.blob, entry.path = None, None
         return tier, source
 
-    def _read(self, entry_id: str, tier: Tier, source: bytes | bytearray | Path) -> bytes | bytearray | None:
+    def _read(self, tier: Tier, source: bytes | bytearray | Path) -> bytes | bytearray | None:
         blob = StateFiles.take(source) if isinstance(source, Path) else source
         if blob is not None:
             TIER_HITS.labels(self._model, tier).inc()
@@ -518,7 +517,7 @@ class ConversationStore:
         """Read a taken state and load it into a context; the tier it came from, or "" if it was lost (the
         context is then empty)."""
         start = time.perf_counter()
-        blob = self._read(entry.entry_id, tier, source)
+        blob = self._read(tier, source)
         loaded = False
         if blob is not None:
             try:
@@ -541,7 +540,7 @@ class ConversationStore:
             tier, source = self._take(entry)
             del self._entries[entry_id]
             self._publish()
-        blob = self._read(entry_id, tier, source)
+        blob = self._read(tier, source)
         return (tier, blob) if blob is not None else None
 
     def restore(self, entry_id: str, load: Callable[[bytes | bytearray], object]) -> Tier | None:
