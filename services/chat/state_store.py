@@ -282,12 +282,11 @@ class ConversationStore:
 
         # 1. Decide and claim (lock held): the best state, the context to run in, a state to save out of it first.
         restore: tuple[Tier, bytes | bytearray | Path] | None = None
-        tier = ""
         with self._lock:
             best = self._best(key, conversation, wanted)
             tokens = best.tokens if best is not None else wanted.plain
             if best is not None and best.entry.held is not None:
-                slot, victim, tier = best.entry.held, None, Tier.RESIDENT.value
+                slot, victim = best.entry.held, None
                 slot.busy = True
                 if best.matched < best.held and not best.same:
                     victim = best.entry  # another conversation's state: saved first, its shared prefix reused
@@ -298,8 +297,34 @@ class ConversationStore:
                 if best is not None:
                     restore = self._take(best.entry)
 
+        try:
+            entry, tier = self._move_and_bind(key, session_id, conversation, idle_timeout, best, slot, victim, restore)
+        except BaseException:
+            with self._lock:  # never leave a context claimed, nor a state half moved, by a turn that will not run
+                slot.busy = False
+                if slot.entry is None:
+                    self._engine.reset_context(slot.context)
+                for moved in (victim, best.entry if best is not None else None):
+                    if moved is not None and moved.tier is None:
+                        self._entries.pop(moved.entry_id, None)
+            raise
+        return Checkout(slot.context, entry, prompt_text, tokens, tier)
+
+    def _move_and_bind(
+        self,
+        key: str,
+        session_id: str,
+        conversation: str,
+        idle_timeout: float,
+        best: _Match | None,
+        slot: _Context,
+        victim: StateEntry | None,
+        restore: tuple[Tier, bytes | bytearray | Path] | None,
+    ) -> tuple[StateEntry, str]:
+        """Phases 2 and 3 of a checkout: the entry bound to `slot` and the tier its state came from."""
         # 2. Move bytes (no lock: the engine's thread does the work, and may need the lock meanwhile).
         saved = self._export(victim, slot) if victim is not None else None
+        tier = Tier.RESIDENT.value if best is not None and restore is None else ""
         if restore is not None:
             assert best is not None
             tier = self._load(best.entry, slot, *restore)
@@ -311,13 +336,16 @@ class ConversationStore:
             if victim is not None:
                 self._retire(victim, saved)
             if best is None or best.entry is victim or best.entry.entry_id not in self._entries:
+                if best is not None and best.entry is not victim:  # its session ended meanwhile
+                    self._engine.reset_context(slot.context)
+                    tier = ""
                 entry = StateEntry(uuid.uuid4().hex, key, session_id, conversation)
                 self._entries[entry.entry_id] = entry
             else:
                 entry = best.entry
             self._bind(entry, slot, session_id, conversation, idle_timeout)
             self._publish()
-        return Checkout(slot.context, entry, prompt_text, tokens, tier)
+        return entry, tier
 
     def complete(self, checkout: Checkout, transcript: Transcript | None) -> None:
         """The turn is done: its state now covers its transcript."""

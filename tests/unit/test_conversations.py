@@ -178,3 +178,21 @@ async def test_a_client_reading_its_last_event_slowly_holds_no_admission_slot():
     started = await asyncio.wait_for(turn(generator, [], "Another user", session="t"), timeout=30)
     assert isinstance(started, Started)
     await first.aclose()
+
+
+async def test_a_saved_state_that_fails_to_load_is_recomputed_and_the_context_stays_usable(tiers):
+    class BrokenLoads(SavingEngine):
+        def import_state(self, context, data, tokens) -> bool:
+            context.tokens = [7]  # a half-loaded context
+            raise RuntimeError("a state of another model")
+
+    engine = BrokenLoads(answer)
+    generator = Generator(engine, max_queue=4, sessions=tiers)
+    a: list[Message] = []
+    await turn(generator, a, "A document about apples " * 5, conv="m:a")
+    await turn(generator, [], "A document about bricks " * 5, conv="m:b")  # A is saved to the host tier
+    started = await turn(generator, a, "And then?", conv="m:a")
+    assert started.state_tier == "" and started.cached_tokens == 0
+    assert len(generator.store) == 1, "B's state was saved to make room; A's unloadable one is gone"
+    started = await turn(generator, a, "And after that?", conv="m:a")
+    assert started.state_tier == "resident" and started.cached_tokens > 100
