@@ -33,7 +33,7 @@ from services.chat.domain import Sampling
 from services.chat.engines.base import EngineRun, TokenSample
 from services.chat.engines.llama_context import KvSequence
 from services.chat.engines.llama_cpp import LlamaCppEngine
-from services.chat.state_tiers import StateTiers, Tier
+from services.chat.state_store import ConversationStore, Tier
 from services.common.config import Capability, load_config
 from services.common.cpu import WORKERS_ON_HOST_ENV
 
@@ -124,10 +124,10 @@ def main() -> None:
     saving: dict[str, list[float]] = {"export": [], "write": []}
     answers_agree = True
     with tempfile.TemporaryDirectory(prefix="ark-bench-") as scratch:
-        host = StateTiers(host_bytes=len(state) * 2, disk_bytes=0, model="bench")
-        disk = StateTiers(host_bytes=0, disk_bytes=len(state) * 2, disk_dir=scratch, model="bench")
+        host = ConversationStore(engine, host_bytes=len(state) * 2, model="bench", contexts=0)
+        disk = ConversationStore(engine, disk_bytes=len(state) * 2, disk_dir=scratch, model="bench", contexts=0)
 
-        def save(tiers: StateTiers, tier: Tier, cold: bool = False) -> Callable[[], None]:
+        def save(tiers: ConversationStore, tier: Tier, cold: bool = False) -> Callable[[], None]:
             """Save the sequence's state (the history) to `tier`; returns the restore to time."""
             hold(engine, seq, history)
             t0 = time.perf_counter()
@@ -144,7 +144,7 @@ def main() -> None:
                 drop_from_page_cache(tiers.directory)
             return lambda: _restore(tiers, entry.entry_id, tier)
 
-        def _restore(tiers: StateTiers, entry_id: str, tier: Tier) -> None:
+        def _restore(tiers: ConversationStore, entry_id: str, tier: Tier) -> None:
             assert tiers.restore(entry_id, lambda blob: engine.import_state(seq, blob, history)) is tier
 
         sides: dict[str, Callable[[], Callable[[], None]]] = {

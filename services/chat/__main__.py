@@ -9,7 +9,6 @@ from services.chat.generator import Generator
 from services.chat.metrics import register_generators
 from services.chat.registration import keep_lease
 from services.chat.servicer import chat_service
-from services.chat.state_tiers import StateTiers
 from services.common.config import ArkConfig, Capability
 from services.common.runner import Built, run_service
 
@@ -21,8 +20,7 @@ async def build(config: ArkConfig, address: str) -> Built:
             max_queue=config.services.chat.max_queue,
             max_queue_wait=config.limits.max_queue_wait_seconds,
             # Saved conversation states (host memory, then local disk) only matter when sessions keep state.
-            tiers=StateTiers.from_config(config.sessions, m.id) if config.sessions.enabled else None,
-            key_share=config.sessions.key_share,
+            sessions=config.sessions if config.sessions.enabled else None,
             constraint_limits=config.limits.structured_output,
         )
         for m in config.models_for(Capability.CHAT)

@@ -16,12 +16,13 @@ fake engine without a model.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from services.chat.constraints import ConstraintCompiler
-from services.chat.conversations import Checkout, ConversationStates
 from services.chat.domain import (
     Admitted,
     Delta,
@@ -29,7 +30,6 @@ from services.chat.domain import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
-    Message,
     PositionLogprobs,
     Started,
     Timings,
@@ -45,13 +45,14 @@ from services.chat.engines.base import (
     SequenceEnd,
     TokenSample,
 )
-from services.chat.state_tiers import StateTiers
-from services.chat.templates import template_message, with_tool_instructions
+from services.chat.prompts import Prompts
+from services.chat.state_store import Checkout, ConversationStore
+from services.chat.templates import with_tool_instructions
 from services.chat.text import StopMatcher, Utf8Stream
 from services.chat.tools import ToolCallParser
-from services.chat.transcript import Transcript, continue_tokens
+from services.chat.transcript import Transcript
 from services.common.admission import Admission
-from services.common.config import StructuredOutputLimits
+from services.common.config import SessionsConfig, StructuredOutputLimits
 from services.common.errors import InternalError, InvalidRequestError
 
 
@@ -78,8 +79,7 @@ class Generator:
         *,
         max_queue: int,
         max_queue_wait: float | None = None,
-        tiers: StateTiers | None = None,
-        key_share: float = 0.5,
+        sessions: SessionsConfig | None = None,
         constraint_limits: StructuredOutputLimits | None = None,
     ) -> None:
         self.engine = engine
@@ -95,10 +95,10 @@ class Generator:
             max_wait_seconds=max_queue_wait,
             name=engine.model_id,
         )
-        # Conversation states: a few resident contexts, the rest saved in the host and disk tiers.
-        self._states = ConversationStates(
-            engine, [engine.new_context() for _ in range(engine.context_slots)], tiers=tiers, key_share=key_share
-        )
+        self._prompts = Prompts(engine)
+        # Conversation states: a few resident in the engine's contexts, the rest saved in the host and disk tiers
+        # (sized by `sessions`; None: no tiers).
+        self.store = ConversationStore.from_config(engine, self._prompts, sessions)
 
     @property
     def admission(self) -> Admission:
@@ -137,29 +137,6 @@ class Generator:
             )
         return room if max_tokens is None else max_tokens
 
-    # -- prompts ---------------------------------------------------------------------------------------------------
-
-    def _render(self, messages: Sequence[Message], *, open_turn: bool = True) -> str:
-        return self.engine.render([template_message(m) for m in messages], open_turn=open_turn)
-
-    def _continue(self, transcript: Transcript, messages: Sequence[Message]) -> list[int] | None:
-        """The prompt continuing a transcript from the worker's own raw tokens, or None if `messages` diverge."""
-        if len(messages) <= len(transcript.messages) + 1 or tuple(messages[: len(transcript.messages)]) != (
-            transcript.messages
-        ):
-            return None  # cheap check first: most states are other conversations
-        return continue_tokens(
-            transcript,
-            messages,
-            render_open=self._render,
-            render_closed=lambda m: self._render(m, open_turn=False),
-            tokenize=self.engine.tokenize,
-            eog_token=self.engine.eog_token,
-        )
-
-    def _encode(self, messages: Sequence[Message]) -> list[int]:
-        return self.engine.encode_prompt([template_message(m) for m in messages])
-
     # -- generation ------------------------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
@@ -173,31 +150,30 @@ class Generator:
         constraint = await self._constraints.build(request)
         messages = with_tool_instructions(request)
         n = max(1, request.sampling.n)
-        async with self._admission.slot():
+        async with AsyncExitStack() as admitted:
+            # Held while the engine works for this request, and not while a slow client reads the last event.
+            await admitted.enter_async_context(self._admission.slot())
             t_admitted = time.perf_counter()
             # Before any risky work (rendering, tokenising, compiling the constraint): see Admitted.
             yield Admitted(queue_seconds=t_admitted - t_queued)
             resident: Checkout | None = None
             tier = ""
             if request.session_id:
-                resident = await self._states.checkout(
+                resident = await self.store.checkout(
                     api_key_hash=request.api_key_hash,
                     session_id=request.session_id,
                     conversation_key=request.conversation_key,
                     idle_timeout=request.idle_timeout,
                     messages=messages,
-                    render=self._render,
-                    continue_from=self._continue,
-                    encode=self._encode,
                 )
                 prompt_text, tokens, tier = resident.prompt_text, resident.tokens, resident.tier
             else:
-                prompt_text, tokens = "", self._encode(messages)
+                prompt_text, tokens = "", self._prompts.encode(messages)
             try:
                 budget = self._token_budget(len(tokens), request.sampling.max_tokens)
             except InvalidRequestError:
                 if resident is not None:
-                    self._states.release(resident)
+                    self.store.release(resident)
                 raise
             job = EngineRun(
                 prompt=tokens,
@@ -262,7 +238,7 @@ class Generator:
                         finish = FinishReason.TOOL_CALLS
                     open_choices -= 1
                     if choice.index == 0 and resident is not None:
-                        self._states.complete(
+                        self.store.complete(
                             resident,
                             Transcript(
                                 messages=messages,
@@ -277,8 +253,9 @@ class Generator:
                     first_at = t_first or t_end
                     if not open_choices:
                         # Before the last event: the client's next turn may arrive as soon as it has it, and must
-                        # find this turn's context free.
+                        # find this turn's context free; the admission slot goes back too.
                         await self._let_go(job, events, resident)
+                        await admitted.aclose()
                     yield Finished(
                         finish,
                         Usage(len(tokens), completion_tokens, cached),
@@ -298,7 +275,7 @@ class Generator:
         job.abort.set()
         await events.aclose()
         if resident is not None:
-            self._states.release(resident)
+            self.store.release(resident)
 
     def _delta(self, choice: _Choice, sample: TokenSample) -> Delta | None:
         text = choice.stops.push(choice.utf8.push(sample.piece))
@@ -340,27 +317,27 @@ class Generator:
 
     async def drop_session(self, session_id: str) -> bool:
         """Free every state of a session, in every tier; True if there was any."""
-        # Under the admission slot: never reset a context a generation is using.
+        # Under the admission slot: housekeeping goes first but waits its turn with the running generations.
         async with self._admission.slot(priority=True):
-            return await self._states.drop_session(session_id)
+            return bool(await asyncio.to_thread(self.store.drop_session, session_id))
 
     async def expire_idle(self) -> int:
         """Drop states idle past their timeout; returns how many were dropped."""
         if self._admission.busy:
             return 0  # the next request expires them
         async with self._admission.slot(priority=True):
-            return await self._states.expire_idle()
+            return await asyncio.to_thread(self.store.expire_idle)
 
     def status(self) -> EngineStatus:
         return EngineStatus(
-            session_capacity=self._states.capacity,
-            resident_sessions=self._states.resident,
+            session_capacity=self.store.capacity,
+            resident_sessions=self.store.resident,
             queued_requests=self._admission.queued,
         )
 
     async def close(self) -> None:
         self._constraints.close()
-        self._states.close()
+        self.store.close()
         await self.engine.close()
 
 

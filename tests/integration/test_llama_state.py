@@ -14,7 +14,7 @@ from services.chat.constraints import ConstraintCompiler
 from services.chat.domain import GenerationRequest, Message, ResponseFormat, ResponseFormatType, Role, Sampling
 from services.chat.engines.base import EndReason, EngineRun, PromptReuse, SequenceEnd, TokenSample
 from services.chat.engines.llama_cpp import LlamaCppEngine
-from services.chat.state_tiers import StateTiers, Tier
+from services.chat.state_store import ConversationStore, Tier
 from services.common.config import ModelConfig, StructuredOutputLimits
 
 pytestmark = pytest.mark.integration
@@ -130,7 +130,7 @@ async def test_a_sequence_saved_while_another_decodes_is_restored_exactly(engine
     # Save `first` while another sequence decodes, through the disk tier.
     other = asyncio.create_task(greedy(engine, prompt(engine, QUESTIONS[1]), limit=40))
     blob = await asyncio.to_thread(engine.export_state, first)
-    with StateTiers(host_bytes=0, disk_bytes=10 * len(blob), disk_dir=tmp_path) as tiers:
+    with ConversationStore(engine, disk_bytes=10 * len(blob), disk_dir=tmp_path, contexts=0) as tiers:
         entry = tiers.put(api_key_hash="k", session_id="s", conversation_key="c", tokens=held, blob=blob)
         assert tiers.tier_of(entry.entry_id) is Tier.DISK
         tier = await asyncio.to_thread(

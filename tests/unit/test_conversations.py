@@ -1,8 +1,9 @@
 """Many conversations per session, placed by content, saved to the host and disk tiers: the generation layer with
-a fake engine whose state export is its token list, and the real StateTiers store on a temporary directory."""
+a fake engine whose state export is its token list, and the real conversation store on a temporary directory."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 
@@ -10,7 +11,7 @@ import pytest
 
 from services.chat.domain import Delta, Finished, Message, Role, Sampling, Started
 from services.chat.generator import Generator
-from services.chat.state_tiers import StateTiers
+from services.common.config import SessionsConfig
 from tests.support.fake_engine import FakeContext, FakeEngine, request
 
 
@@ -31,11 +32,17 @@ def answer(prompt: str, index: int) -> str:
     return f"Reply {len(prompt)}."
 
 
+MB = 1024 * 1024
+
+
+def sessions(tmp_path, host: int = 10_000, disk: int = 100_000) -> SessionsConfig:
+    """Tiers of `host` and `disk` bytes, the disk tier in `tmp_path`."""
+    return SessionsConfig(host_cache_mb=host / MB, disk_cache_mb=disk / MB, disk_dir=str(tmp_path))
+
+
 @pytest.fixture
 def tiers(tmp_path):
-    store = StateTiers(host_bytes=10_000, disk_bytes=100_000, disk_dir=tmp_path)
-    yield store
-    store.close()
+    return sessions(tmp_path)
 
 
 async def turn(generator: Generator, history: list[Message], text: str, *, session="s", key="k1", conv=""):
@@ -50,11 +57,11 @@ async def turn(generator: Generator, history: list[Message], text: str, *, sessi
 
 async def test_interleaved_conversations_of_one_session_resume_from_the_host_tier(tiers):
     engine = SavingEngine(answer)
-    generator = Generator(engine, max_queue=4, tiers=tiers)
+    generator = Generator(engine, max_queue=4, sessions=tiers)
     a, b = [], []
     await turn(generator, a, "A document about apples " * 5, conv="m:a")
     await turn(generator, b, "A document about bricks " * 5, conv="m:b")  # takes the only context: A is saved
-    assert generator.status().resident_sessions == 1 and len(tiers) == 1
+    assert generator.status().resident_sessions == 1 and len(generator.store) == 1
     started = await turn(generator, a, "And then?", conv="m:a")
     assert started.state_tier == "host"
     assert started.cached_tokens >= len(engine.runs[0].prompt) + len("Reply 00.")
@@ -63,9 +70,9 @@ async def test_interleaved_conversations_of_one_session_resume_from_the_host_tie
 
 
 async def test_states_spill_from_host_to_disk_and_come_back(tmp_path):
-    store = StateTiers(host_bytes=0, disk_bytes=100_000, disk_dir=tmp_path)
     engine = SavingEngine(answer)
-    generator = Generator(engine, max_queue=4, tiers=store)
+    generator = Generator(engine, max_queue=4, sessions=sessions(tmp_path, host=0))
+    store = generator.store
     a, b = [], []
     await turn(generator, a, "alpha " * 20)
     await turn(generator, b, "beta " * 20)
@@ -78,7 +85,7 @@ async def test_states_spill_from_host_to_disk_and_come_back(tmp_path):
 
 async def test_content_never_crosses_api_keys(tiers):
     engine = SavingEngine(answer)
-    generator = Generator(engine, max_queue=4, tiers=tiers)
+    generator = Generator(engine, max_queue=4, sessions=tiers)
     history: list[Message] = []
     await turn(generator, history, "shared text " * 10, key="k1")
     other = list(history[:-2])
@@ -88,12 +95,12 @@ async def test_content_never_crosses_api_keys(tiers):
 
 async def test_ending_a_session_drops_its_states_from_every_tier(tiers):
     engine = SavingEngine(answer)
-    generator = Generator(engine, max_queue=4, tiers=tiers)
+    generator = Generator(engine, max_queue=4, sessions=tiers)
     await turn(generator, [], "one " * 10, session="s1")
     await turn(generator, [], "two " * 10, session="s2")  # s1's state goes to the host tier
-    assert len(tiers) == 1
+    assert len(generator.store) == 1
     assert await generator.drop_session("s1")
-    assert len(tiers) == 0
+    assert len(generator.store) == 0
     started = await turn(generator, [], "one " * 10, session="s1")
     assert started.cached_tokens <= len("<system>S<|end|>")  # only the shared system prompt is left
 
@@ -101,7 +108,7 @@ async def test_ending_a_session_drops_its_states_from_every_tier(tiers):
 async def test_a_flooding_key_gives_up_its_own_contexts_first(tiers):
     engine = SavingEngine(answer)
     engine.context_slots = 2
-    generator = Generator(engine, max_queue=4, tiers=tiers)
+    generator = Generator(engine, max_queue=4, sessions=tiers)
     victim: list[Message] = []
     await turn(generator, victim, "victim context " * 5, key="victim", session="v")
     for i in range(4):
@@ -127,7 +134,7 @@ def test_sampling_default_is_greedy():
 
 async def test_a_new_conversation_never_takes_another_ones_saved_state(tiers):
     engine = SavingEngine(answer)
-    generator = Generator(engine, max_queue=4, tiers=tiers)
+    generator = Generator(engine, max_queue=4, sessions=tiers)
     shared = "A long shared opening that every user of this application sends first. " * 2
     a: list[Message] = []
     await turn(generator, a, shared + "I am user A.", conv="m:a")
@@ -142,7 +149,6 @@ async def test_the_next_turn_finds_its_context_free_as_soon_as_the_last_event_ar
     """A client sends its next turn the moment it has the last event, before the server resumes the finished
     generation: that turn must continue the conversation's context, not find it still taken."""
     engine = FakeEngine(answer)
-    engine.max_concurrency = 2  # the finished generation still holds its admission slot
     generator = Generator(engine, max_queue=4)
     history: list[Message] = []
     first = generator.generate(request("A document about apples " * 5, session="s"))
@@ -156,3 +162,37 @@ async def test_the_next_turn_finds_its_context_free_as_soon_as_the_last_event_ar
     assert started.state_tier == "resident" and started.cached_tokens > 100
     await first.aclose()
     assert generator.status().resident_sessions == 1
+
+
+async def test_a_client_reading_its_last_event_slowly_holds_no_admission_slot():
+    """The engine work is over once the last event is handed out: a client that has not read it yet must not keep
+    the next request waiting (here the only slot)."""
+    engine = FakeEngine(answer)
+    engine.max_concurrency = 1
+    generator = Generator(engine, max_queue=4)
+    first = generator.generate(request("A document about apples " * 5, session="s"))
+    async for event in first:
+        if isinstance(event, Finished) and not event.more_choices:
+            break  # the generator is left suspended at its last event, as a slow client leaves it
+    assert not generator.admission.busy
+    started = await asyncio.wait_for(turn(generator, [], "Another user", session="t"), timeout=30)
+    assert isinstance(started, Started)
+    await first.aclose()
+
+
+async def test_a_saved_state_that_fails_to_load_is_recomputed_and_the_context_stays_usable(tiers):
+    class BrokenLoads(SavingEngine):
+        def import_state(self, context, data, tokens) -> bool:
+            context.tokens = [7]  # a half-loaded context
+            raise RuntimeError("a state of another model")
+
+    engine = BrokenLoads(answer)
+    generator = Generator(engine, max_queue=4, sessions=tiers)
+    a: list[Message] = []
+    await turn(generator, a, "A document about apples " * 5, conv="m:a")
+    await turn(generator, [], "A document about bricks " * 5, conv="m:b")  # A is saved to the host tier
+    started = await turn(generator, a, "And then?", conv="m:a")
+    assert started.state_tier == "" and started.cached_tokens == 0
+    assert len(generator.store) == 1, "B's state was saved to make room; A's unloadable one is gone"
+    started = await turn(generator, a, "And after that?", conv="m:a")
+    assert started.state_tier == "resident" and started.cached_tokens > 100

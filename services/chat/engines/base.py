@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -151,6 +151,13 @@ class ChatEngine(ABC):
     def import_state(self, context: Any, data: bytes | bytearray, tokens: Sequence[int]) -> bool:
         """Load state produced by `export_state` for `tokens` into `context`; False if it cannot be used."""
         return False
+
+    def on_memory_full(self, spill: Callable[[], bool]) -> None:  # noqa: B027 - optional hook
+        """Who frees memory held by idle contexts when the engine runs out of it (the conversation store, once).
+
+        The engine calls `spill()` on its own thread, where `export_state` and `reset_context` must then run at
+        once; each call saves one idle context's state and clears it, and returns False when none is left. Engines
+        that manage their own memory (TensorRT-LLM's block cache) never call it."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine resources."""

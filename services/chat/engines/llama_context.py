@@ -15,7 +15,8 @@ Sequences are of two kinds, both `Sequence`s:
   a new request takes the free one sharing the longest prefix of the same salt, so repeated prefixes are reused
   but never across salts (API keys);
 - resident sequences (`resident()`) hold a conversation between its turns for the conversation store
-  (services.chat.conversations); a turn runs in its conversation's sequence.
+  (services.chat.state_store); a turn runs in its conversation's sequence. When the cells run out, idle resident
+  conversations are saved to the store's host tier and cleared, never dropped (`_make_room`).
 
 A sequence's cells are saved as bytes (`export_state`) and loaded back (`import_state`) with llama.cpp's
 per-sequence state API, between steps, while the other sequences keep decoding: about 23 KB per token for
@@ -143,6 +144,9 @@ class BatchContext:
         self._decode_seconds = 0.0  # this step's, inside llama_decode
         # Called on the loop thread after every step: a job's `post` may hold what it was given until then.
         self._after_step = after_step or (lambda: None)
+        # Saves one idle resident conversation to the store's host tier and clears it (on this loop's thread);
+        # False when none is left. Set once by the conversation store.
+        self.on_full: Callable[[], bool] | None = None
         self._thread = threading.Thread(target=self._loop, name=f"llama-{name}", daemon=True)
         self._thread.start()
 
@@ -172,7 +176,11 @@ class BatchContext:
         return future.result()
 
     def clear(self, seq: KvSequence) -> None:
-        """Forget a sequence's cells (at once for its tokens; its cells before the next step). Never while it runs."""
+        """Forget a sequence's cells (at once for its tokens; its cells before the next step, or at once on the
+        loop's thread). Never while it runs."""
+        if threading.current_thread() is self._thread:
+            self._clear(seq)
+            return
         seq.tokens = []
         self._inbox.put(("call", lambda: self._clear(seq), Future()))
 
@@ -373,13 +381,15 @@ class BatchContext:
         return status
 
     def _make_room(self) -> bool:
-        """Free cells no running job needs (idle scratch caches, then idle resident conversations, which are then
-        recomputed on their next turn); False if there were none."""
+        """Free cells no running job needs: idle scratch caches first (a cache), then one idle resident
+        conversation at a time, which the conversation store saves to its host tier before clearing its cells
+        (`on_full`), so its next turn restores it instead of recomputing it; False if there was nothing to free."""
         idle = [s for s in self._scratch if not s.running and s.tokens]
-        idle = idle or [s for s in self._resident if not s.running and s.tokens]
         for seq in idle:
             self._clear(seq)
-        return bool(idle)
+        if idle:
+            return True
+        return self.on_full is not None and self.on_full()
 
     def _sample(self) -> None:
         for job in list(self._jobs):
@@ -477,6 +487,10 @@ class BatchContext:
         if len(tokens) > self.n_cells:
             raise StateImportError(f"a saved state of {len(tokens)} tokens exceeds the context ({self.n_cells})")
         read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
+        # No room for its cells: a conversation coming back goes before idle caches and idle resident conversations.
+        while read == 0 and self._make_room():
+            self._clear(seq)
+            read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
         held = llama_cpp.llama_memory_seq_pos_max(self._memory, seq.seq_id) + 1
         if read == 0 or held != len(tokens):
             self._clear(seq)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import llama_cpp
@@ -174,6 +174,9 @@ class LlamaCppEngine(ChatEngine):
             log.warning("a saved conversation state could not be loaded (%s); it will be recomputed", exc)
             return False
         return True
+
+    def on_memory_full(self, spill: Callable[[], bool]) -> None:
+        self._batch.on_full = spill
 
     # -- generation -----------------------------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""The host and disk tiers of saved conversation states, with small blobs."""
+"""The conversation store's index and tiers with small blobs: the cascade and its fair share, supersession, the disk
+tier's files and failures, metrics, and resident states saved when the engine needs their cells (a fake engine
+whose contexts are token lists, below the engine line)."""
 
 from __future__ import annotations
 
@@ -13,28 +15,48 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from services.chat.state_tiers import StateTiers, Tier
+from services.chat.domain import Message, Role
+from services.chat.state_store import MIN_SHARED_TOKENS, ConversationStore, Tier
 from services.common.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from tests.support.fake_engine import FakeEngine
 
 KEY, OTHER = "a" * 32, "b" * 32
 
 
-def make(tmp_path: Path, host: int = 300, disk: int = 1000, share: float = 1.0) -> StateTiers:
+class SavingEngine(FakeEngine):
+    """Contexts whose exported state is their token list."""
+
+    def export_state(self, context) -> bytes:
+        return bytes(t % 256 for t in context.tokens)
+
+    def import_state(self, context, data: bytes, tokens) -> bool:
+        context.tokens = list(tokens)
+        return True
+
+
+def make(tmp_path: Path, host: int = 300, disk: int = 1000, share: float = 1.0, engine=None) -> ConversationStore:
     model = f"test-{uuid.uuid4().hex[:8]}"  # metrics of this store only
-    return StateTiers(host_bytes=host, disk_bytes=disk, key_share=share, disk_dir=tmp_path / "states", model=model)
+    return ConversationStore(
+        engine or SavingEngine(),
+        host_bytes=host,
+        disk_bytes=disk,
+        key_share=share,
+        disk_dir=tmp_path / "states",
+        model=model,
+    )
 
 
-def put(store: StateTiers, tokens, size: int = 100, key: str = KEY, session: str = "s1", conversation: str = ""):
+def put(store: ConversationStore, tokens, size: int = 100, key: str = KEY, session: str = "s1", conversation: str = ""):
     blob = bytes([len(tokens) % 256]) * size
     return store.put(api_key_hash=key, session_id=session, conversation_key=conversation, tokens=tokens, blob=blob)
 
 
-def files(store: StateTiers) -> list[Path]:
+def files(store: ConversationStore) -> list[Path]:
     assert store.directory is not None
     return [p for p in store.directory.iterdir() if not p.name.startswith(".")]
 
 
-def sample(name: str, store: StateTiers, tier: Tier) -> float:
+def sample(name: str, store: ConversationStore, tier: Tier) -> float:
     return REGISTRY.get_sample_value(name, {"model": store._model, "tier": tier}) or 0.0
 
 
@@ -166,25 +188,42 @@ def test_without_quota_a_full_tier_still_takes_from_the_key_holding_more_than_it
         assert store.tier_of(victim.entry_id) is Tier.HOST, "the flooding key paid, not the oldest state"
 
 
+P = list(range(100, 100 + MIN_SHARED_TOKENS + 8))  # a prefix long enough to be worth reusing for another state
+
+
 def test_best_match_is_the_longest_common_prefix_within_one_key(tmp_path):
     with make(tmp_path, host=1000) as store:
-        long = put(store, [1, 2, 3, 4], session="s1")
-        fork = put(store, [1, 2, 9], session="s2")
-        put(store, [1, 2, 3, 4, 5, 6], key=OTHER)
-        assert store.best_match(KEY, [1, 2, 3, 4, 5]) == (long, 4)
-        assert store.best_match(KEY, [1, 2, 9, 9]) == (fork, 3)
-        assert store.best_match(KEY, [1, 2, 3, 7])[1] == 3  # an edited message: reuse up to the divergence
-        assert store.best_match(KEY, [1, 2])[1] == 2, "a state longer than the request serves its prefix"
-        assert store.best_match(KEY, [7, 1, 2]) is None
-        assert store.best_match("c" * 32, [1, 2, 3, 4]) is None, "never another key's state"
+        long = put(store, [*P, 1, 2, 3, 4], session="s1", conversation="c1")
+        fork = put(store, [*P, 1, 2, 9], session="s2", conversation="c2")
+        put(store, [*P, 1, 2, 3, 4, 5, 6], key=OTHER)
+        assert store.best_match(KEY, [*P, 1, 2, 3, 4, 5]) == (long, len(P) + 4)
+        assert store.best_match(KEY, [*P, 1, 2, 9, 9]) == (fork, len(P) + 3)
+        edited = [*P, 1, 2, 3, 7]
+        assert store.best_match(KEY, edited, "c1") == (long, len(P) + 3), "an edit: reuse up to the divergence"
+        assert store.best_match(KEY, edited) is None, "another conversation's saved state is not taken for a part"
+        assert store.best_match(KEY, [*P, 1, 2], "c1") == (long, len(P) + 2), "a longer state serves its prefix"
+        assert store.best_match(KEY, [7, *P]) is None
+        assert store.best_match("c" * 32, [*P, 1, 2, 3, 4]) is None, "never another key's state"
 
 
-def test_equal_matches_prefer_the_host_tier(tmp_path):
-    with make(tmp_path, host=100) as store:
-        older = put(store, [1, 2, 3])
-        newer = put(store, [1, 2, 4])  # moves the first to disk, which makes it the most recently placed
-        assert store.tier_of(older.entry_id) is Tier.DISK
-        assert store.best_match(KEY, [1, 2, 7]) == (newer, 2)
+def test_a_few_tokens_in_common_are_a_match_only_for_the_same_conversation(tmp_path):
+    with make(tmp_path, host=1000) as store:
+        entry = put(store, [1, 2, 3, 4], conversation="c1")
+        assert store.best_match(KEY, [1, 2, 3, 4, 5]) is None, "a few template tokens in common: recompute"
+        assert store.best_match(KEY, [1, 2, 3, 4, 5], "c1") == (entry, 4)
+
+
+async def test_an_equal_match_prefers_the_resident_state_then_the_conversation_key(tmp_path):
+    with make(tmp_path, host=1000) as store:
+        resident = await store.checkout(
+            api_key_hash=KEY, session_id="s", conversation_key="", idle_timeout=0, messages=[Message(Role.USER, "hi")]
+        )
+        resident.context.tokens = [*P, 1]
+        store.release(resident)
+        saved = put(store, [*P, 1], conversation="c1")
+        assert store.tier_of(resident.entry.entry_id) is Tier.RESIDENT, "saving never supersedes a resident state"
+        assert store.best_match(KEY, [*P, 1, 5]) == (resident.entry, len(P) + 1)
+        assert store.best_match(KEY, [*P, 1, 5], "c1") == (saved, len(P) + 1)
 
 
 def test_a_longer_state_supersedes_its_prefixes_and_a_conversation_key_its_previous_state(tmp_path):
@@ -277,7 +316,7 @@ def test_concurrent_use_keeps_the_accounting_right(tmp_path):
 
 
 def test_the_disk_tier_can_be_switched_off(tmp_path):
-    store = StateTiers(host_bytes=100, disk_bytes=0, key_share=1.0, disk_dir=tmp_path / "never")
+    store = ConversationStore(SavingEngine(), host_bytes=100, disk_bytes=0, key_share=1.0, disk_dir=tmp_path / "never")
     first = put(store, [1])
     put(store, [2])
     assert store.tier_of(first.entry_id) is None and store.directory is None
@@ -290,7 +329,7 @@ def test_the_disk_tier_can_be_switched_off(tmp_path):
 )
 def test_bad_limits_are_refused(kwargs):
     with pytest.raises(ValueError):
-        StateTiers(**kwargs)
+        ConversationStore(SavingEngine(), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -303,7 +342,8 @@ def test_bad_tier_settings_stop_start_up_naming_the_field(field, value):
 
 def test_the_configuration_sizes_the_tiers(tmp_path):
     env = {"ARK__SESSIONS__HOST_CACHE_MB": "0.5", "ARK__SESSIONS__DISK_DIR": str(tmp_path / "d")}
-    with StateTiers.from_config(load_config(DEFAULT_CONFIG_PATH, env=env).sessions, model="m") as store:
+    sessions = load_config(DEFAULT_CONFIG_PATH, env=env).sessions
+    with ConversationStore.from_config(SavingEngine(), None, sessions) as store:
         assert store.directory is not None and store.directory.parent == tmp_path / "d"
         entry = put(store, [1], size=600_000)
         assert store.tier_of(entry.entry_id) is Tier.DISK, "larger than the 0.5 MB host tier"
@@ -314,3 +354,85 @@ def test_a_disk_dir_that_is_a_link_is_refused(tmp_path):
     (tmp_path / "states").symlink_to(tmp_path / "real")
     with pytest.raises(ConfigError, match=r"sessions\.disk_dir"):
         make(tmp_path)
+
+
+# -- resident states: the top of the cascade ------------------------------------------------------------------------
+
+
+def user(text: str) -> list[Message]:
+    return [Message(Role.USER, text)]
+
+
+async def resident(store: ConversationStore, text: str, key: str = KEY, session: str = "s1"):
+    """A turn checked out, run (its context made to hold its prompt) and released: a resident state."""
+    checkout = await store.checkout(
+        api_key_hash=key, session_id=session, conversation_key="", idle_timeout=60, messages=user(text)
+    )
+    checkout.context.tokens = list(checkout.tokens)
+    store.complete(checkout, None)
+    store.release(checkout)
+    return checkout
+
+
+async def test_when_the_engine_needs_cells_an_idle_resident_state_is_saved_to_host_not_dropped(tmp_path):
+    with make(tmp_path, host=10_000) as store:
+        first = await resident(store, "apples " * 10, session="a")
+        second = await resident(store, "bricks " * 10, session="b")
+        held = list(first.context.tokens)
+        assert store.resident == 2 and len(store) == 0
+        assert store.spill(), "the least recent resident state gave up its cells"
+        assert store.tier_of(first.entry.entry_id) is Tier.HOST
+        assert first.context.tokens == [], "its context was cleared"
+        assert store.tier_of(second.entry.entry_id) is Tier.RESIDENT and second.context.tokens
+        assert sample("ark_chat_state_tier_evictions_total", store, Tier.RESIDENT) == 1
+        # Its next turn restores it into a context, from the host tier.
+        turn = await store.checkout(
+            api_key_hash=KEY, session_id="a", conversation_key="", idle_timeout=60, messages=user("apples " * 10)
+        )
+        assert turn.tier == "host" and turn.entry is first.entry and turn.context.tokens == held
+        assert sample("ark_chat_state_tier_hits_total", store, Tier.HOST) == 1
+        store.release(turn)
+
+
+async def test_a_running_turn_or_an_empty_context_is_never_spilled(tmp_path):
+    with make(tmp_path, host=10_000) as store:
+        running = await store.checkout(
+            api_key_hash=KEY, session_id="s", conversation_key="", idle_timeout=60, messages=user("apples " * 10)
+        )
+        running.context.tokens = list(running.tokens)
+        empty = await store.checkout(
+            api_key_hash=KEY, session_id="e", conversation_key="", idle_timeout=60, messages=user("bricks " * 10)
+        )
+        store.release(empty)
+        assert not store.spill(), "nothing idle holds cells"
+        assert running.context.tokens
+        store.release(running)
+        assert store.spill() and running.context.tokens == []
+
+
+async def test_spilling_takes_from_the_key_over_its_share_first(tmp_path):
+    engine = SavingEngine()
+    engine.context_slots = 4
+    with make(tmp_path, host=10_000, share=0.5, engine=engine) as store:
+        victim = await resident(store, "victim " * 10, key=KEY, session="v")  # the least recent of all
+        flood = [await resident(store, f"flood {i} " * 10, key=OTHER, session=f"f{i}") for i in range(3)]
+        assert store.spill()
+        assert store.tier_of(victim.entry.entry_id) is Tier.RESIDENT
+        assert store.tier_of(flood[0].entry.entry_id) is Tier.HOST
+
+
+async def test_resident_and_saved_states_expire_when_idle_and_a_session_drops_them_everywhere(tmp_path):
+    now = [0.0]
+    store = ConversationStore(
+        SavingEngine(), host_bytes=10_000, disk_bytes=0, disk_dir=tmp_path / "never", clock=lambda: now[0]
+    )
+    kept = await resident(store, "apples " * 10, session="a")
+    assert store.spill() and len(store) == 1
+    await resident(store, "bricks " * 10, session="b")
+    now[0] = 30
+    await resident(store, "cement " * 10, session="c")
+    now[0] = 61
+    assert store.expire_idle() == 2, "the saved state of a and the resident state of b: idle past 60 s"
+    assert store.tier_of(kept.entry.entry_id) is None and store.resident == 1
+    assert store.drop_session("c") == 1 and store.resident == 0
+    store.close()
