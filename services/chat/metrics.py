@@ -30,6 +30,12 @@ RESTORE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
+FORCED_TOKENS = Counter(
+    "ark_chat_engine_forced_tokens",
+    "Output tokens the output constraint forced, evaluated together with the step before instead of sampled one "
+    "step each (jump-forward decoding: a tool call's head, a schema's fixed keys)",
+    ["model"],
+)
 ENGINE_CPU = Counter(
     "ark_chat_engine_cpu_seconds",
     "CPU time of the engine's decode loop (llama.cpp): inside llama_decode, and the rest of its steps (planning the "

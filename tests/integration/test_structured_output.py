@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 
 from ark.chat.v1 import chat_service_pb2 as pb
+from services.chat.metrics import FORCED_TOKENS
 from services.common.errors import InvalidRequestError
 from services.common.grpc_errors import from_rpc_error
 from tests.integration.test_chat_service import collect, request
@@ -105,6 +106,34 @@ async def test_named_function_is_the_one_called(chat_server):
     messages = await collect(chat_server.stub.StreamGenerateChatCompletion(req))
     (call,) = calls_of(messages)
     assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city"}
+
+
+async def test_a_forced_call_head_is_evaluated_at_once_not_sampled_token_by_token(chat_server):
+    """Jump-forward decoding: a named call's head, `{"name": "get_weather", "arguments": {"city":`, is all the
+    grammar allows, so the engine evaluates it in one step instead of sampling it; the call is the same valid call,
+    and its tokens are counted as output. With logprobs asked for, every position is sampled (each needs its own
+    distribution)."""
+    forced = FORCED_TOKENS.labels(chat_server.model_id)
+
+    async def named_call(**sampling) -> tuple[dict, list, float]:
+        before = forced._value.get()
+        req = tools_request(chat_server, "Weather in Rome?", mode=pb.TOOL_CHOICE_MODE_FUNCTION, name="get_weather")
+        req.parallel_tool_calls = False
+        for key, value in sampling.items():
+            setattr(req.sampling, key, value)
+        messages = await collect(chat_server.stub.StreamGenerateChatCompletion(req))
+        (call,) = calls_of(messages)
+        assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city"}
+        return call, messages, forced._value.get() - before
+
+    call, messages, jumped = await named_call()
+    assert jumped >= 10, jumped
+    assert messages[-1].finished.usage.completion_tokens > jumped
+    sampled_call, sampled_messages, jumped = await named_call(logprobs=True)
+    assert jumped == 0
+    positions = [p for m in sampled_messages if m.WhichOneof("event") == "delta" for p in m.delta.logprobs]
+    assert len(positions) == sampled_messages[-1].finished.usage.completion_tokens
+    assert sampled_call["arguments"] == call["arguments"]  # greedy either way
 
 
 async def test_a_call_cut_by_max_tokens_finishes_with_length(chat_server):

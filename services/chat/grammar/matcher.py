@@ -62,6 +62,21 @@ class TokenMatcher:
         log.warning("constraint rejected token %d: %s", token, self._matcher.get_error())
         return False
 
+    def forced(self, limit: int) -> list[int]:
+        """The tokens the grammar allows as the only way on from here, at most `limit`, consumed.
+
+        They need no sampling, so the engine evaluates them together in one step instead of one step each
+        (jump-forward decoding): a required call's head, `{"name": "lookup_fact", "arguments": {"fact":`, is 14
+        tokens of SmolLM2. llguidance leaves out a last token that later text could still merge with, so the
+        tokens are the ones sampling would have produced."""
+        if limit <= 0:
+            return []
+        tokens = list(self._matcher.compute_ff_tokens())[:limit]
+        if tokens and not self._matcher.consume_tokens(tokens):
+            log.warning("constraint rejected its own forced tokens: %s", self._matcher.get_error())
+            return []
+        return tokens
+
     @property
     def terminated(self) -> bool:
         """The grammar is complete and admits nothing more: generation ends here."""
