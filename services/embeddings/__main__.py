@@ -7,6 +7,7 @@ from services.common.config import ArkConfig, Capability, ConfigError, engine_se
 from services.common.runner import Built, run_service
 from services.embeddings.embedder import Embedder
 from services.embeddings.engines import create_engine
+from services.embeddings.priority import lower_priority
 from services.embeddings.servicer import embeddings_service
 from services.embeddings.settings import EmbeddingsSettings
 
@@ -15,11 +16,17 @@ async def build(config: ArkConfig, address: str) -> Built:
     models = config.models_for(Capability.EMBEDDINGS)
     if not models:
         raise ConfigError("models: no model with capability `embeddings` is configured")
-    embedders = {}
+    settings: dict[str, EmbeddingsSettings] = {}
     for model in models:
-        settings = engine_settings(model)
-        assert isinstance(settings, EmbeddingsSettings)
-        embedders[model.id] = Embedder(create_engine(model, settings), settings, config.limits)
+        model_settings = engine_settings(model)
+        assert isinstance(model_settings, EmbeddingsSettings)
+        settings[model.id] = model_settings
+    # Before the engines start their threads, which inherit it.
+    lower_priority(max(s.nice for s in settings.values()))
+    embedders = {
+        model.id: Embedder(create_engine(model, settings[model.id]), settings[model.id], config.limits)
+        for model in models
+    }
 
     async def close_embedders() -> None:
         for embedder in embedders.values():

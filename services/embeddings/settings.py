@@ -31,6 +31,10 @@ class EmbeddingsSettings(EngineSettings):
     encoder_threads: Annotated[int, Field(ge=1)] = 1
     # Whether `dimensions` may shorten vectors (Matryoshka-trained models only; MiniLM is not).
     supports_dimensions: bool = False
+    # CPU scheduling priority of the service, as `nice` (0 keeps the priority it was started with; process-wide: the
+    # service takes the largest of its models' values). Encoding yields the cores to the edge, Envoy and chat
+    # workers, which answer in milliseconds, and keeps every cycle they leave (services/embeddings/priority.py).
+    nice: Annotated[int, Field(ge=0, le=19)] = 10
 
     @property
     def batch_window_seconds(self) -> float:

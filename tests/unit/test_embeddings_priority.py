@@ -1,0 +1,88 @@
+"""The embeddings service lowers its own CPU priority (services/embeddings/priority.py): every thread's nice value,
+the threads it starts later through them, and its session's when it leads one. Each case runs in a child process,
+so that the test process keeps its own priority."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from services.embeddings.settings import SentenceTransformersSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+LOWERED = max(7, os.nice(0))  # what 7 gives: a nice value is only ever raised
+
+CHILD = """
+import json, os, threading
+from pathlib import Path
+from services.embeddings.priority import lower_priority
+
+def nice_of(thread):
+    return os.getpriority(os.PRIO_PROCESS, thread)
+
+started = threading.Event()
+release = threading.Event()
+early = {}
+def before():
+    early["id"] = threading.get_native_id()
+    started.set()
+    release.wait()
+threading.Thread(target=before).start()
+started.wait()
+autogroup = Path("/proc/self/autogroup")
+session_before = autogroup.read_text().split()[-1] if autogroup.exists() else None
+lower_priority(7)
+later = {}
+thread = threading.Thread(target=lambda: later.update(nice=nice_of(0)))
+thread.start()
+thread.join()
+release.set()
+print(json.dumps({
+    "main": nice_of(0),
+    "earlier_thread": nice_of(early["id"]),
+    "later_thread": later["nice"],
+    "session_before": session_before,
+    "session_after": autogroup.read_text().split()[-1] if autogroup.exists() else None,
+}))
+"""
+
+
+def _run(*, own_session: bool) -> dict[str, int | str | None]:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=own_session,
+        cwd=ROOT,
+    )
+    return json.loads(done.stdout)
+
+
+def test_every_thread_runs_at_the_lower_priority_those_started_before_and_after():
+    seen = _run(own_session=True)
+    assert seen["main"] == seen["earlier_thread"] == seen["later_thread"] == LOWERED
+
+
+def test_a_service_leading_its_session_lowers_the_session_and_otherwise_leaves_it_alone():
+    leader, inside = _run(own_session=True), _run(own_session=False)
+    if Path("/proc/self/autogroup").exists():  # a kernel grouping by session (autogroup)
+        assert leader["session_after"] == "7"
+        assert inside["session_after"] == inside["session_before"]  # the shell's (here pytest's) session
+    else:
+        assert leader["session_after"] is None and inside["session_after"] is None
+    assert inside["main"] == LOWERED
+
+
+def test_the_default_is_below_the_rest_of_the_stack_and_zero_keeps_the_priority():
+    assert SentenceTransformersSettings().nice == 10
+    assert _run_with(0) == os.nice(0)
+
+
+def _run_with(nice: int) -> int:
+    code = f"import os; from services.embeddings import priority; priority.lower_priority({nice}); print(os.nice(0))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return int(done.stdout)
