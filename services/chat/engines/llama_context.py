@@ -421,13 +421,7 @@ class BatchContext:
                 else:
                     job.post(TokenSample(choice.index, token, piece))
                 choice.pending = [token]
-                if token in self._eog:
-                    self._end(job, choice, EndReason.EOG)
-                elif choice.matcher is not None and (not choice.matcher.accept(token) or choice.matcher.terminated):
-                    self._end(job, choice, EndReason.GRAMMAR)
-                elif choice.generated >= run.max_new_tokens:
-                    self._end(job, choice, EndReason.LENGTH)
-                else:
+                if not self._ended_by(job, choice, token, consume=True):
                     self._jump(job, choice)
             for choice in job.choices:
                 choice.logits_at = -1
@@ -454,13 +448,19 @@ class BatchContext:
             choice.sampler.accept(token)  # penalties count them like sampled tokens
             choice.generated += 1
             job.post(TokenSample(choice.index, token, self._model.detokenize([token], special=False)))
-        if forced[-1] in self._eog:
+        return not self._ended_by(job, choice, forced[-1], consume=False)
+
+    def _ended_by(self, job: _Job, choice: _Choice, token: int, *, consume: bool) -> bool:
+        """End the choice if its last token closes it: the end of a turn, the grammar refusing the token (`consume`:
+        a sampled token, consumed here; forced ones already are) or complete, or the token budget spent."""
+        matcher = choice.matcher
+        if token in self._eog:
             self._end(job, choice, EndReason.EOG)
-        elif choice.matcher.terminated:
+        elif matcher is not None and ((consume and not matcher.accept(token)) or matcher.terminated):
             self._end(job, choice, EndReason.GRAMMAR)
         elif choice.generated >= job.run.max_new_tokens:
             self._end(job, choice, EndReason.LENGTH)
-        return not choice.done
+        return choice.done
 
     def _logprobs(self, at: int, token: int, top: int) -> tuple[float, tuple[TopLogprob, ...]]:
         """Log probabilities of the model's distribution at the position just sampled (before sampling knobs)."""
