@@ -292,7 +292,7 @@ class ChatWorkers:
 
     async def _ask_load(self, worker: _Worker) -> None:
         """Refresh the worker's load report (a worker that cannot tell is routed by this edge's calls alone)."""
-        counted = frozenset(worker.calls)
+        worker.load.asking(worker.calls)
         # At most one probe interval: a slow answer must not hold the next health probe back.
         timeout = min(self.policy.probe_timeout, self.policy.probe_interval)
         try:
@@ -302,7 +302,7 @@ class ChatWorkers:
             worker.load.forget()
             return
         report = LoadReport(status.running_requests, status.queued_requests, status.max_running_requests)
-        worker.load.reported(report, counted)
+        worker.load.reported(report)
         CHAT_WORKER_REQUESTS.labels(worker.address).set(worker.load.requests(worker.calls))
 
     def _probe_failed(self, worker: _Worker, sent: float, code: grpc.StatusCode) -> None:
@@ -398,10 +398,12 @@ class ChatWorkers:
                 if message is grpc.aio.EOF:
                     raise InternalError("The chat worker closed the stream before starting.")
                 kind = message.WhichOneof("event")
-                if kind == "admitted":
-                    admitted = call.admitted = True
-                elif kind == "started":
+                if kind in ("admitted", "started") and not call.admitted:
                     call.admitted = True
+                    worker.load.admitted(call)
+                if kind == "admitted":
+                    admitted = True
+                elif kind == "started":
                     return ChatStream(self, call, request, message.started, observer)
                 else:
                     raise InternalError("The chat worker sent output before starting.")

@@ -5,8 +5,11 @@ A worker reports its load (GetWorkerStatus: requests running on its sequences, h
 queued), which counts every edge's calls; the edge reads it with each health probe (every
 `edge.worker_probe_interval_seconds`). Between two reports a burst from this edge would all go to the worker that
 looked idle, so the edge adds the calls it started since the report was asked for and takes away those of its calls
-the report counted that have ended since. Its own calls in progress are a floor: the report may be older than they
-are. Until a worker has reported (or one that cannot), only this edge's calls count, on one sequence.
+the report counted that have ended since. The report counts the calls in progress when it was asked for, and those
+the worker took up while it was on its way (their `admitted` event came before the report): counting those again
+made an idle worker look busy until the next report, and a request went to the busy one. Its own calls in progress
+are a floor: the report may be older than they are. Until a worker has reported (or one that cannot), only this
+edge's calls count, on one sequence.
 
 A worker with a free sequence starts a request at once, and a batched step is faster the fewer sequences it runs; a
 worker whose sequences are all taken starts it after the queue ahead has moved through them. Both orders are the
@@ -34,17 +37,29 @@ class WorkerLoad:
 
     def __init__(self) -> None:
         self._report: LoadReport | None = None
-        self._counted: frozenset[object] = frozenset()  # this edge's calls in progress when the report was asked for
+        self._counted: frozenset[object] = frozenset()  # this edge's calls the last report counted
+        self._asked: set[object] | None = None  # those the report on its way counts, while one is
 
-    def reported(self, report: LoadReport, counted: frozenset[object]) -> None:
-        """A new report, asked for while `counted` (this edge's calls) were in progress."""
+    def asking(self, calls: Set[object]) -> None:
+        """A report is asked for now, while `calls` (this edge's) are in progress."""
+        self._asked = set(calls)
+
+    def admitted(self, call: object) -> None:
+        """The worker took `call` up: a report on its way now counts it."""
+        if self._asked is not None:
+            self._asked.add(call)
+
+    def reported(self, report: LoadReport) -> None:
+        """The report asked for last has come."""
         self._report = report
-        self._counted = counted
+        self._counted = frozenset(self._asked or ())
+        self._asked = None
 
     def forget(self) -> None:
         """The worker failed: its report says nothing of it any more."""
         self._report = None
         self._counted = frozenset()
+        self._asked = None
 
     def requests(self, calls: Set[object]) -> int:
         """Requests the worker holds now (running or queued), as this edge estimates from `calls`, its own there."""

@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LOWERED = max(7, os.nice(0))  # what 7 gives: a nice value is only ever raised
 
 CHILD = """
-import json, os, threading
+import faulthandler, json, os, threading
 from pathlib import Path
 from services.embeddings.priority import lower_priority
+
+faulthandler.dump_traceback_later(60, exit=True)  # a stuck child shows where, and ends
 
 def nice_of(thread):
     return os.getpriority(os.PRIO_PROCESS, thread)
@@ -30,19 +32,22 @@ def before():
     early["id"] = threading.get_native_id()
     started.set()
     release.wait()
-threading.Thread(target=before).start()
+threading.Thread(target=before, daemon=True).start()
 started.wait()
-autogroup = Path("/proc/self/autogroup")
-session_before = autogroup.read_text().split()[-1] if autogroup.exists() else None
-lower_priority(7)
-later = {}
-thread = threading.Thread(target=lambda: later.update(nice=nice_of(0)))
-thread.start()
-thread.join()
-release.set()
+try:
+    autogroup = Path("/proc/self/autogroup")
+    session_before = autogroup.read_text().split()[-1] if autogroup.exists() else None
+    lower_priority(7)
+    later = {}
+    thread = threading.Thread(target=lambda: later.update(nice=nice_of(0)))
+    thread.start()
+    thread.join()
+    earlier = nice_of(early["id"])
+finally:
+    release.set()
 print(json.dumps({
     "main": nice_of(0),
-    "earlier_thread": nice_of(early["id"]),
+    "earlier_thread": earlier,
     "later_thread": later["nice"],
     "session_before": session_before,
     "session_after": autogroup.read_text().split()[-1] if autogroup.exists() else None,
@@ -55,10 +60,12 @@ def _run(*, own_session: bool) -> dict[str, int | str | None]:
         [sys.executable, "-c", CHILD],
         capture_output=True,
         text=True,
-        check=True,
         start_new_session=own_session,
+        stdin=subprocess.DEVNULL,
         cwd=ROOT,
+        timeout=120,
     )
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
@@ -84,5 +91,8 @@ def test_the_default_is_below_the_rest_of_the_stack_and_zero_keeps_the_priority(
 
 def _run_with(nice: int) -> int:
     code = f"import os; from services.embeddings import priority; priority.lower_priority({nice}); print(os.nice(0))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
     return int(done.stdout)

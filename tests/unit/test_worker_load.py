@@ -11,7 +11,8 @@ def _loads(**reports: LoadReport | None) -> dict[str, WorkerLoad]:
     for name, report in reports.items():
         load = loads[name] = WorkerLoad()
         if report is not None:
-            load.reported(report, frozenset())
+            load.asking(set())
+            load.reported(report)
     return loads
 
 
@@ -46,10 +47,26 @@ def test_capacity_counts_a_worker_with_more_sequences_takes_more():
 def test_this_edges_calls_since_the_report_are_added_and_those_ended_since_taken_away():
     load = WorkerLoad()
     before, ended = object(), object()
-    load.reported(LoadReport(running=5, queued=0, sequences=16), frozenset({before, ended}))
+    load.asking({before, ended})
+    load.reported(LoadReport(running=5, queued=0, sequences=16))
     # Two of this edge's calls were counted by the report; one has ended since, and three new ones started.
     new = {object(), object(), object()}
     assert load.requests({before, *new}) == 5 - 1 + 3
+
+
+def test_a_call_the_worker_took_up_while_the_report_was_on_its_way_is_counted_once():
+    load = WorkerLoad()
+    load.asking(set())
+    quick, queued = object(), object()
+    load.admitted(quick)  # its `admitted` event came before the report: the worker counted it
+    load.reported(LoadReport(running=1, queued=1, sequences=4))
+    # `quick` counts once, not twice; `queued` was not taken up before the report came, so it is added to it.
+    assert load.requests({quick, queued}) == 1 + 1 + 1
+    # Both ended: what is left is the request the report found queued (another edge's).
+    assert load.requests(set()) == 1
+    # A call admitted after the report came is a new one since.
+    load.admitted(object())
+    assert load.requests(set()) == 1
 
 
 def test_a_burst_between_two_reports_spreads_over_the_workers():
@@ -62,7 +79,8 @@ def test_a_burst_between_two_reports_spreads_over_the_workers():
 
 def test_own_calls_in_progress_are_a_floor_under_a_stale_report():
     load = WorkerLoad()
-    load.reported(LoadReport(running=0, queued=0, sequences=4), frozenset())
+    load.asking(set())
+    load.reported(LoadReport(running=0, queued=0, sequences=4))
     mine = {object(), object()}
     # The report came before these calls were even asked for, yet they are there.
     assert load.requests(mine) == 2
@@ -76,6 +94,7 @@ def test_without_a_report_only_this_edges_calls_count_on_one_sequence():
 
 def test_a_failed_worker_forgets_its_report():
     load = WorkerLoad()
-    load.reported(LoadReport(running=9, queued=4, sequences=16), frozenset())
+    load.asking(set())
+    load.reported(LoadReport(running=9, queued=4, sequences=16))
     load.forget()
     assert load.requests(set()) == 0 and load.rank(set()) == 1
