@@ -24,9 +24,12 @@ The engine may run out of KV cells while resident conversations sit idle: it the
 `ChatEngine.on_memory_full`) on its own thread, and the least recent idle resident state (by the same rule) is
 exported and saved to the host tier before its cells are cleared, rather than dropped.
 
-Threading: one lock guards the index. Turns check out one at a time (an asyncio lock), on a worker thread, in three
-phases: decide and claim (lock held), export / read / import (no lock: they wait for the engine's thread, which may
-itself need the lock to spill), commit (lock held). The engine's thread takes the lock only in `spill`.
+Threading: one lock guards the index. A turn checks out on a worker thread in three phases: decide and claim (lock
+held), export / read / import (no lock: they wait for the engine's thread, which may itself need the lock to spill),
+commit (lock held). Turns check out at once: what one claims (its state, its context, the state it saves out of that
+context) is marked busy or taken out of its tier in the first phase, so no other turn nor spill touches it, and the
+engine's thread serves every waiting turn's export and import between two steps: a burst of new conversations
+waited a step per turn when they took turns. The engine's thread takes the lock only in `spill`.
 """
 
 from __future__ import annotations
@@ -186,7 +189,6 @@ class ConversationStore:
         self._count = {tier: 0 for tier in Tier}
         self._entries: OrderedDict[str, StateEntry] = OrderedDict()  # every state, least recently used first
         self._lock = threading.RLock()
-        self._turns = asyncio.Lock()  # checkouts take turns
         self._files = StateFiles(disk_dir) if disk_bytes else None
         if self._contexts:
             engine.on_memory_full(self.spill)
@@ -263,10 +265,9 @@ class ConversationStore:
     ) -> Checkout:
         """The context to run a turn in, holding the best state of its key, and the prompt to run; `release` it
         when the turn's engine work is over."""
-        async with self._turns:
-            return await asyncio.to_thread(
-                self._checkout, api_key_hash, session_id, conversation_key, idle_timeout, messages
-            )
+        return await asyncio.to_thread(
+            self._checkout, api_key_hash, session_id, conversation_key, idle_timeout, messages
+        )
 
     def _checkout(
         self, key: str, session_id: str, conversation: str, idle_timeout: float, messages: Sequence[Message]

@@ -39,9 +39,13 @@ def prompt(engine: LlamaCppEngine, text: str) -> list[int]:
     return engine.encode_prompt([{"role": "user", "content": text}])
 
 
-async def greedy(engine: LlamaCppEngine, tokens: list[int], *, context=None, limit: int = TOKENS, stop_after: int = 0):
+async def greedy(
+    engine: LlamaCppEngine, tokens: list[int], *, context=None, limit: int = TOKENS, stop_after: int = 0, salt: str = ""
+):
     """The tokens sampled, the end reason and the reused prompt tokens; `stop_after`: close the stream then."""
-    job = EngineRun(prompt=tokens, sampling=Sampling(temperature=0.0), max_new_tokens=limit, context=context)
+    job = EngineRun(
+        prompt=tokens, sampling=Sampling(temperature=0.0), max_new_tokens=limit, context=context, cache_salt=salt
+    )
     out: list[int] = []
     reason, cached = None, None
     events = engine.run(job)
@@ -143,9 +147,29 @@ async def test_a_sequence_saved_while_another_decodes_is_restored_exactly(engine
     follow_up = [*held, *prompt(engine, "And ferry 3?")]
     continued, _, cached = await greedy(engine, follow_up, context=second)
     engine.reset_context(first)
-    computed, _, recomputed = await greedy(engine, follow_up, context=first)
+    # Under another cache salt: nothing of `second`'s cells is shared with it, all of it is computed afresh.
+    computed, _, recomputed = await greedy(engine, follow_up, context=first, salt="another key")
     assert cached == len(held) and recomputed == 0
     assert continued == computed
+
+
+async def test_a_sequence_starts_from_the_longest_prefix_another_of_its_key_holds_and_never_another_keys(engine):
+    conversation = engine._batch._resident[-1]
+    engine.reset_context(conversation)
+    document = prompt(engine, f"{FACTS}\nWhen does ferry 2 leave?")
+    await greedy(engine, document, context=conversation, salt="key a", limit=2)
+    question = prompt(engine, f"{FACTS}\nWhen does ferry 9 leave?")
+    shared = next(i for i, (x, y) in enumerate(zip(document, question, strict=False)) if x != y)
+    assert shared > 100
+
+    # A stateless request of the same key starts from the conversation's cells (shared, not copied)...
+    alone, _, cached = await greedy(engine, question, salt="key a")
+    assert cached == shared
+    # ...and computes the same as without them; another key's request shares nothing.
+    afresh, _, other = await greedy(engine, question, salt="key b")
+    assert other == 0 and afresh[:AGREE] == alone[:AGREE]
+    # The conversation's own cells are untouched by the sharing.
+    assert tuple(engine.context_tokens(conversation))[: len(document)] == tuple(document)
 
 
 async def test_a_state_that_does_not_fit_is_refused_and_leaves_the_sequence_empty(engine):

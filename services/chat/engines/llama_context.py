@@ -69,7 +69,7 @@ class KvSequence:
     seq_id: int
     resident: bool
     tokens: list[int] = field(default_factory=list)
-    owner: str = ""  # cache salt of what a scratch sequence holds
+    owner: str | None = None  # cache salt of the request that filled it (None: unknown, never shared)
     running: bool = False
     last_used: float = 0.0
 
@@ -109,6 +109,7 @@ class BatchContext:
         n_cells: int,
         n_scratch: int,
         n_resident: int,
+        resident_cells: int | None = None,
         n_batch: int,
         n_threads: int,
         n_threads_batch: int,
@@ -135,6 +136,7 @@ class BatchContext:
         self._scratch = [KvSequence(i, resident=False) for i in range(n_scratch)]
         self._resident = [KvSequence(n_scratch + i, resident=True) for i in range(n_resident)]
         self._handed_out = 0
+        self._resident_cells = resident_cells
         self._eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._jobs: list[_Job] = []  # running, in arrival order
@@ -220,6 +222,7 @@ class BatchContext:
             try:
                 self._admit_waiting()
                 self._step()
+                self._keep_resident_budget()
             except Exception as exc:  # a failed step fails every job in it; the worker goes on
                 log.exception("a llama.cpp decode step failed")
                 for job in [*self._jobs, *self._waiting]:
@@ -282,6 +285,8 @@ class BatchContext:
             self._clear(primary)  # no reuse across API keys
         keep = 0 if seeded else min(shared_prefix(primary.tokens, prompt), len(prompt) - 1)
         self._truncate(primary, keep)
+        if not seeded:
+            keep = self._borrow(primary, prompt, run.cache_salt, keep)
         primary.owner = run.cache_salt
         seqs = [primary]
         for _ in range(run.n - 1):
@@ -386,6 +391,18 @@ class BatchContext:
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         self._decode_seconds += time.thread_time() - started
         return status
+
+    def _keep_resident_budget(self) -> None:
+        """While the resident conversations hold more cells than their budget, save the least recent idle one to
+        the host tier and clear it (`on_full`), one per step.
+
+        Every cell in use lengthens every step: llama.cpp's attention visits the cache up to the highest cell in
+        use, whoever holds the cells between. Conversations are many short ones or a few long ones; the budget,
+        not the number of resident sequences, keeps the cache short."""
+        if self.on_full is None or self._resident_cells is None:
+            return
+        if sum(len(s.tokens) for s in self._resident) > self._resident_cells:
+            self.on_full()
 
     def _make_room(self) -> bool:
         """Free cells no running job needs: idle scratch caches first (a cache), then one idle resident
@@ -499,6 +516,28 @@ class BatchContext:
     def _clear(self, seq: KvSequence) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         seq.tokens = []
+        seq.owner = None
+
+    def _borrow(self, seq: KvSequence, prompt: list[int], salt: str, held: int) -> int:
+        """Start `seq` (holding `held` tokens of the prompt) from the longest prefix of the prompt any other sequence
+        of the same cache salt holds, running or idle, scratch or resident; the tokens of the prompt it now holds.
+
+        The cells are shared, not copied (one unified cache: a cell belongs to every sequence that lists it), so
+        this costs nothing and saves the prefix's prefill: a new conversation, which has no state of its own yet,
+        starts from the chat template and system prompt that every conversation of the key begins with, as a
+        stateless request does from an idle scratch sequence. Never across salts (API keys)."""
+        source, best = None, held
+        for other in (*self._scratch, *self._resident):
+            if other is not seq and other.owner == salt:
+                shared = min(shared_prefix(other.tokens, prompt), len(prompt) - 1)
+                if shared > best:
+                    source, best = other, shared
+        if source is None:
+            return held
+        self._clear(seq)
+        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, seq.seq_id, 0, best)
+        seq.tokens = source.tokens[:best]
+        return best
 
     def _truncate(self, seq: KvSequence, keep: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, keep, -1)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # KV cells for the running sequences, per sequence: room for a typical prompt and reply each; a longer one borrows
 # from the others, and when the cells run out idle caches are cleared first (llama_context.BatchContext).
 _SCRATCH_CELLS_PER_SEQUENCE = 1024
-# A resident conversation needs this many cells on average; the budget decides how many the worker keeps.
+# A resident conversation needs this many cells on average: the budget keeps at least budget / this many.
 _RESIDENT_CELLS = 2048
 
 
@@ -87,7 +87,11 @@ class LlamaCppEngine(ChatEngine):
         self.vocab_size = self._model.n_vocab()
         cell = _kv_bytes_per_cell(metadata)
         resident_cells = int(budget_mb * 1024 * 1024 // cell)
-        self.context_slots = max(1, min(128, resident_cells // _RESIDENT_CELLS))
+        # Conversations are resident sequences, as many as the budget's average-sized ones and never fewer than the
+        # sequences that run at once: a burst of new conversations each finds a free one (no idle state to save out
+        # first, a step's wait per turn), and short ones share the budget's cells. The cells, not this count, bound
+        # the resident conversations: past the budget the least recent idle one goes to the host tier.
+        self.context_slots = max(n_seq, min(128, resident_cells // _RESIDENT_CELLS))
         self.max_concurrency = n_seq
         cells = max(self.context_window, resident_cells + n_seq * _SCRATCH_CELLS_PER_SEQUENCE)
         log.info(
@@ -109,6 +113,7 @@ class LlamaCppEngine(ChatEngine):
             n_cells=cells,
             n_scratch=n_seq,
             n_resident=self.context_slots,
+            resident_cells=resident_cells,
             n_batch=settings["n_batch"],
             n_threads=settings["n_threads"],
             n_threads_batch=settings["n_threads_batch"],
