@@ -31,7 +31,7 @@ class LlamaCppSettings(EngineSettings):
     n_threads_batch: Threads | None = None
     # KV memory for conversations kept between turns (resident sequences of the worker's one context). Small: idle
     # cells lengthen every step's attention span, and a state saved to host memory loads back in milliseconds.
-    session_kv_budget_mb: Annotated[float, Field(gt=0)] = 150
+    session_kv_budget_mb: Annotated[float, Field(gt=0)] = 50
 
     @field_validator("n_threads", "n_threads_batch", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -170,6 +171,31 @@ async def test_a_sequence_starts_from_the_longest_prefix_another_of_its_key_hold
     assert other == 0 and afresh[:AGREE] == alone[:AGREE]
     # The conversation's own cells are untouched by the sharing.
     assert tuple(engine.context_tokens(conversation))[: len(document)] == tuple(document)
+
+
+async def test_a_short_prompt_arriving_behind_a_long_one_is_prefilled_first(engine):
+    # n_batch is 256: the long prompt takes three steps. In arrival order the short one would have waited for it.
+    long_prompt = prompt(engine, f"{FACTS} {FACTS} {FACTS}\nWhen does ferry 4 leave?")
+    assert len(long_prompt) > 2 * SETTINGS["n_batch"]
+    short_prompt = prompt(engine, "Say hello.")
+    firsts: list[str] = []
+    done = threading.Semaphore(0)
+
+    def post_for(name: str):
+        def post(item: object) -> None:  # on the engine's thread, in step order
+            if isinstance(item, TokenSample) and name not in firsts:
+                firsts.append(name)
+            if item is None:
+                done.release()
+
+        return post
+
+    for name, tokens in (("long", long_prompt), ("short", short_prompt)):
+        run = EngineRun(prompt=tokens, sampling=Sampling(temperature=0.0), max_new_tokens=2, cache_salt=name)
+        engine._batch.submit(run, post_for(name), None)
+    for _ in range(2):
+        await asyncio.to_thread(done.acquire)
+    assert firsts == ["short", "long"]
 
 
 async def test_a_state_that_does_not_fit_is_refused_and_leaves_the_sequence_empty(engine):

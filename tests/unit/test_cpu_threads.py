@@ -28,7 +28,7 @@ def test_auto_divides_the_cores_among_the_workers_on_the_host_and_gives_each_at_
 def test_auto_is_the_default_and_prompts_use_as_many_threads_as_decoding():
     settings, budget = llama_settings(model(), env={WORKERS_ON_HOST_ENV: "2"})
     assert settings["n_threads"] == settings["n_threads_batch"] == max(1, CPUS // 2)
-    assert budget == 150 and "session_kv_budget_mb" not in settings
+    assert budget == 50 and "session_kv_budget_mb" not in settings
     assert settings["n_seq"] == auto_sequences(settings["n_threads"])
 
 
