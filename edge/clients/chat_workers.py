@@ -380,19 +380,13 @@ class ChatWorkers:
         raise UnavailableError("No chat worker is available right now. Retry shortly.", retry_after=1)
 
     def soonest(self) -> list[str]:
-        """The worker that would start a new request soonest, the next in turn among equals (empty when none is
-        ready): where the registry places a new conversation (edge/sessions/placement.py).
-
-        One, not every tie: a burst of new conversations all ask before any of their calls has started, so they all
-        see the same workers equal. Given the ties, the registry chose the worker holding fewer conversations, idle
-        ones included, for every one of them in turn, and a burst of 32 on two workers of 16 sequences put 17 on
-        one: the 17th waited a whole generation (20 s) for a sequence while the other worker had one free."""
-        first = next(self._next) if self._configured else 0
-        ordered = self._configured[first:] + self._configured[:first]
-        ready = [w for w in ordered if w.routable and w.saturation.remaining == 0]
+        """The addresses of the workers that would start a new request soonest (ties all included): where the
+        registry places a new conversation (edge/sessions/placement.py)."""
+        ready = [w for w in self._configured if w.routable and w.saturation.remaining == 0]
         if not ready:
             return []
-        return [min(ready, key=lambda w: w.load.rank(w.calls)).address]
+        best = min(w.load.rank(w.calls) for w in ready)
+        return [w.address for w in ready if w.load.rank(w.calls) == best]
 
     async def _start(self, worker: _Worker, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
         observer = ChatStreamObserver(request.model)

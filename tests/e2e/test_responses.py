@@ -490,7 +490,9 @@ async def test_a_non_streaming_client_that_goes_away_cancels_its_generation(stac
 
 
 def test_deleting_a_response_drops_its_conversation_state_on_the_worker(client):
-    opening = "Remember the word periwinkle-" + "x" * 8 + ". Reply with one word."
+    # Long enough that the chat template's opening, which any conversation of the key shares, is a small part of it.
+    notes = " ".join(f"Note {i}: shelf {i} holds box {i * 7}." for i in range(12))
+    opening = "Remember the word periwinkle-" + "x" * 8 + f". {notes} Reply with one word."
     first = create(client, input=opening, max_output_tokens=8)
     kept = create(client, previous_response_id=first["id"], input="Again.", max_output_tokens=8)
     assert kept["usage"]["input_tokens_details"]["cached_tokens"] >= first["usage"]["input_tokens"]

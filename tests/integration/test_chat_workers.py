@@ -117,14 +117,6 @@ async def test_a_stateless_request_goes_to_the_worker_with_the_fewest_calls(two_
     long_one.cancel()
 
 
-async def test_new_conversations_placed_at_once_on_equal_workers_alternate(two_workers):
-    a, b, pool = two_workers
-    # A burst: every placement asks before any call has started, so both workers look the same to each.
-    picks = [pool.soonest() for _ in range(6)]
-    assert all(len(p) == 1 for p in picks)
-    assert sum(p == [a.address] for p in picks) == sum(p == [b.address] for p in picks) == 3
-
-
 async def test_a_new_stream_goes_to_the_idle_worker_when_another_edge_keeps_the_other_busy(two_workers):
     a, b, other_edge = two_workers
     a.engine.hold.clear()

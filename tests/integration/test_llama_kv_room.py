@@ -108,31 +108,3 @@ async def test_resident_conversations_past_the_cell_budget_go_to_the_host_tier(t
     follow_up = (*opening, Message(Role.ASSISTANT, reply), Message(Role.USER, "Which shelf holds parcel 3?"))
     resumed, _ = await turn(generator, follow_up, "a")
     assert resumed.state_tier == "host" and resumed.cached_tokens >= first.prompt_tokens
-
-
-@pytest.fixture(scope="module")
-async def roomy(tmp_path_factory) -> AsyncIterator[Generator]:
-    """Two resident sequences and a budget of about 4,500 cells: room for every conversation here."""
-    settings = {**SETTINGS, "n_seq": 2, "session_kv_budget_mb": 100}
-    engine = LlamaCppEngine(
-        ModelConfig(id="smollm2", capability="chat", engine="llama_cpp", path=MODEL, settings=settings)
-    )
-    sessions = SessionsConfig(host_cache_mb=256, disk_cache_mb=0, disk_dir=str(tmp_path_factory.mktemp("states")))
-    generator = Generator(engine, max_queue=4, sessions=sessions)
-    yield generator
-    await generator.close()
-
-
-async def test_an_idle_conversation_goes_to_the_host_tier_once_others_have_run_a_few_hundred_tokens(roomy):
-    generator = roomy
-    opening = (Message(Role.USER, "Say hello."),)
-    first, reply = await turn(generator, opening, "c")
-    assert generator.store.resident == 1 and len(generator.store) == 0  # nothing else ran: it stays
-
-    # Another request's ~850 tokens: the idle conversation's cells would lengthen every one of its steps.
-    await turn(generator, (Message(Role.USER, document(generator.engine, "crate")),), "")
-    assert generator.store.resident == 0 and [e.tier for e in generator.store.entries()] == [Tier.HOST]
-
-    follow_up = (*opening, Message(Role.ASSISTANT, reply), Message(Role.USER, "And goodbye?"))
-    resumed, _ = await turn(generator, follow_up, "c")
-    assert resumed.state_tier == "host" and resumed.cached_tokens >= first.prompt_tokens

@@ -55,9 +55,6 @@ log = logging.getLogger(__name__)
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 _PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama-cpp-python's default)
 _DECODE_NO_ROOM = 1  # llama_decode: no KV cells left for the batch
-# Tokens of others' work an idle resident conversation sits through before it goes to the host tier: about four times
-# what holding it costs against saving and loading it (`BatchContext._keep_resident_budget`).
-_IDLE_WORK = 256
 
 
 class StateImportError(ArkError):
@@ -75,7 +72,6 @@ class KvSequence:
     owner: str | None = None  # cache salt of the request that filled it (None: unknown, never shared)
     running: bool = False
     last_used: float = 0.0
-    idle_from: int = 0  # the loop's `_work` when it last stopped running
 
 
 @dataclass(eq=False, slots=True)
@@ -141,7 +137,6 @@ class BatchContext:
         self._resident = [KvSequence(n_scratch + i, resident=True) for i in range(n_resident)]
         self._handed_out = 0
         self._resident_cells = resident_cells
-        self._work = 0  # tokens evaluated since the start, every sequence's
         self._eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._jobs: list[_Job] = []  # running, in arrival order
@@ -353,7 +348,6 @@ class BatchContext:
         for choice, count in planned:
             choice.seq.tokens.extend(choice.pending[:count])
             del choice.pending[:count]
-            self._work += count
         self._sample()
 
     def _plan(self) -> list[tuple[_Choice, int]]:
@@ -411,22 +405,16 @@ class BatchContext:
         return status
 
     def _keep_resident_budget(self) -> None:
-        """Save the least recent idle resident conversation to the host tier and clear it (`on_full`), one per step,
-        while the resident ones hold more cells than their budget or one has sat idle through `_IDLE_WORK` tokens of
-        the others' work.
+        """While the resident conversations hold more cells than their budget, save the least recent idle one to
+        the host tier and clear it (`on_full`), one per step.
 
         Every cell in use lengthens every step: llama.cpp's attention visits the cache up to the highest cell in
         use, idle conversations' cells included (16 streams on one thread decoded 115 tok/s with the cache to
-        themselves, 89 with 6,600 cells of idle conversations held). Saving a conversation and loading it back
-        costs about 18 us per token once (15 to export, 3 to import), and holding it idle about 0.3 us per token for
-        every token others evaluate: past a few hundred tokens of others' work, host memory is the cheaper place for
-        it. Idle, the worker keeps its conversations resident: then they cost nothing."""
+        themselves, 89 with 6,600 cells of idle conversations held). Conversations are many short ones or a few long
+        ones; the budget, not the number of resident sequences, keeps the cache short."""
         if self.on_full is None or self._resident_cells is None:
             return
-        idle = [s for s in self._resident if not s.running and s.tokens]
-        if not idle:
-            return
-        if self._resident_held() > self._resident_cells or any(self._work - s.idle_from >= _IDLE_WORK for s in idle):
+        if self._resident_held() > self._resident_cells:
             self.on_full()
 
     def _settle(self) -> None:
@@ -541,7 +529,6 @@ class BatchContext:
         for choice in job.choices:
             choice.seq.running = False
             choice.seq.last_used = now
-            choice.seq.idle_from = self._work
             choice.sampler.close()
         job.choices.clear()
         if error is not None:
