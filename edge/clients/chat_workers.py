@@ -183,6 +183,12 @@ class _Call:
             finally:
                 self._deadline = None
 
+    def admit(self) -> None:
+        """The worker took the call up (its `admitted` or `started` event): a load report on its way counts it."""
+        if not self.admitted:
+            self.admitted = True
+            self.worker.load.admitted(self)
+
     def lose(self, reason: str) -> None:
         """End the call now: its pending read raises TimeoutError."""
         self.lost = reason
@@ -391,25 +397,20 @@ class ChatWorkers:
     async def _start(self, worker: _Worker, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
         observer = ChatStreamObserver(request.model)
         call = _Call(worker, worker.chat.StreamGenerateChatCompletion(request))
-        admitted = False
         try:
             while True:
                 message = await call.read(self.policy.first_event_timeout)
                 if message is grpc.aio.EOF:
                     raise InternalError("The chat worker closed the stream before starting.")
                 kind = message.WhichOneof("event")
-                if kind in ("admitted", "started") and not call.admitted:
-                    call.admitted = True
-                    worker.load.admitted(call)
-                if kind == "admitted":
-                    admitted = True
-                elif kind == "started":
-                    return ChatStream(self, call, request, message.started, observer)
-                else:
+                if kind not in ("admitted", "started"):
                     raise InternalError("The chat worker sent output before starting.")
+                call.admit()
+                if kind == "started":
+                    return ChatStream(self, call, request, message.started, observer)
         except TimeoutError:
             reason = call.lost or f"did not take the request up within {self.policy.first_event_timeout:g} s"
-            if admitted:
+            if call.admitted:
                 raise self.failed_while_processing(call, request, "hung", reason) from None
             call.close()
             worker.eject("call_failed", reason)
@@ -418,13 +419,13 @@ class ChatWorkers:
             call.close()
             error = _ark_error(exc)
             if error is None:  # the connection failed or dropped: the worker is gone
-                if admitted:
+                if call.admitted:
                     raise self.failed_while_processing(
                         call, request, "call_failed", f"stream broke: {exc.code().name}"
                     ) from None
                 worker.eject("call_failed", f"call failed: {exc.code().name} {exc.details()}")
                 raise _NotAdmitted from None
-            if isinstance(error, UnavailableError) and not admitted:
+            if isinstance(error, UnavailableError) and not call.admitted:
                 worker.serving = False  # it is stopping (it refused its queue); probes will tell when it is back
                 raise _NotAdmitted from None
             worker.saturation.note(error)

@@ -412,21 +412,20 @@ class BatchContext:
         use, idle conversations' cells included (16 streams on one thread decoded 115 tok/s with the cache to
         themselves, 89 with 6,600 cells of idle conversations held). Conversations are many short ones or a few long
         ones; the budget, not the number of resident sequences, keeps the cache short."""
-        if self.on_full is None or self._resident_cells is None:
-            return
-        if self._resident_held() > self._resident_cells:
+        if self._over_budget():
             self.on_full()
 
     def _settle(self) -> None:
         """With nothing to decode, bring the resident conversations within their budget at once (one per step
         otherwise), so that no step waits for those saves; it stops as soon as work arrives."""
-        if self.on_full is None or self._resident_cells is None:
-            return
-        while self._inbox.empty() and self._resident_held() > self._resident_cells and self.on_full():
+        while self._inbox.empty() and self._over_budget() and self.on_full():
             pass
 
-    def _resident_held(self) -> int:
-        return sum(len(s.tokens) for s in self._resident)
+    def _over_budget(self) -> bool:
+        """The resident conversations hold more cells than their budget, and the store can save one out."""
+        if self.on_full is None or self._resident_cells is None:
+            return False
+        return sum(len(s.tokens) for s in self._resident) > self._resident_cells
 
     def _make_room(self) -> bool:
         """Free cells no running job needs: idle scratch caches first (a cache), then one idle resident
@@ -552,8 +551,8 @@ class BatchContext:
         stateless request does from an idle scratch sequence. Never across salts (API keys)."""
         source, best = None, held
         for other in (*self._scratch, *self._resident):
-            if other is not seq and other.owner == salt:
-                shared = min(shared_prefix(other.tokens, prompt), len(prompt) - 1)
+            if other is not seq and len(other.tokens) > best:  # a shorter one cannot give more
+                shared = min(_reuse(other, prompt, salt), len(prompt) - 1)
                 if shared > best:
                     source, best = other, shared
         if source is None:
