@@ -94,6 +94,9 @@ def _body(prompt: str, max_tokens: int, *, stream: bool) -> dict:
     }
 
 
+ENDLESS = {"0": -100, "2": -100, "4": -100}  # SmolLM2's end-of-generation tokens
+
+
 def _long_prompt() -> str:
     # A fresh prompt per request: a quarantined fingerprint must never leak into another test.
     return f"Write a very long story about a lighthouse keeper. ({uuid.uuid4().hex})"
@@ -230,10 +233,12 @@ def serving_worker(stack: RunningStack) -> str:
     return busy[0]
 
 
-def complete(stack: RunningStack, prompt: str, max_tokens: int = 8, timeout: float = 120) -> httpx.Response:
+def complete(
+    stack: RunningStack, prompt: str, max_tokens: int = 8, timeout: float = 120, **extra: object
+) -> httpx.Response:
     return httpx.post(
         f"{stack.base_url}/chat/completions",
-        json=_body(prompt, max_tokens, stream=False),
+        json=_body(prompt, max_tokens, stream=False) | extra,
         headers=_headers(stack),
         timeout=timeout,
     )
@@ -328,7 +333,8 @@ def test_a_non_streaming_client_that_goes_away_frees_its_worker(faults_stack):
     stack = faults_stack
     both_workers_ready(stack)
     with pytest.raises(httpx.ReadTimeout):
-        complete(stack, _long_prompt(), max_tokens=3000, timeout=3)
+        # End-of-turn tokens banned: only the budget ends it, whatever story the model samples.
+        complete(stack, _long_prompt(), max_tokens=3000, timeout=3, logit_bias=ENDLESS)
     gone_at = time.monotonic()
     wait_for(
         lambda: all(in_flight(stack, n) == 0 for n in ("chat-1", "chat-2")), 60, "the worker to drop the generation"
