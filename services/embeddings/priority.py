@@ -54,6 +54,6 @@ def _lower_threads(nice: int) -> None:
 def _lower_session(nice: int) -> None:
     if os.getsid(0) != os.getpid() or not _AUTOGROUP.exists():
         return
-    current = int(_AUTOGROUP.read_text().split()[-1])  # "/autogroup-1816 nice 0"
-    if current < nice:
+    fields = _AUTOGROUP.read_text().split()  # "/autogroup-1816 nice 0", or nothing outside any autogroup
+    if fields and int(fields[-1]) < nice:
         _AUTOGROUP.write_text(str(nice))

@@ -25,6 +25,12 @@ faulthandler.dump_traceback_later(60, exit=True)  # a stuck child shows where, a
 def nice_of(thread):
     return os.getpriority(os.PRIO_PROCESS, thread)
 
+autogroup = Path("/proc/self/autogroup")
+def session_nice():
+    # Empty when the session is in no autogroup of its own (e.g. under a container's or a CI runner's cgroup).
+    fields = autogroup.read_text().split() if autogroup.exists() else []
+    return fields[-1] if fields else None
+
 started = threading.Event()
 release = threading.Event()
 early = {}
@@ -35,8 +41,7 @@ def before():
 threading.Thread(target=before, daemon=True).start()
 started.wait()
 try:
-    autogroup = Path("/proc/self/autogroup")
-    session_before = autogroup.read_text().split()[-1] if autogroup.exists() else None
+    session_before = session_nice()
     lower_priority(7)
     later = {}
     thread = threading.Thread(target=lambda: later.update(nice=nice_of(0)))
@@ -50,7 +55,7 @@ print(json.dumps({
     "earlier_thread": earlier,
     "later_thread": later["nice"],
     "session_before": session_before,
-    "session_after": autogroup.read_text().split()[-1] if autogroup.exists() else None,
+    "session_after": session_nice(),
 }))
 """
 
@@ -76,11 +81,11 @@ def test_every_thread_runs_at_the_lower_priority_those_started_before_and_after(
 
 def test_a_service_leading_its_session_lowers_the_session_and_otherwise_leaves_it_alone():
     leader, inside = _run(own_session=True), _run(own_session=False)
-    if Path("/proc/self/autogroup").exists():  # a kernel grouping by session (autogroup)
+    if leader["session_before"] is not None:  # the kernel gave the new session an autogroup of its own
         assert leader["session_after"] == "7"
-        assert inside["session_after"] == inside["session_before"]  # the shell's (here pytest's) session
     else:
-        assert leader["session_after"] is None and inside["session_after"] is None
+        assert leader["session_after"] is None
+    assert inside["session_after"] == inside["session_before"]  # the shell's (here pytest's) session, or none
     assert inside["main"] == LOWERED
 
 
@@ -96,3 +101,15 @@ def _run_with(nice: int) -> int:
     )
     assert done.returncode == 0, done.stderr
     return int(done.stdout)
+
+
+def test_a_session_in_no_autogroup_of_its_own_is_left_alone(tmp_path, monkeypatch):
+    # The kernel shows an empty /proc/self/autogroup for a session in the root group (as under a CI runner's cgroup).
+    from services.embeddings import priority
+
+    empty = tmp_path / "autogroup"
+    empty.write_text("")
+    monkeypatch.setattr(priority, "_AUTOGROUP", empty)
+    monkeypatch.setattr(priority.os, "getsid", lambda _pid: os.getpid())
+    priority._lower_session(7)
+    assert empty.read_text() == ""
