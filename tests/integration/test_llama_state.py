@@ -206,3 +206,47 @@ async def test_a_state_that_does_not_fit_is_refused_and_leaves_the_sequence_empt
     assert engine.context_tokens(target) == ()
     out, reason, _ = await greedy(engine, prompt(engine, QUESTIONS[2]), context=target, limit=4)
     assert len(out) == 4 and reason is EndReason.LENGTH
+
+
+async def test_a_short_turn_on_a_long_conversation_is_evaluated_in_one_attention_tile(engine):
+    """`_widen`: below 64 query rows ggml's CPU attention runs row by row over the whole conversation; a lone turn
+    of a few dozen tokens on a long one also evaluates the conversation's last tokens again, up to 64 rows."""
+    batch = engine._batch
+    rows: list[int] = []
+    decode = batch._decode
+
+    def counted(planned):
+        rows.append(sum(count for _, count in planned))
+        return decode(planned)
+
+    conversation = batch._resident[-1]
+    engine.reset_context(conversation)
+    document = prompt(engine, f"{FACTS} {FACTS} {FACTS} {FACTS}\nWhen does ferry 2 leave?")
+    assert len(document) > 600
+    first, _, _ = await greedy(engine, document, context=conversation, salt="key w", limit=2)
+    question = prompt(engine, "Now tell me when ferry 9 leaves, and from which pier, in one short sentence please.")
+    turn = [*document, *first, *question[1:]]  # the conversation so far and a new user turn, as raw tokens
+    new = len(turn) - len(document) - len(first)
+    assert 16 < new < 64
+
+    batch._decode = counted
+    try:
+        widened, _, cached = await greedy(engine, turn, context=conversation, salt="key w")
+    finally:
+        batch._decode = decode
+    assert rows[0] == 64  # the new tokens and the conversation's last ones, evaluated again
+    assert rows[1:] == [1] * (len(rows) - 1)  # then one token a step
+    # Reported as reused (the reply's last token was sampled, never evaluated): the conversation was kept whole.
+    assert cached == len(turn) - new - 1
+    assert tuple(engine.context_tokens(conversation))[: len(turn)] == tuple(turn)
+    afresh, _, other = await greedy(engine, turn, salt="key other")  # the whole prompt computed in another sequence
+    assert other == 0 and widened[:AGREE] == afresh[:AGREE]
+
+    # A turn of a few tokens is not widened: the rows added would cost more than the attention saved.
+    rows.clear()
+    batch._decode = counted
+    try:
+        await greedy(engine, [*turn, *widened, *question[1:6]], context=conversation, salt="key w", limit=2)
+    finally:
+        batch._decode = decode
+    assert rows[0] < 16
