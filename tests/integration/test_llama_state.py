@@ -250,3 +250,31 @@ async def test_a_short_turn_on_a_long_conversation_is_evaluated_in_one_attention
     finally:
         batch._decode = decode
     assert rows[0] < 16
+
+
+async def test_a_prompt_chunk_beside_generating_sequences_is_evaluated_in_a_call_of_its_own(engine):
+    """`_passes`: a step of 64 rows or more evaluates the generating sequences' tokens in one llama_decode and the
+    prompt chunks in another, so that no attention tile mixes the sequences' rows; each decodes as it would alone."""
+    batch = engine._batch
+    calls: list[tuple[int, bool]] = []  # (rows, any generating sequence among them)
+    decode = batch._decode
+
+    def counted(planned):
+        calls.append((sum(count for _, count in planned), any(c.generated for c, _ in planned)))
+        return decode(planned)
+
+    short_prompt = prompt(engine, QUESTIONS[1])
+    long_prompt = prompt(engine, f"{FACTS} {FACTS} {FACTS}\nWhen does ferry 4 leave?")
+    assert len(long_prompt) > 2 * SETTINGS["n_batch"]
+    alone, _, _ = await greedy(engine, short_prompt, limit=TOKENS, salt="alone")
+    batch._decode = counted
+    try:
+        together = await asyncio.gather(
+            greedy(engine, short_prompt, limit=TOKENS, salt="gen"), greedy(engine, long_prompt, limit=2, salt="long")
+        )
+    finally:
+        batch._decode = decode
+    assert together[0][0][:AGREE] == alone[:AGREE]
+    assert all(rows < 64 for rows, generating in calls if generating)  # generating rows never share a tile...
+    split = [i for i, (rows, generating) in enumerate(calls[:-1]) if generating and not calls[i + 1][1]]
+    assert split and calls[split[0] + 1][0] >= 64  # ...and a prompt chunk beside them went in a call of its own
