@@ -94,7 +94,8 @@ class Level:
 
 async def stream(client: httpx.AsyncClient, url: str, key: str, body: dict, *, details: bool = False) -> tuple | None:
     """One streamed completion: (time to first token, completion tokens, text), with `details` also the prompt
-    tokens and the reused ones (cached_tokens; llama-server's `timings.cache_n`); None if refused."""
+    tokens and the reused ones (cached_tokens; llama-server's `timings.cache_n`); None if refused, or if the stream
+    ended with an error event (a request that failed is not a request served in no time)."""
     start = time.perf_counter()
     first = 0.0
     text: list[str] = []
@@ -108,6 +109,8 @@ async def stream(client: httpx.AsyncClient, url: str, key: str, body: dict, *, d
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return None
             if usage := chunk.get("usage"):
                 tokens, prompt = usage["completion_tokens"], usage["prompt_tokens"]
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0

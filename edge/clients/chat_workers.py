@@ -240,6 +240,8 @@ class ChatStream:
                 raise error from None
             if message is grpc.aio.EOF:
                 return
+            if message.WhichOneof("event") == "working":
+                continue  # alive and working on it: the silence deadline starts again, nothing goes on
             if self._observer is not None:
                 self._observer.observe(message)  # time to first token, decode rate, token counts
             yield message
@@ -403,6 +405,8 @@ class ChatWorkers:
                 if message is grpc.aio.EOF:
                     raise InternalError("The chat worker closed the stream before starting.")
                 kind = message.WhichOneof("event")
+                if kind == "working" and call.admitted:
+                    continue  # the worker is restoring the turn's state or waiting to prefill its prompt
                 if kind not in ("admitted", "started"):
                     raise InternalError("The chat worker sent output before starting.")
                 call.admit()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -108,9 +110,17 @@ def request_from_proto(req: pb.StreamGenerateChatCompletionRequest) -> Generatio
     )
 
 
+# How long a started generation may have nothing to send before the worker says it is still working on it
+# (GenerationWorking); well below the edge's silence deadline (`edge.event_timeout_seconds`, 60 s by default).
+WORKING_EVERY_SECONDS = 5.0
+_WORKING = pb.StreamGenerateChatCompletionResponse(working=pb.GenerationWorking())
+_END = object()
+
+
 class ChatServicer(pb_grpc.ChatServiceServicer):
-    def __init__(self, generators: dict[str, Generator]) -> None:
+    def __init__(self, generators: dict[str, Generator], *, working_every: float = WORKING_EVERY_SECONDS) -> None:
         self._generators = generators
+        self._working_every = working_every
 
     def _generator(self, model: str) -> Generator:
         generator = self._generators.get(model)
@@ -122,12 +132,8 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
         self, request: pb.StreamGenerateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateChatCompletionResponse]:
         events = self._generator(request.model).generate(request_from_proto(request))
-        try:
-            async for event in events:
-                yield _event_to_proto(event)
-        finally:
-            # A client disconnect arrives here as CancelledError: closing the generator aborts generation.
-            await events.aclose()
+        async for message in _with_working(events, self._working_every):
+            yield message
 
     async def DeleteSessionState(
         self, request: pb.DeleteSessionStateRequest, context: grpc.aio.ServicerContext
@@ -151,6 +157,52 @@ class ChatServicer(pb_grpc.ChatServiceServicer):
             running_requests=sum(a.running for a in admissions),
             max_running_requests=sum(a.slots for a in admissions),
         )
+
+
+async def _with_working(
+    events: AsyncIterator[GenerationEvent], every: float
+) -> AsyncIterator[pb.StreamGenerateChatCompletionResponse]:
+    """The generation's events as messages, and `working` after `every` seconds with nothing else to send, once the
+    first event (`admitted`) is out.
+
+    Under load a started request can wait minutes for its first token without anything being wrong: sixteen users
+    opening 1,500-token documents within half a minute kept a worker prefilling for over a minute, and the edge,
+    hearing nothing for 60 s, took the worker for hung, failed the request as a possible poison pill and stopped
+    routing to the worker. The generation runs in a task of its own, which hands its events over one at a time
+    (the stream's flow control is kept); a client gone (CancelledError here) or a stream closed cancels it, which
+    aborts the engine's work as closing the generation did."""
+    handed: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+
+    async def pump() -> None:
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    await handed.put(event)
+        except Exception as exc:  # raised to the stream below, as the generation's own error
+            await handed.put(exc)
+            return
+        await handed.put(_END)
+
+    task = asyncio.create_task(pump())
+    started = False
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(every if started else None):
+                    item = await handed.get()
+            except TimeoutError:
+                yield _WORKING
+                continue
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            started = True
+            yield _event_to_proto(item)  # type: ignore[arg-type]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _event_to_proto(event: GenerationEvent) -> pb.StreamGenerateChatCompletionResponse:
@@ -205,5 +257,6 @@ def _logprob(entry: TokenLogprob) -> pb.TokenLogprob:
     return pb.TokenLogprob(token=entry.token, logprob=entry.logprob, token_bytes=entry.token_bytes)
 
 
-def chat_service(generators: dict[str, Generator]) -> Service:
-    return Service(SERVICE_NAME, ChatServicer(generators), pb_grpc.add_ChatServiceServicer_to_server)
+def chat_service(generators: dict[str, Generator], *, working_every: float = WORKING_EVERY_SECONDS) -> Service:
+    servicer = ChatServicer(generators, working_every=working_every)
+    return Service(SERVICE_NAME, servicer, pb_grpc.add_ChatServiceServicer_to_server)

@@ -227,3 +227,35 @@ async def test_a_worker_stopping_gracefully_hands_its_queue_over_and_ends_its_st
     # Not taken for a crash: the same request is not quarantined (b serves it: a refuses new work).
     assert await _text(pool, _request("long")) == "Hello!"
     assert len(a.engine.runs) == 1 and len(b.engine.runs) == 3
+
+
+@pytest.mark.parametrize("says_working", [True, False])
+async def test_a_worker_long_silent_on_a_started_request_is_not_taken_for_hung_while_it_says_it_is_working(
+    says_working: bool,
+):
+    """A request that waits longer than the edge's silence deadline for its first token (a worker prefilling many
+    long prompts) completes, and its worker stays routable, because the worker says it is working on it
+    (GenerationWorking); a worker that says nothing for that long is taken for hung (the control)."""
+    engine = FakeEngine()
+    engine.hold = asyncio.Event()  # every token waits for it
+    generator = Generator(engine, max_queue=4)
+    service = chat_service({"fake": generator}, working_every=0.2 if says_working else 60)
+    server, port, health = create_server([service], "127.0.0.1:0", shutdown=ShutdownGuard())
+    await server.start()
+    await mark_serving(health, [service.name])
+    pool = ChatWorkers([f"127.0.0.1:{port}"], replace(POLICY, event_timeout=2.0))
+    pool.start()
+    try:
+        reading = asyncio.create_task(_text(pool, _request("slow")))
+        await asyncio.sleep(4.5)  # over two silence deadlines; `working` every 0.2 s
+        engine.hold.set()
+        if says_working:
+            assert await reading == "Hello!"
+            assert pool.soonest() == [f"127.0.0.1:{port}"]  # still routed to
+        else:
+            with pytest.raises(WorkerFailedError):
+                await reading
+    finally:
+        engine.hold.set()
+        await pool.close()
+        await server.stop(None)
