@@ -407,9 +407,9 @@ class BatchContext:
         A conversation's next turn is a few dozen new tokens on thousands of kept ones. Below 64 query rows ggml's
         CPU flash attention runs row by row over every cell a row attends to, at 64 and more in tiles: in-process,
         on one thread, 48 new tokens on a 2,100-token conversation took 806 ms, 64 took 553 ms (16 took 264 ms,
-        which widening would not beat: the rows added cost more than the attention saved). The cells
-        evaluated again are the sequence's own (its tokens do not change), and only a step with no other sequence
-        in it is widened: a tile of several sequences' rows computes every cell any of them attends to."""
+        which widening would not beat: the rows added cost more than the attention saved; bench/attention_paths.py).
+        The cells evaluated again are the sequence's own (its tokens do not change), and only a step with no other
+        sequence in it is widened: a tile of several sequences' rows computes every cell any of them attends to."""
         if len(planned) != 1:
             return planned
         choice, count = planned[0]
@@ -650,9 +650,9 @@ def _passes(planned: list[tuple[_Choice, int]]) -> list[list[tuple[_Choice, int]
     From 64 query rows ggml's CPU attention computes tiles of 64 rows, each against every 64 cells that any row
     of the tile attends to. Generating sequences put one row each in a tile, so their tile is computed against
     every one of their cells: in-process, on one thread, 16 sequences of 200 tokens and a prompt chunk took 445 ms
-    a step with 63 rows and 734 ms with 64. A prompt chunk's rows are one sequence's, whose tiles skip the cells of
-    every other; below 64 rows attention goes row by row and skips every cell a row does not attend to. A call
-    more costs one more pass over the weights (about as much as one token)."""
+    a step with 63 rows and 734 ms with 64 (bench/attention_paths.py). A prompt chunk's rows are one sequence's,
+    whose tiles skip the cells of every other; below 64 rows attention goes row by row and skips every cell a row
+    does not attend to. A call more costs one more pass over the weights (about as much as one token)."""
     if sum(count for _, count in planned) < _TILE_ROWS or all(not c.generated for c, _ in planned):
         return [planned]
     passes: list[list[tuple[_Choice, int]]] = [[]]
