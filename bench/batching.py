@@ -17,6 +17,8 @@ Goals (issue 21): ARK's tokens/s >= llama-server's best from 8 streams on; TTFT 
 no refusal at 16 or in the burst; the single stream >= 0.95x in-process; every structured reply valid.
 
     make llama-server && .venv/bin/python -m bench.batching --llama-server .cache/llama-server/build/bin/llama-server
+
+`--topology W,T,S` runs ARK alone on W chat workers x T threads x S sequences instead, to compare layouts.
 """
 
 from __future__ import annotations
@@ -268,8 +270,18 @@ def start_llama_server(binary: str, gguf: Path, parallel: int, log: Path) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llama-server", required=True, help="the binary `make llama-server` builds")
+    parser.add_argument("--llama-server", help="the binary `make llama-server` builds")
+    parser.add_argument(
+        "--topology",
+        metavar="W,T,S",
+        help="ARK alone (no llama-server) on W chat workers of T threads and S sequences each, to compare layouts",
+    )
     args = parser.parse_args()
+    if args.topology:
+        topology(args.topology)
+        return
+    if not args.llama_server:
+        parser.error("--llama-server is required (or --topology)")
     config = load_config(env={})
     model = config.models_for(Capability.CHAT)[0]
     gguf = resolve_model_path(model.path)
@@ -311,6 +323,24 @@ def main() -> None:
     )
     print(f"json_schema streams in a batch of 8: {valid} of {asked} valid")
     print(f"six-user burst of ~1,200-token documents: {refused_burst} refused")
+
+
+def topology(spec: str) -> None:
+    """The sweep, the single stream and the burst on ARK with W workers x T threads x S sequences (deploy/ark.yaml
+    otherwise): how the default layout for this machine was chosen (docs/configuration.md)."""
+    workers, threads, sequences = (int(part) for part in spec.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="ark-bench-topology-"))
+    config = (Path(__file__).resolve().parents[1] / "deploy" / "ark.yaml").read_text()
+    config = config.replace("n_seq: auto", f"n_seq: {sequences}").replace("n_threads: auto", f"n_threads: {threads}")
+    (tmp / "ark.yaml").write_text(config)
+    stack = start_stack(tmp / "ark", chat_workers=workers, extra_env={"ARK_CONFIG": str(tmp / "ark.yaml")})
+    try:
+        url = f"{stack.base_url}/chat/completions"
+        sweep(f"ARK {workers}x{threads}x{sequences}", url, stack.api_key, "gpt-4o")
+        print(f"single stream decode: {single_stream(url, stack.api_key, 'gpt-4o'):.1f} tok/s")
+        print(f"six-user burst of ~1,200-token documents: {burst(url, stack.api_key, 'gpt-4o')} refused")
+    finally:
+        stack.stop()
 
 
 if __name__ == "__main__":
