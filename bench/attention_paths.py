@@ -8,6 +8,8 @@ Two consequences the llama.cpp engine acts on (services/chat/engines/llama_conte
    rows each row walks the whole history; at 64 the tiles are several times cheaper per cell.
 2. A step mixing sequences (`_passes`): 16 sequences of L tokens each decoding their next token, plus P prompt rows
    of another sequence. From 64 rows the tile holding the 16 sequences' rows is computed against all their cells.
+3. Idle cells (`_keep_idle_budget`): 8 sequences decoding their next token beside I cells of an idle one. A row
+   pays for every cell up to the highest in use, those it does not attend to included.
 
     .venv/bin/python -m bench.attention_paths
 """
@@ -27,6 +29,9 @@ NEW = (16, 48, 63, 64, 70, 128)
 SEQUENCES = 16
 SEQUENCE_TOKENS = 200
 PROMPT_ROWS = (0, 8, 32, 47, 48, 64, 100)
+RUNNING = 8
+RUNNING_TOKENS = 330
+IDLE_CELLS = (0, 2000, 5000)
 
 
 class Context:
@@ -43,12 +48,14 @@ class Context:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(512, 0, 1)
 
-    def decode(self, rows: list[tuple[int, int, int]]) -> float:
-        """Evaluate (token, position, sequence) rows in one llama_decode; its seconds."""
+    def decode(self, rows: list[tuple[int, int, int]], *, every_logit: bool = False) -> float:
+        """Evaluate (token, position, sequence) rows in one llama_decode (logits for the last row, or for every row
+        as a decoding step wants them); its seconds."""
         batch = self.batch
         batch.n_tokens = len(rows)
         for i, (token, pos, seq) in enumerate(rows):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, i == len(rows) - 1
+            wants = every_logit or i == len(rows) - 1
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, wants
             batch.seq_id[i][0] = seq
         start = time.perf_counter()
         if llama_cpp.llama_decode(self.ctx, batch) != 0:
@@ -111,6 +118,25 @@ def mixed_steps(model: llama_cpp.llama_model_p) -> None:
         context.close()
 
 
+def idle_cells(model: llama_cpp.llama_model_p) -> None:
+    print(f"\n3. {RUNNING} sequences of {RUNNING_TOKENS} tokens decoding beside I idle cells (median of 16)")
+    print(f"{'idle cells':>10} {'ms/row':>7}")
+    for idle in IDLE_CELLS:
+        context = Context(model, 16384)
+        try:
+            for start in range(0, idle, 512):  # the idle sequence's cells first: below the running ones
+                context.decode([(t, start + i, SEQUENCES) for i, t in enumerate(tokens(min(512, idle - start), 3))])
+            for seq in range(RUNNING):
+                context.decode([(t, i, seq) for i, t in enumerate(tokens(RUNNING_TOKENS, seq))])
+            times = []
+            for step in range(16):
+                rows = [(300 + seq, RUNNING_TOKENS + step, seq) for seq in range(RUNNING)]
+                times.append(context.decode(rows, every_logit=True))
+            print(f"{idle:>10} {statistics.median(times) / RUNNING * 1000:>7.2f}")
+        finally:
+            context.close()
+
+
 def main() -> None:
     path = resolve_model_path(load_config(env={}).models_for(Capability.CHAT)[0].path)
     llama_cpp.llama_backend_init()
@@ -119,6 +145,7 @@ def main() -> None:
     try:
         short_turns(model)
         mixed_steps(model)
+        idle_cells(model)
     finally:
         llama_cpp.llama_model_free(model)
 

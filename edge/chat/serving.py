@@ -155,9 +155,11 @@ class ChatCompletions:
         placement = None
         if job.session_mode != "none":
             cookie = None if job.session_mode == "new" else session_cookie
-            placement = await self._sessions.place(
-                cookie, api_key_hash, job.model, job.conversation_key, self._workers.soonest()
-            )
+            soonest = self._workers.soonest()
+            try:
+                placement = await self._sessions.place(cookie, api_key_hash, job.model, job.conversation_key, soonest)
+            finally:
+                self._workers.placed(soonest, placement.worker_address if placement is not None else None)
         if placement is None:
             return Running(await self._workers.open_stream(job.request), None)
         try:

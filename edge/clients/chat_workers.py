@@ -171,6 +171,7 @@ class _Call:
         self.admitted = False  # the worker took it up: from then on it is never moved to another worker
         self._deadline: asyncio.Timeout | None = None
         worker.calls.add(self)
+        worker.load.kept()
 
     async def read(self, seconds: float) -> chat_pb.StreamGenerateChatCompletionResponse | object:
         """The next message or grpc.aio.EOF; TimeoutError past `seconds` or when the worker is declared lost."""
@@ -260,6 +261,7 @@ class ChatWorkers:
         self._started = False  # before the workers are made: _worker() reads it
         self._configured = [self._worker(a) for a in addresses]
         self._next = itertools.cycle(range(len(self._configured)))
+        self._next_placement = itertools.cycle(range(len(self._configured)))  # soonest()'s own turn, apart
         self.quarantine = Quarantine(self.policy.quarantine_seconds)
 
     def start(self) -> None:
@@ -388,13 +390,28 @@ class ChatWorkers:
         raise UnavailableError("No chat worker is available right now. Retry shortly.", retry_after=1)
 
     def soonest(self) -> list[str]:
-        """The addresses of the workers that would start a new request soonest (ties all included): where the
-        registry places a new conversation (edge/sessions/placement.py)."""
-        ready = [w for w in self._configured if w.routable and w.saturation.remaining == 0]
+        """The address of the worker that would start a new conversation soonest (round robin among equals), where
+        the registry places it (edge/sessions/placement.py); [] when none is ready.
+
+        The worker counts the conversation as promised until its call starts: the placements of a burst all come
+        before its calls, and with every tie sent along, 32 new conversations at once went 17 to one worker of 16
+        sequences and 15 to the other, where the 17th waited a whole generation for its first token."""
+        first = next(self._next_placement) if self._configured else 0
+        ordered = self._configured[first:] + self._configured[:first]
+        ready = [w for w in ordered if w.routable and w.saturation.remaining == 0]
         if not ready:
             return []
-        best = min(w.load.rank(w.calls) for w in ready)
-        return [w.address for w in ready if w.load.rank(w.calls) == best]
+        best = min(ready, key=lambda w: w.load.rank(w.calls))
+        best.load.promise()
+        return [best.address]
+
+    def placed(self, soonest: list[str], address: str | None) -> None:
+        """The registry answered a placement sent with `soonest`: the promise stands if the request goes there
+        (its call starts next), and is withdrawn if it goes elsewhere or statelessly (an existing conversation's
+        worker, a registry that could not be reached)."""
+        for promised in soonest:
+            if promised != address and (worker := self._workers.get(promised)) is not None:
+                worker.load.withdraw()
 
     async def _start(self, worker: _Worker, request: chat_pb.StreamGenerateChatCompletionRequest) -> ChatStream:
         observer = ChatStreamObserver(request.model)

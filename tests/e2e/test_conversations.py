@@ -88,7 +88,9 @@ def test_more_conversations_than_resident_contexts_resume_from_the_tiers_with_th
         raw = stateless.chat.completions.with_raw_response.create(
             model="gpt-4o", messages=prompt, temperature=0, max_tokens=12, extra_body={"session": "none"}
         )
-        assert raw.parse().choices[0].message.content == body["choices"][0]["message"]["content"]
+        # Stripped: after the answer's last word, ending the text and a blank line are the near tie the module
+        # docstring speaks of (a state computed turn by turn against a prompt computed in one pass).
+        assert raw.parse().choices[0].message.content.strip() == body["choices"][0]["message"]["content"].strip()
 
 
 def test_another_api_key_never_reuses_a_conversation(stack: RunningStack):

@@ -291,9 +291,9 @@ def test_sigkill_mid_stream_ends_the_stream_fast_quarantines_the_request_and_the
     assert re.search(rf"^{name}\s+running\s+\d+\s+{restarts_before + 1}\s+-9$", ark_status(stack), re.M)
     record("SIGKILL mid-stream", routed_to_again_after_kill_s=time.monotonic() - killed_at)
     served_by = set()
-    for _ in range(4):
+    for i in range(4):  # new conversations, each placed where it would start soonest (a repeated one keeps its worker)
         before = metric(stack.metrics_url(victim), "ark_grpc_requests_total", method="StreamGenerateChatCompletion")
-        assert complete(stack, "Say hi.").status_code == 200
+        assert complete(stack, f"Say hi to user {i}.").status_code == 200
         after = metric(stack.metrics_url(victim), "ark_grpc_requests_total", method="StreamGenerateChatCompletion")
         served_by.add(after > before)
     assert True in served_by, "the restarted worker was never routed to"

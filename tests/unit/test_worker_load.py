@@ -98,3 +98,31 @@ def test_a_failed_worker_forgets_its_report():
     load.reported(LoadReport(running=9, queued=4, sequences=16))
     load.forget()
     assert load.requests(set()) == 0 and load.rank(set()) == 1
+
+
+def test_new_conversations_placed_before_their_calls_start_spread_over_the_workers():
+    # A burst of 32 new conversations: every placement is asked for before any of their calls starts.
+    loads = _loads(a=LoadReport(0, 0, 16), b=LoadReport(0, 0, 16))
+    placed = {"a": 0, "b": 0}
+    for _ in range(32):
+        name = _soonest(loads)
+        loads[name].promise()
+        placed[name] += 1
+    assert placed == {"a": 16, "b": 16}
+    # As their calls start, each takes its promise's place: the count stays what it was.
+    calls = {name: {object() for _ in range(16)} for name in loads}
+    for name, load in loads.items():
+        for _ in range(16):
+            load.kept()
+        assert load.requests(calls[name]) == 16
+
+
+def test_a_promise_withdrawn_or_past_its_time_no_longer_counts(monkeypatch):
+    load = WorkerLoad()
+    load.promise()
+    assert load.requests(set()) == 1
+    load.withdraw()  # the conversation went to the worker it already had
+    assert load.requests(set()) == 0
+    monkeypatch.setattr("edge.clients.worker_load.PROMISE_SECONDS", 0.0)
+    load.promise()  # placed here, but its call never started here (the registry saw this worker down)
+    assert load.requests(set()) == 0
