@@ -132,7 +132,8 @@ async def test_a_new_stream_goes_to_the_idle_worker_when_another_edge_keeps_the_
             assert asyncio.get_running_loop().time() < deadline, "no load report from a"
             await asyncio.sleep(0.05)
         # Where the registry is told to place a new conversation: b alone.
-        assert (soonest := this_edge.soonest()) == [b.address]
+        soonest = this_edge.soonest()
+        assert soonest == [b.address]
         this_edge.placed(soonest, None)  # not placed after all: its promise is withdrawn
         # Round robin, or this edge's own calls alone, would send it to a (first in turn), behind the long one.
         b.engine.hold.set()
