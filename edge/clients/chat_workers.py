@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -358,8 +358,7 @@ class ChatWorkers:
                 return await self._start(worker, request)
             except _NotAdmitted:
                 raise WorkerUnavailableError("The chat worker holding this session is unavailable.") from None
-        first = next(self._next) if self._configured else 0
-        ordered = self._configured[first:] + self._configured[:first]
+        ordered = self._in_turn(self._next)
         # By load: the worker that would start it soonest (edge/clients/worker_load.py); round robin breaks ties.
         ordered.sort(key=lambda w: w.load.rank(w.calls))
         candidates = [w for w in ordered if w.routable]
@@ -389,6 +388,11 @@ class ChatWorkers:
             raise overloaded
         raise UnavailableError("No chat worker is available right now. Retry shortly.", retry_after=1)
 
+    def _in_turn(self, turns: Iterator[int]) -> list[_Worker]:
+        """The configured workers starting from the next one in `turns` (round robin among equals)."""
+        first = next(turns) if self._configured else 0
+        return self._configured[first:] + self._configured[:first]
+
     def soonest(self) -> list[str]:
         """The address of the worker that would start a new conversation soonest (round robin among equals), where
         the registry places it (edge/sessions/placement.py); [] when none is ready.
@@ -396,9 +400,7 @@ class ChatWorkers:
         The worker counts the conversation as promised until its call starts: the placements of a burst all come
         before its calls, and with every tie sent along, 32 new conversations at once went 17 to one worker of 16
         sequences and 15 to the other, where the 17th waited a whole generation for its first token."""
-        first = next(self._next_placement) if self._configured else 0
-        ordered = self._configured[first:] + self._configured[:first]
-        ready = [w for w in ordered if w.routable and w.saturation.remaining == 0]
+        ready = [w for w in self._in_turn(self._next_placement) if w.routable and w.saturation.remaining == 0]
         if not ready:
             return []
         best = min(ready, key=lambda w: w.load.rank(w.calls))
