@@ -8,8 +8,8 @@ Two consequences the llama.cpp engine acts on (services/chat/engines/llama_conte
    rows each row walks the whole history; at 64 the tiles are several times cheaper per cell.
 2. A step mixing sequences (`_passes`): 16 sequences of L tokens each decoding their next token, plus P prompt rows
    of another sequence. From 64 rows the tile holding the 16 sequences' rows is computed against all their cells.
-3. Idle cells: 8 sequences decoding their next token beside I cells of an idle one. A row pays for every cell up
-   to the highest in use, those it does not attend to included (what `session_kv_budget_mb` bounds).
+3. Idle cells (`_keep_idle_budget`): 8 sequences decoding their next token beside I cells of an idle one. A row
+   pays for every cell up to the highest in use, those it does not attend to included.
 
     .venv/bin/python -m bench.attention_paths
 """

@@ -29,8 +29,9 @@ class LlamaCppSettings(EngineSettings):
     # Threads for prompts; unset: as many as for decoding (the library's own default, every core of the machine,
     # oversubscribes it as soon as two workers share it).
     n_threads_batch: Threads | None = None
-    # KV memory for conversations kept between turns (resident sequences of the worker's one context). Small: idle
-    # cells lengthen every step's attention span, and a state saved to host memory loads back in milliseconds.
+    # KV memory kept between requests: conversations between turns (resident sequences of the worker's one context)
+    # and idle sequences' prompt caches, shared by the sequences running. Small: every running row pays for every idle
+    # cell, and a state saved to host memory loads back in milliseconds.
     session_kv_budget_mb: Annotated[float, Field(gt=0)] = 50
 
     @field_validator("n_threads", "n_threads_batch", mode="before")

@@ -28,7 +28,7 @@ from tests.support.stack import RunningStack
 
 pytestmark = pytest.mark.e2e
 
-QUESTION = [SystemMessage("You are a helpful assistant."), HumanMessage("What is the capital of France?")]
+QUESTION = [SystemMessage("You are a helpful assistant."), HumanMessage("Please name the capital of France.")]
 
 
 def chat(stack: RunningStack, **kwargs) -> ChatOpenAI:

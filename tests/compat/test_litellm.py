@@ -28,7 +28,7 @@ pytestmark = [
 
 QUESTION = [
     {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "user", "content": "Please name the capital of France."},
 ]
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 PARIS = [
     {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "user", "content": "Please name the capital of France."},
 ]
 
 
@@ -100,7 +100,7 @@ async def test_async_client_streams_and_completes(async_client):
 
 
 async def test_concurrent_requests_all_succeed(async_client):
-    questions = ["What is 2+2?", "Name a colour.", "Say hello.", "What is the capital of France?"]
+    questions = ["What is 2+2?", "Name a colour.", "Say hello.", "Please name the capital of France."]
     results = await asyncio.gather(
         *(
             async_client.chat.completions.create(

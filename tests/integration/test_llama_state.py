@@ -278,3 +278,40 @@ async def test_a_prompt_chunk_beside_generating_sequences_is_evaluated_in_a_call
     assert all(rows < 64 for rows, generating in calls if generating)  # generating rows never share a tile...
     split = [i for i, (rows, generating) in enumerate(calls[:-1]) if generating and not calls[i + 1][1]]
     assert split and calls[split[0] + 1][0] >= 64  # ...and a prompt chunk beside them went in a call of its own
+
+
+async def test_idle_cells_share_their_budget_with_the_running_sequences(engine):
+    """`_keep_idle_budget`: every running row pays for every idle cell of the shared cache, so the cells kept
+    between requests (idle scratch caches, idle resident conversations) are bounded by a budget the running sequences
+    share. A cache within the whole budget is kept while nothing else runs, and dropped once two sequences run."""
+    batch = engine._batch
+    document = prompt(engine, f"{FACTS} {FACTS}\nWhen does ferry 2 leave?")
+    budget = batch._resident_cells
+    # Room for the conversations other tests left resident and this document's cache, not for twice that.
+    batch._resident_cells = sum(len(s.tokens) for s in batch._resident) + len(document) + 50
+    try:
+        await greedy(engine, document, salt="key i", limit=2)
+        _, _, kept = await greedy(engine, document, salt="key i", limit=2)
+        assert kept == len(document) - 1  # idle alone within the budget: reused
+
+        firsts: list[int] = []
+        done = threading.Semaphore(0)
+
+        def post(item: object) -> None:  # on the engine's thread
+            if isinstance(item, TokenSample):
+                firsts.append(item.token)
+            if item is None:
+                done.release()
+
+        for index, question in enumerate(QUESTIONS[:2]):  # submitted together: they run in the same steps
+            tokens = prompt(engine, question)
+            run = EngineRun(prompt=tokens, sampling=Sampling(temperature=0.0), max_new_tokens=8, cache_salt=str(index))
+            batch.submit(run, post, None)
+        for _ in range(2):
+            await asyncio.to_thread(done.acquire)
+        assert len(firsts) == 16
+
+        _, _, after = await greedy(engine, document, salt="key i", limit=2)
+        assert after == 0  # two running rows: half the budget each, the idle cache was dropped
+    finally:
+        batch._resident_cells = budget

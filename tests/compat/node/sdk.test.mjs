@@ -11,7 +11,7 @@ import { CHAT_MODEL, client, cosine, env } from "./support.mjs";
 
 const QUESTION = [
   { role: "system", content: "You are a helpful assistant." },
-  { role: "user", content: "What is the capital of France?" },
+  { role: "user", content: "Please name the capital of France." },
 ];
 const ANCHOR = "A man is eating food.";
 const PARAPHRASE = "A man is eating a piece of bread.";
