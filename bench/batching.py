@@ -136,10 +136,14 @@ def story(i: int, model: str) -> dict:
     }
 
 
-async def level(url: str, key: str, model: str, n: int) -> Level:
+async def level(url: str, key: str, model: str, n: int, first: int = 0) -> Level:
+    """N streams at once, the stories numbered from `first`: every level brings new users, with prompts no earlier
+    level sent. A level that repeated an earlier level's prompts would send those to the worker holding that
+    conversation (ARK continues a conversation where its state is, across sessions of one API key), and measure
+    that affinity rather than batching: 4 streams went 3 to one worker and 1 to the other."""
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(stream(client, url, key, story(i, model)) for i in range(n)))
+        results = await asyncio.gather(*(stream(client, url, key, story(first + i, model)) for i in range(n)))
         seconds = time.perf_counter() - start
     done = [r for r in results if r is not None]
     return Level(sum(r[1] for r in done), seconds, [r[0] for r in done], len(results) - len(done))
@@ -147,8 +151,10 @@ async def level(url: str, key: str, model: str, n: int) -> Level:
 
 def sweep(name: str, url: str, key: str, model: str) -> dict[int, Level]:
     out: dict[int, Level] = {}
+    first = 0
     for n in LEVELS:
-        out[n] = asyncio.run(level(url, key, model, n))
+        out[n] = asyncio.run(level(url, key, model, n, first))
+        first += n
         r = out[n]
         print(f"{name:>16} {n:>3} streams: {r.rate:7.1f} tok/s, TTFT p50 {r.ttft:6.2f} s, {r.refused} refused")
     return out

@@ -144,6 +144,27 @@ async def test_a_new_stream_goes_to_the_idle_worker_when_another_edge_keeps_the_
         await this_edge.close()
 
 
+async def test_a_continued_conversation_counts_where_the_registry_put_it(two_workers):
+    # A burst mixing continued conversations (the registry sends each to the worker holding it) and new ones: each
+    # placement counts on the worker the registry chose, so the new ones fill the other worker first.
+    a, b, pool = two_workers
+    placed = {a.address: 0, b.address: 0}
+    for _ in range(3):  # three continued conversations held on a, whatever the edge proposed
+        soonest = pool.soonest()
+        pool.placed(soonest, a.address)
+        placed[a.address] += 1
+    for _ in range(5):  # five new users: the registry takes the edge's proposal
+        soonest = pool.soonest()
+        pool.placed(soonest, soonest[0])
+        placed[soonest[0]] += 1
+    assert placed == {a.address: 4, b.address: 4}
+    for address, count in placed.items():
+        assert pool._workers[address].load.requests(set()) == count
+    for worker in pool._workers.values():  # the calls never start here: withdraw what this test promised
+        while worker.load.requests(set()):
+            worker.load.withdraw()
+
+
 @contextlib.asynccontextmanager
 async def _two_busy_workers(
     overload_hold: float,
