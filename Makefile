@@ -120,6 +120,7 @@ bench: protos $(LLAMA_SERVER) ## Run the benchmarks (side by side with in-proces
 	$(BIN)/python -m bench.batching --llama-server $(LLAMA_SERVER)
 	$(BIN)/python -m bench.token_overhead
 	$(BIN)/python -m bench.attention_paths
+	$(BIN)/python -m bench.decode_layouts
 	$(BIN)/python -m bench.batching_sessions --llama-server $(LLAMA_SERVER)
 	$(BIN)/python -m bench.responses_agent_loop --llama-server $(LLAMA_SERVER)
 	$(BIN)/python -m bench.chat_latency

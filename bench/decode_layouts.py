@@ -1,0 +1,101 @@
+"""Raw decode tokens/s of the ways two cores can decode many sequences, in-process on the chat model: what the
+layouts cost before any server is involved.
+
+- ARK's default: two workers, one thread each, 4 sequences each (8 streams), measured alone and as two processes
+  decoding at once (they share the memory bus and the last-level cache: does each slow the other?);
+- llama-server's: one process, two threads, 8 sequences in one batch;
+- one sequence on one thread, the single-stream reference.
+
+Each decodes 100 steps of one token per sequence after a 40-token prompt each.
+
+    .venv/bin/python -m bench.decode_layouts
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp
+from llama_cpp._utils import suppress_stdout_stderr
+
+from services.common.config import Capability, load_config, resolve_model_path
+
+PROMPT = 40
+STEPS = 100
+
+
+def decode_rate(sequences: int, threads: int, ready: Callable[[], None] = lambda: None) -> float:
+    """Tokens/s of `sequences` sequences decoding together on `threads` threads; `ready` is called once they are
+    prefilled, and returns when the timed loop may start."""
+    path = resolve_model_path(load_config(env={}).models_for(Capability.CHAT)[0].path)
+    llama_cpp.llama_backend_init()
+    with suppress_stdout_stderr(disable=False):  # llama.cpp prints the GGUF header and the context's setup
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = 4096, 512, 512
+        params.n_seq_max, params.kv_unified = sequences, True
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, params)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def step(pos: int, rows: int) -> None:
+        n = 0
+        for seq in range(sequences):
+            for i in range(rows):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = 1000 + seq + i, pos + i, 1
+                batch.seq_id[n][0], batch.logits[n] = seq, i == rows - 1
+                n += 1
+        batch.n_tokens = n
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    try:
+        step(0, PROMPT)
+        ready()
+        began = time.perf_counter()
+        for i in range(STEPS):
+            step(PROMPT + i, 1)
+        return sequences * STEPS / (time.perf_counter() - began)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        with suppress_stdout_stderr(disable=False):
+            llama_cpp.llama_free(ctx)
+            llama_cpp.llama_model_free(model)
+
+
+def _twin(sequences: int, both: Any, out: Any) -> None:
+    out.put(decode_rate(sequences, 1, both.wait))
+
+
+def twins(sequences: int) -> tuple[float, float]:
+    """Two processes of one thread each, decoding at once (ARK's two workers): each starts its timed loop once both
+    are loaded and prefilled."""
+    both, out = multiprocessing.Barrier(2), multiprocessing.Queue()
+    workers = [multiprocessing.Process(target=_twin, args=(sequences, both, out)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    rates = (out.get(), out.get())
+    for worker in workers:
+        worker.join()
+    return rates
+
+
+def main() -> None:
+    one = decode_rate(1, 1)
+    alone = decode_rate(4, 1)
+    a, b = twins(4)
+    shared = decode_rate(8, 2)
+    print("raw decode, tokens/s (in-process, no server)")
+    print(f"  1 sequence, 1 thread:                              {one:7.1f}")
+    print(f"  4 sequences, 1 thread, alone:                      {alone:7.1f}")
+    print(f"  4 sequences, 1 thread, two processes at once:      {a:7.1f} + {b:7.1f} = {a + b:7.1f}")
+    print(f"  8 sequences, 2 threads, one process (llama-server): {shared:7.1f}")
+    print(f"two one-thread workers / one two-thread process: {(a + b) / shared:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
