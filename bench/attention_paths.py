@@ -37,11 +37,11 @@ IDLE_CELLS = (0, 2000, 5000)
 class Context:
     """One llama.cpp context with a unified KV cache, fed token batches directly."""
 
-    def __init__(self, model: llama_cpp.llama_model_p, n_ctx: int) -> None:
+    def __init__(self, model: llama_cpp.llama_model_p, n_ctx: int, threads: int = 1) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, 512, 512
         params.n_seq_max, params.kv_unified = SEQUENCES + 2, True
-        params.n_threads = params.n_threads_batch = 1
+        params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
         with suppress_stdout_stderr(disable=False):  # llama.cpp prints its context's whole setup
             self.ctx = llama_cpp.llama_init_from_model(model, params)
@@ -137,11 +137,16 @@ def idle_cells(model: llama_cpp.llama_model_p) -> None:
             context.close()
 
 
-def main() -> None:
+def load_chat_model() -> llama_cpp.llama_model_p:
+    """The configured chat model's GGUF, loaded for llama.cpp's low-level API (free it with llama_model_free)."""
     path = resolve_model_path(load_config(env={}).models_for(Capability.CHAT)[0].path)
     llama_cpp.llama_backend_init()
     with suppress_stdout_stderr(disable=False):  # and the GGUF file's whole header
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        return llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+
+
+def main() -> None:
+    model = load_chat_model()
     try:
         short_turns(model)
         mixed_steps(model)

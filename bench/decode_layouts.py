@@ -19,9 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
-from llama_cpp._utils import suppress_stdout_stderr
 
-from services.common.config import Capability, load_config, resolve_model_path
+from bench.attention_paths import Context, load_chat_model
 
 PROMPT = 40
 STEPS = 100
@@ -30,41 +29,18 @@ STEPS = 100
 def decode_rate(sequences: int, threads: int, ready: Callable[[], None] = lambda: None) -> float:
     """Tokens/s of `sequences` sequences decoding together on `threads` threads; `ready` is called once they are
     prefilled, and returns when the timed loop may start."""
-    path = resolve_model_path(load_config(env={}).models_for(Capability.CHAT)[0].path)
-    llama_cpp.llama_backend_init()
-    with suppress_stdout_stderr(disable=False):  # llama.cpp prints the GGUF header and the context's setup
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = 4096, 512, 512
-        params.n_seq_max, params.kv_unified = sequences, True
-        params.n_threads = params.n_threads_batch = threads
-        params.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(model, params)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
-
-    def step(pos: int, rows: int) -> None:
-        n = 0
-        for seq in range(sequences):
-            for i in range(rows):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = 1000 + seq + i, pos + i, 1
-                batch.seq_id[n][0], batch.logits[n] = seq, i == rows - 1
-                n += 1
-        batch.n_tokens = n
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-
+    model = load_chat_model()
+    context = Context(model, 4096, threads)
     try:
-        step(0, PROMPT)
+        context.decode([(1000 + seq + i, i, seq) for seq in range(sequences) for i in range(PROMPT)])
         ready()
         began = time.perf_counter()
-        for i in range(STEPS):
-            step(PROMPT + i, 1)
+        for step in range(STEPS):
+            context.decode([(1000 + seq, PROMPT + step, seq) for seq in range(sequences)], every_logit=True)
         return sequences * STEPS / (time.perf_counter() - began)
     finally:
-        llama_cpp.llama_batch_free(batch)
-        with suppress_stdout_stderr(disable=False):
-            llama_cpp.llama_free(ctx)
-            llama_cpp.llama_model_free(model)
+        context.close()
+        llama_cpp.llama_model_free(model)
 
 
 def _twin(sequences: int, both: Any, out: Any) -> None:

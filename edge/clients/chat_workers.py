@@ -171,7 +171,6 @@ class _Call:
         self.admitted = False  # the worker took it up: from then on it is never moved to another worker
         self._deadline: asyncio.Timeout | None = None
         worker.calls.add(self)
-        worker.load.kept()
 
     async def read(self, seconds: float) -> chat_pb.StreamGenerateChatCompletionResponse | object:
         """The next message or grpc.aio.EOF; TimeoutError past `seconds` or when the worker is declared lost."""
@@ -354,6 +353,7 @@ class ChatWorkers:
                 raise WorkerUnavailableError("The chat worker holding this session is unavailable.")
             if refusal := worker.saturation.refusal(_BUSY):
                 raise refusal
+            worker.load.kept()  # the placement's promise: the call counts from now on (a stateless one had none)
             try:
                 return await self._start(worker, request)
             except _NotAdmitted:

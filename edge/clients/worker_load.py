@@ -70,7 +70,8 @@ class WorkerLoad:
         self._promised.append(time.monotonic() + PROMISE_SECONDS)
 
     def kept(self) -> None:
-        """A call started here: it counts among this edge's calls now, in place of the oldest promise."""
+        """A placed request's call starts here: it counts among this edge's calls now, in place of the oldest
+        promise."""
         if self._promised:
             self._promised.popleft()
 

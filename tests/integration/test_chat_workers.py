@@ -165,6 +165,21 @@ async def test_a_continued_conversation_counts_where_the_registry_put_it(two_wor
             worker.load.withdraw()
 
 
+async def test_a_stateless_call_does_not_take_the_place_of_a_promised_conversation(two_workers):
+    a, b, pool = two_workers
+    a.engine.hold.clear()
+    b.engine.hold.clear()
+    for _ in range(2):  # a new conversation placed on each worker, its call not started yet
+        pool.placed(soonest := pool.soonest(), soonest[0])
+    stateless = await pool.open_stream(_request("stateless"))
+    ran_it = next(w for w in (a, b) if w.engine.runs)
+    worker = pool._workers[ran_it.address]
+    assert worker.load.requests(worker.calls) == 2  # the stateless call and the conversation still to come
+    stateless.cancel()
+    for worker in pool._workers.values():  # the conversations never start here: withdraw what this test promised
+        worker.load.withdraw()
+
+
 @contextlib.asynccontextmanager
 async def _two_busy_workers(
     overload_hold: float,

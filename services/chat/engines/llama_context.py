@@ -484,10 +484,7 @@ class BatchContext:
         """The resident conversations hold more cells than their budget, and the store can save one out."""
         if self.on_full is None or self._resident_cells is None:
             return False
-        return self._resident_held() > self._resident_cells
-
-    def _resident_held(self) -> int:
-        return sum(len(s.tokens) for s in self._resident)
+        return sum(len(s.tokens) for s in self._resident) > self._resident_cells
 
     def _make_room(self) -> bool:
         """Free cells no running job needs: idle scratch caches first (a cache), then one idle resident
