@@ -173,7 +173,13 @@ def test_a_restarted_worker_is_a_new_epoch_and_its_placements_are_redone(scaled)
     messages = [SYSTEM]
     raw, _ = turn(client, messages, "Name a city.")
     old = raw.headers["x-ark-worker"]
-    [(name, epoch)] = [(w.name, w.epoch) for w in scaled.live_workers() if worker_header(w.name, w.epoch) == old]
+
+    def serving() -> list[tuple[str, int]]:
+        return [(w.name, w.epoch) for w in scaled.live_workers() if worker_header(w.name, w.epoch) == old]
+
+    # The registries' list is read once they answer it again (an earlier test restarted their store).
+    scaled.wait_until(lambda: bool(serving()), "the serving worker among the registry's live workers")
+    [(name, epoch)] = serving()
     process = next(p for p in scaled.processes.values() if p.address == name)
     process.kill()
     process.start()
