@@ -35,12 +35,13 @@ IDLE_CELLS = (0, 2000, 5000)
 
 
 class Context:
-    """One llama.cpp context with a unified KV cache, fed token batches directly."""
+    """One llama.cpp context with a unified KV cache (ARK's), or with `streams` sequences each in a KV stream of its
+    own, `n_ctx` split evenly among them (llama-server's with `-np`), fed token batches directly."""
 
-    def __init__(self, model: llama_cpp.llama_model_p, n_ctx: int, threads: int = 1) -> None:
+    def __init__(self, model: llama_cpp.llama_model_p, n_ctx: int, threads: int = 1, *, streams: int = 0) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, 512, 512
-        params.n_seq_max, params.kv_unified = SEQUENCES + 2, True
+        params.n_seq_max, params.kv_unified = (streams, False) if streams else (SEQUENCES + 2, True)
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
         with suppress_stdout_stderr(disable=False):  # llama.cpp prints its context's whole setup

@@ -13,6 +13,9 @@ Then, on ARK only:
 - 8 streams at once, half of them with a json_schema response format: every structured reply must parse and match;
 - six users opening a ~1,200-token document at the same moment: none may be refused.
 
+The three servers run side by side and each level runs on each of them in turn, `--rounds` times (3 by default),
+so that the machine's drift lands on every side alike; the table has the medians.
+
 Goals (issue 21): ARK's tokens/s >= llama-server's best from 8 streams on; TTFT p50 <= llama-server's at 8 and 16;
 no refusal at 16 or in the burst; the single stream >= 0.95x in-process; every structured reply valid.
 
@@ -274,9 +277,43 @@ def start_llama_server(binary: str, gguf: Path, parallel: int, log: Path) -> tup
     raise SystemExit(f"llama-server did not start; see {log}")
 
 
+@dataclass(frozen=True)
+class Side:
+    name: str
+    url: str
+    key: str
+    model: str
+
+
+def rounds(sides: list[Side], count: int) -> dict[str, dict[int, list[Level]]]:
+    """Every level on every side, `count` times, interleaved: each level runs on the three sides back to back, the
+    order turning each round, with prompts no earlier level or round sent (every side gets the same ones).
+
+    Run one side after another, a side measured a few minutes later met another machine: this shared machine's
+    speed drifts by 10-20 % within minutes (llama-server's own best at 16 streams went from 186 to 216 tok/s
+    between two runs an hour apart), and that drift landed on one side only. Interleaved and repeated, each level
+    compares medians of runs made within the same minute."""
+    out: dict[str, dict[int, list[Level]]] = {side.name: {n: [] for n in LEVELS} for side in sides}
+    first = 0
+    for r in range(count):
+        order = sides[r % len(sides) :] + sides[: r % len(sides)]
+        for n in LEVELS:
+            for side in order:
+                result = asyncio.run(level(side.url, side.key, side.model, n, first))
+                out[side.name][n].append(result)
+                print(
+                    f"round {r + 1} {side.name:>20} {n:>3} streams: {result.rate:7.1f} tok/s, "
+                    f"TTFT p50 {result.ttft:6.2f} s, {result.refused} refused",
+                    flush=True,
+                )
+            first += n
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-server", help="the binary `make llama-server` builds")
+    parser.add_argument("--rounds", type=int, default=3, help="times each level runs on each side (medians)")
     parser.add_argument(
         "--topology",
         metavar="W,T,S",
@@ -293,37 +330,61 @@ def main() -> None:
     gguf = resolve_model_path(model.path)
     tmp = Path(tempfile.mkdtemp(prefix="ark-bench-batching-"))
 
-    results: dict[str, dict[int, Level]] = {}
+    # All three servers stay up for the whole run (an idle one takes no CPU), so that their runs can interleave.
     stack = start_stack(tmp / "ark")
+    servers: list[subprocess.Popen] = []
     try:
         url = f"{stack.base_url}/chat/completions"
-        results["ARK"] = sweep("ARK", url, stack.api_key, "gpt-4o")
+        sides = [Side("ARK", url, stack.api_key, "gpt-4o")]
+        for parallel in (8, 16):
+            server, server_url = start_llama_server(
+                args.llama_server, gguf, parallel, tmp / f"llama-server-{parallel}.log"
+            )
+            servers.append(server)
+            sides.append(Side(f"llama-server -np {parallel}", server_url, "none", "any"))
+        results = rounds(sides, args.rounds)
+        for server in servers:
+            server.terminate()
+            server.wait(30)
         single = single_stream(url, stack.api_key, "gpt-4o")
         valid, asked = structured(url, stack.api_key, "gpt-4o")
         refused_burst = burst(url, stack.api_key, "gpt-4o")
     finally:
+        for server in servers:
+            if server.poll() is None:
+                server.terminate()
+                server.wait(30)
         stack.stop()
     workers = len(config.services.chat.workers)
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     os.environ[WORKERS_ON_HOST_ENV] = str(workers)
     reference = in_process(gguf, threads)
-    for parallel in (8, 16):
-        server, url = start_llama_server(args.llama_server, gguf, parallel, tmp / f"llama-server-{parallel}.log")
-        try:
-            results[f"-np {parallel}"] = sweep(f"llama-server -np {parallel}", url, "none", "any")
-        finally:
-            server.terminate()
-            server.wait(30)
 
-    print(f"\n{TOKENS} tokens per stream, distinct prompts; tok/s together, TTFT p50, refusals")
-    print(f"{'streams':>7} | {'ARK':>26} | {'llama-server -np 8':>26} | {'llama-server -np 16':>26} | ARK/best")
+    names = [side.name for side in sides]
+    print(
+        f"\n{TOKENS} tokens per stream, distinct prompts, {args.rounds} interleaved rounds; median tok/s together, "
+        "median TTFT p50, refusals in all rounds; ARK / the better llama-server's median, and each round's ratio"
+    )
+    print(
+        f"{'streams':>7} | {'ARK':>26} | {'llama-server -np 8':>26} | {'llama-server -np 16':>26} | ARK/best | rounds"
+    )
     for n in LEVELS:
+        rate = {name: statistics.median(r.rate for r in results[name][n]) for name in names}
         cells = []
-        for side in ("ARK", "-np 8", "-np 16"):
-            r = results[side][n]
-            cells.append(f"{r.rate:6.1f} tok/s {r.ttft:5.2f} s {r.refused:2d} ref")
-        best = max(results["-np 8"][n].rate, results["-np 16"][n].rate)
-        print(f"{n:>7} | " + " | ".join(f"{c:>26}" for c in cells) + f" | {results['ARK'][n].rate / best:5.2f}x")
+        for name in names:
+            ttft = statistics.median(r.ttft for r in results[name][n])
+            refused = sum(r.refused for r in results[name][n])
+            cells.append(f"{rate[name]:6.1f} tok/s {ttft:5.2f} s {refused:2d} ref")
+        best = max(rate[name] for name in names[1:])
+        each = [
+            results["ARK"][n][i].rate / max(results[name][n][i].rate for name in names[1:]) for i in range(args.rounds)
+        ]
+        print(
+            f"{n:>7} | "
+            + " | ".join(f"{c:>26}" for c in cells)
+            + f" | {rate['ARK'] / best:7.2f}x | "
+            + " ".join(f"{x:.2f}" for x in each)
+        )
     print(
         f"\nsingle stream decode: ARK {single:.1f} tok/s, in-process {reference:.1f} tok/s: {single / reference:.2f}x"
     )

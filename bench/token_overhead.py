@@ -9,9 +9,11 @@ system, of each process of `ark up`):
   process, CPU milliseconds per generated token; for the chat workers, the part inside `llama_decode` (the engine's
   own counter, `ark_chat_engine_cpu_seconds_total{part="decode"}`) and the rest;
 - one greedy stream through ARK against in-process llama-cpp-python with the same threads: CPU per token (all of
-  ARK's processes against the one process) and decode tokens/s, their ratio (issue 21: >= 0.95x).
+  ARK's processes against the one process) and decode tokens/s, their ratio (issue 21: >= 0.95x);
+- with `--llama-server`, the same levels against `llama-server -np 16` (as bench.batching starts it): its whole
+  process's CPU per token beside ARK's processes' together, the cost of serving each token both ways.
 
-    .venv/bin/python -m bench.token_overhead [--levels 1 16] [--tokens 128]
+    .venv/bin/python -m bench.token_overhead [--levels 1 16] [--tokens 128] [--llama-server BINARY]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.batching import story, stream
+from bench.batching import level, start_llama_server, story, stream
 from services.common.config import Capability, load_config, resolve_model_path
 from services.common.cpu import WORKERS_ON_HOST_ENV
 from tests.support.stack import RunningStack, pid_serving, start_stack
@@ -116,12 +118,16 @@ class Load:
         return {name: 1000 * value / self.tokens for name, value in seconds.items()}
 
 
-def measure(stack: RunningStack, pids: dict[str, int], n: int, tokens: int, *, temperature: float = 0.7) -> Load:
+def measure(
+    stack: RunningStack, pids: dict[str, int], n: int, tokens: int, *, temperature: float = 0.7, first: int = 0
+) -> Load:
     url = f"{stack.base_url}/chat/completions"
 
     async def run() -> list:
         async with httpx.AsyncClient(timeout=600) as client:
-            bodies = [{**story(i, "gpt-4o"), "max_tokens": tokens, "temperature": temperature} for i in range(n)]
+            bodies = [
+                {**story(first + i, "gpt-4o"), "max_tokens": tokens, "temperature": temperature} for i in range(n)
+            ]
             return await asyncio.gather(*(stream(client, url, stack.api_key, b) for b in bodies))
 
     before = snapshot(stack, pids)
@@ -153,10 +159,34 @@ def in_process(gguf: Path, threads: int, tokens: int) -> tuple[float, float]:
     return rate, cpu_ms
 
 
+def llama_server_cpu(binary: str, gguf: Path, levels: list[int]) -> dict[int, tuple[float, float]]:
+    """For each level, llama-server's tokens/s and its process's CPU ms per generated token (both its threads,
+    its HTTP layer included), with bench.batching's prompts and 128 tokens a stream."""
+    process, url = start_llama_server(binary, gguf, 16, Path(tempfile.mkdtemp(prefix="ark-bench-overhead-")) / "log")
+    out: dict[int, tuple[float, float]] = {}
+    try:
+        first = 10_000
+        for n in levels:  # warm: its slots hold earlier prompts, as they do in service
+            asyncio.run(level(url, "none", "any", n, first))
+            first += n
+        for n in levels:
+            first += n
+            before = cpu_seconds(process.pid)
+            result = asyncio.run(level(url, "none", "any", n, first))
+            out[n] = (result.rate, 1000 * (cpu_seconds(process.pid) - before) / result.tokens)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument(
+        "--llama-server", help="also measure llama-server -np 16: the binary `make llama-server` builds"
+    )
     args = parser.parse_args()
     config = load_config(env={})
     gguf = resolve_model_path(config.models_for(Capability.CHAT)[0].path)
@@ -166,13 +196,15 @@ def main() -> None:
     stack = start_stack(Path(tempfile.mkdtemp(prefix="ark-bench-overhead-")) / "ark")
     try:
         pids = processes(stack)
-        measure(stack, pids, 2, 16)  # warm: both workers, the edge's connections
-        loads = [measure(stack, pids, n, args.tokens) for n in args.levels]
+        for n in args.levels:  # warm: the edge's connections, and the workers hold earlier conversations
+            measure(stack, pids, n, args.tokens, first=20_000 + 100 * n)
+        loads = [measure(stack, pids, n, args.tokens, first=1000 + 100 * n) for n in args.levels]
         single = measure(stack, pids, 1, args.tokens, temperature=0.0)
     finally:
         stack.stop()
     os.environ[WORKERS_ON_HOST_ENV] = str(workers)
     reference_rate, reference_cpu = in_process(gguf, threads, args.tokens)
+    server = llama_server_cpu(args.llama_server, gguf, args.levels) if args.llama_server else {}
 
     print(f"{args.tokens} tokens per stream, temperature 0.7; CPU ms per generated token, by where it is spent")
     parts = list(loads[0].breakdown)
@@ -184,6 +216,13 @@ def main() -> None:
             f"{load.streams:>7} | {load.tokens / load.seconds:6.1f} | "
             + " | ".join(f"{cells[p]:12.3f}" for p in parts)
             + f" | {outside:.3f} ms ({outside / sum(cells.values()):.1%})"
+        )
+    for load in loads if server else []:
+        ark = sum(load.breakdown.values())
+        rate, cpu = server[load.streams]
+        print(
+            f"{load.streams:>7} streams, CPU ms per token: ARK {ark:.3f} (its processes together), llama-server "
+            f"-np 16 {cpu:.3f} (at {rate:.1f} tok/s): ARK / llama-server {ark / cpu:.2f}x"
         )
     ark_cpu = sum(single.breakdown.values())
     ark_rate = (single.tokens - 1) / (single.seconds - single.ttfts[0])
