@@ -230,8 +230,11 @@ class BatchContext:
         while not self._closed:
             idle = not self._jobs and not self._waiting
             if idle:
-                self._settle()
-                self._compact()
+                try:
+                    self._settle()
+                    self._compact()
+                except Exception:  # housekeeping: the loop goes on, the cells stay as they are
+                    log.exception("tidying the idle KV cells failed")
             self._drain_inbox(block=idle)
             if self._closed:
                 break
@@ -530,10 +533,16 @@ class BatchContext:
         # operation on the cells runs on this thread, after this.
         for seq in idle:
             llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
-        for seq, data in zip(idle, saved, strict=True):
-            read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
-            if read == 0 or llama_cpp.llama_memory_seq_pos_max(self._memory, seq.seq_id) + 1 != len(seq.tokens):
-                log.warning("an idle sequence's cells could not be moved; its next request computes them again")
+        moved = 0
+        try:
+            for seq, data in zip(idle, saved, strict=True):
+                read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
+                if read == 0 or llama_cpp.llama_memory_seq_pos_max(self._memory, seq.seq_id) + 1 != len(seq.tokens):
+                    log.warning("an idle sequence's cells could not be moved; its next request computes them again")
+                    self._clear(seq)
+                moved += 1
+        finally:
+            for seq in idle[moved:]:  # interrupted: what is not back is forgotten, never taken for held
                 self._clear(seq)
 
     def _over_budget(self) -> bool:
