@@ -152,17 +152,6 @@ async def level(url: str, key: str, model: str, n: int, first: int = 0) -> Level
     return Level(sum(r[1] for r in done), seconds, [r[0] for r in done], len(results) - len(done))
 
 
-def sweep(name: str, url: str, key: str, model: str) -> dict[int, Level]:
-    out: dict[int, Level] = {}
-    first = 0
-    for n in LEVELS:
-        out[n] = asyncio.run(level(url, key, model, n, first))
-        first += n
-        r = out[n]
-        print(f"{name:>16} {n:>3} streams: {r.rate:7.1f} tok/s, TTFT p50 {r.ttft:6.2f} s, {r.refused} refused")
-    return out
-
-
 def structured(url: str, key: str, model: str) -> tuple[int, int]:
     """8 streams at once, 4 with a json_schema: (valid structured replies, structured replies).
 
@@ -403,7 +392,7 @@ def topology(spec: str) -> None:
     stack = start_stack(tmp / "ark", chat_workers=workers, extra_env={"ARK_CONFIG": str(tmp / "ark.yaml")})
     try:
         url = f"{stack.base_url}/chat/completions"
-        sweep(f"ARK {workers}x{threads}x{sequences}", url, stack.api_key, "gpt-4o")
+        rounds([Side(f"ARK {workers}x{threads}x{sequences}", url, stack.api_key, "gpt-4o")], 1)
         print(f"single stream decode: {single_stream(url, stack.api_key, 'gpt-4o'):.1f} tok/s")
         print(f"six-user burst of ~1,200-token documents: {burst(url, stack.api_key, 'gpt-4o')} refused")
     finally:

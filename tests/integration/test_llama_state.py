@@ -315,29 +315,3 @@ async def test_idle_cells_share_their_budget_with_the_running_sequences(engine):
         assert after == 0  # two running rows: half the budget each, the idle cache was dropped
     finally:
         batch._resident_cells = budget
-
-
-async def test_idle_sequences_moved_down_when_the_engine_falls_idle_keep_their_state(engine):
-    """`_compact`: once the engine falls idle after work, every idle sequence's cells are exported, cleared and
-    imported back from the start of the cache. A moved conversation continues from all its cells and answers as a
-    recomputation does, and its cells stay its API key's only."""
-    batch = engine._batch
-    conversation, fresh = batch._resident[0], batch._resident[1]
-    engine.reset_context(conversation)
-    opening = prompt(engine, f"{FACTS}\nWhen does ferry 7 leave?")
-    await greedy(engine, opening, context=conversation, salt="key m")
-    held = tuple(engine.context_tokens(conversation))
-    # The job left: the engine thread moves the idle sequences as soon as it has nothing else to do.
-    for _ in range(200):
-        if not batch._dirty:
-            break
-        await asyncio.sleep(0.05)
-    assert not batch._dirty
-    assert tuple(engine.context_tokens(conversation)) == held
-
-    follow_up = [*held, *prompt(engine, "And ferry 3?")]
-    continued, _, cached = await greedy(engine, follow_up, context=conversation, salt="key m")
-    engine.reset_context(fresh)
-    computed, _, shared = await greedy(engine, follow_up, context=fresh, salt="another key")
-    assert cached == len(held) and shared == 0  # all of its cells reused; none of them by another key
-    assert continued == computed

@@ -155,7 +155,6 @@ class BatchContext:
         self._jobs: list[_Job] = []  # running, in arrival order
         self._waiting: list[_Job] = []  # waiting for a free scratch sequence
         self._closed = False
-        self._dirty = False  # a job ran since the cells were last compacted
         # CPU seconds of the loop thread (ggml's own threads, when there are more than one, are not counted).
         self._cpu_decode = ENGINE_CPU.labels(name, "decode")
         self._cpu_rest = ENGINE_CPU.labels(name, "rest")
@@ -230,19 +229,14 @@ class BatchContext:
         while not self._closed:
             idle = not self._jobs and not self._waiting
             if idle:
-                try:
-                    self._settle()
-                    self._compact()
-                except Exception:  # housekeeping: the loop goes on, the cells stay as they are
-                    log.exception("tidying the idle KV cells failed")
+                self._settle()
             self._drain_inbox(block=idle)
             if self._closed:
                 break
             started = time.thread_time()
             self._decode_seconds = 0.0
             try:
-                # Before a joining prompt takes its cells: see _keep_idle_budget.
-                self._keep_idle_budget(at_once=self._admit_waiting())
+                self._admit_waiting()
                 self._step()
                 self._keep_idle_budget()
             except Exception as exc:  # a failed step fails every job in it; the worker goes on
@@ -276,20 +270,15 @@ class BatchContext:
             elif kind == "job":
                 self._waiting.append(item[1])
 
-    def _admit_waiting(self) -> bool:
-        """Start the waiting jobs that have sequences free, in arrival order; True if any started."""
+    def _admit_waiting(self) -> None:
         still: list[_Job] = []
-        started = False
         for job in self._waiting:
             if job.run.abort.is_set():
                 job.post(None)
                 continue
             if still or not self._start(job):
                 still.append(job)  # first come, first served
-            else:
-                started = True
         self._waiting = still
-        return started
 
     def _start(self, job: _Job) -> bool:
         """Give the job its sequences and its prompt to prefill; False if not enough scratch sequences are free."""
@@ -458,19 +447,12 @@ class BatchContext:
         self._decode_seconds += time.thread_time() - started
         return status
 
-    def _keep_idle_budget(self, *, at_once: bool = False) -> None:
+    def _keep_idle_budget(self) -> None:
         """While the idle cells (of resident conversations between turns, and the caches idle scratch sequences
         keep) exceed their budget, free them: idle scratch caches at once, least recent first (dropped), then the
         least recent idle resident conversation, which the store saves to its host tier before it is cleared
-        (`on_full`), one per step, or all of them `at_once`. The budget is `resident_cells` shared by the sequences
-        running: with none running, idle cells cost nothing, and each running row pays for every one of them.
-
-        When jobs join, the conversations over the budget go at once, before the new prompts take their cells:
-        llama.cpp places a prompt's cells after the last ones it placed, above the idle conversations, and a row
-        walks every cell up to the highest in use, so a burst that joined first and freed the idle cells one step
-        at a time kept walking them as holes for as long as it ran. Interleaved with llama-server, ARK's 8-stream
-        level served 0.80-0.84x of it once earlier levels had left each worker its budget of idle cells, 0.99x on an
-        empty cache.
+        (`on_full`), one per step. The budget is `resident_cells` shared by the sequences running: with none
+        running, idle cells cost nothing, and each running row pays for every one of them.
 
         llama.cpp's attention walks the cache up to the highest cell in use, and a row pays for each cell it does not
         attend to as well: 8 sequences of 330 tokens decoding on one thread took 9.9 ms a row alone in the cache,
@@ -489,61 +471,14 @@ class BatchContext:
                 return
             held -= len(seq.tokens)
             self._clear(seq)
-        if self.on_full is None:
-            return
-        while held > budget and self.on_full() and at_once:
-            held = sum(len(s.tokens) for s in self._resident if not s.running)
+        if held > budget and self.on_full is not None:
+            self.on_full()
 
     def _settle(self) -> None:
         """With nothing to decode, bring the resident conversations within their budget at once (one per step
         otherwise), so that no step waits for those saves; it stops as soon as work arrives."""
         while self._inbox.empty() and self._over_budget() and self.on_full():
             pass
-
-    def _compact(self) -> None:
-        """Once the engine falls idle after work, move every idle sequence's cells down to the start of the cache:
-        export them all, clear them, import them back, the most recently used first (so the least recent, which the
-        budget frees first when work comes back, sit highest). Skipped while requests wait.
-
-        A row walks every cell up to the highest in use, however few are used below it. The cells a sequence takes
-        go after the last ones placed, so after a burst the idle conversations that the budget keeps (the most recent
-        ones) sit at the top of the cache, and every row of the next burst walked up to them: in a run that
-        interleaved each level with llama-server's, the 1-, 4- and 8-stream levels after a 32-stream one decoded
-        with llama.cpp's cells in use reaching 2,323 where fewer than 1,000 were in use, and ARK's 8-stream level
-        served 0.80-0.87x of llama-server against 0.97-0.99x on an empty cache. Moving 2,000 cells costs about a
-        tenth of a second, once, while nothing runs; work that arrives during the exports (most of it) stops the
-        move before any cell is cleared."""
-        if not self._dirty or not self._inbox.empty():
-            return
-        self._dirty = False
-        idle = sorted(
-            (s for s in (*self._resident, *self._scratch) if not s.running and s.tokens), key=lambda s: -s.last_used
-        )
-        saved: list[bytearray] = []
-        for seq in idle:
-            if not self._inbox.empty():  # work came: it goes first, the move waits for the next idle moment
-                self._dirty = True
-                return
-            try:
-                saved.append(self._export(seq))
-            except ArkError:
-                log.exception("an idle sequence could not be exported; the idle cells stay where they are")
-                return
-        # Their token lists stay as they are: the conversation store reads them from other threads, and every
-        # operation on the cells runs on this thread, after this.
-        for seq in idle:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
-        moved = 0
-        try:
-            for seq, data in zip(idle, saved, strict=True):
-                read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, _pointer(data), len(data), seq.seq_id)
-                if read == 0 or llama_cpp.llama_memory_seq_pos_max(self._memory, seq.seq_id) + 1 != len(seq.tokens):
-                    log.warning("an idle sequence's cells could not be moved; its next request computes them again")
-                    self._clear(seq)
-                moved += 1
-        finally:
-            for seq in idle[moved:]:  # interrupted: what is not back is forgotten, never taken for held
-                self._clear(seq)
 
     def _over_budget(self) -> bool:
         """The resident conversations hold more cells than their budget, and the store can save one out."""
@@ -649,7 +584,6 @@ class BatchContext:
         if job in self._waiting:
             self._waiting.remove(job)
         now = time.monotonic()
-        self._dirty = True  # cells were placed, maybe freed: _compact
         for choice in job.choices:
             choice.seq.running = False
             choice.seq.last_used = now
