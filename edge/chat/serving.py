@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -155,18 +155,17 @@ class ChatCompletions:
         placement = None
         if job.session_mode != "none":
             cookie = None if job.session_mode == "new" else session_cookie
-            soonest = self._workers.soonest()
-            try:
-                placement = await self._sessions.place(cookie, api_key_hash, job.model, job.conversation_key, soonest)
-            finally:
-                self._workers.placed(soonest, placement.worker_address if placement is not None else None)
+            placement = await self._place(
+                lambda soonest: self._sessions.place(cookie, api_key_hash, job.model, job.conversation_key, soonest)
+            )
         if placement is None:
             return Running(await self._workers.open_stream(job.request), None)
         try:
             return Running(await self._open_in_session(job, placement), placement)
         except WorkerUnavailableError:
             # The pinned worker is gone: re-place before any byte is sent; the new worker recomputes.
-            placement = await self._sessions.replace(placement, api_key_hash)
+            failed = placement
+            placement = await self._place(lambda soonest: self._sessions.replace(failed, api_key_hash, soonest))
             if placement is not None:
                 try:
                     return Running(await self._open_in_session(job, placement), placement)
@@ -176,6 +175,17 @@ class ChatCompletions:
             job.request.session.conversation_key = ""
             # The failed attempt on the pinned worker was this request's one retry.
             return Running(await self._workers.open_stream(job.request, retry=False), None)
+
+    async def _place(self, ask: Callable[[list[str]], Awaitable[Placement | None]]) -> Placement | None:
+        """Ask the registry for a placement, naming the worker that would start it soonest; that worker (or the one
+        the registry chose instead) counts the request as promised until its call starts (ChatWorkers.placed)."""
+        soonest = self._workers.soonest()
+        placement = None
+        try:
+            placement = await ask(soonest)
+        finally:
+            self._workers.placed(soonest, placement.worker_address if placement is not None else None)
+        return placement
 
     async def _open_in_session(self, job: Prepared, placement: Placement) -> ChatStream:
         job.request.session.session_id = placement.session_id

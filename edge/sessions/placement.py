@@ -64,9 +64,9 @@ class SessionPlacer:
             return None
         return _placement(reply, model, conversation_key)
 
-    async def replace(self, placement: Placement, api_key_hash: str) -> Placement | None:
+    async def replace(self, placement: Placement, api_key_hash: str, soonest: Sequence[str] = ()) -> Placement | None:
         """The conversation's worker is gone: a new session (new id, new cookie) with the conversation on another
-        worker, or None for stateless."""
+        worker (one of the `soonest` when one of them is live), or None for stateless."""
         assert self._registry is not None
         try:
             reply = await self._registry.place(
@@ -75,6 +75,7 @@ class SessionPlacer:
                 placement.session_id,
                 placement.conversation_key,
                 failed_worker=placement.worker_name,
+                soonest=soonest,
             )
         except ArkError as exc:
             STATELESS_FALLBACKS.inc()
