@@ -173,6 +173,44 @@ async def test_a_sequence_starts_from_the_longest_prefix_another_of_its_key_hold
     assert tuple(engine.context_tokens(conversation))[: len(document)] == tuple(document)
 
 
+async def _until(condition, what: str) -> None:
+    """Wait for `condition()` (run on the engine's loop thread, which falls idle between calls)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await asyncio.to_thread(condition):
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_idle_sequences_far_above_free_cells_move_down_and_decode_as_before(engine):
+    """`_compact`: once the engine has nothing to run, sequences sitting far above free cells are moved down to
+    the start of the cache (every row walks up to the highest cell in use), keeping what they hold; the cell map
+    follows them (tests/integration/test_kv_cells.py checks the map against llama.cpp's own cache)."""
+    batch, cells = engine._batch, engine._batch._cells
+    for seq in (*batch._scratch, *batch._resident):
+        batch.clear(seq)
+    await _until(lambda: batch.call(lambda: cells.used) == 0, "the cache did not empty")
+    documents = [prompt(engine, f"{FACTS} {FACTS}\n{q}") for q in QUESTIONS]
+    for i, document in enumerate(documents):  # one after another, each its own key: one above the other
+        await greedy(engine, document, salt=f"layout {i}")
+    before, _, cached = await greedy(engine, documents[2], salt="layout 2")  # from the cells it kept
+    assert cached == len(documents[2]) - 1
+    top = next(s for s in batch._scratch if s.owner == "layout 2")
+    held = len(top.tokens)
+    assert batch.call(lambda: cells.top(top.seq_id)) > 2 * held
+
+    for seq in batch._scratch:  # the two below it leave
+        if seq.owner in ("layout 0", "layout 1"):
+            batch.clear(seq)
+    await _until(lambda: batch.call(lambda: cells.walk) == held, "the cells were not moved down")
+    assert top.tokens and len(top.tokens) == held and batch.call(lambda: cells.used) == held
+    # It starts from every cell it kept, and computes what it computed before the move. (Not always to the last
+    # bit: with two threads ggml splits a lone row's attention over the cells in use into one part per thread, and
+    # the parts now end elsewhere; the first tokens agree, as batched and lone decoding do.)
+    after, _, cached = await greedy(engine, documents[2], salt="layout 2")
+    assert cached == len(documents[2]) - 1 and after[:AGREE] == before[:AGREE]
+    assert (await greedy(engine, documents[2], salt="layout other", limit=2))[2] == 0
+
+
 async def test_a_short_prompt_arriving_behind_a_long_one_is_prefilled_first(engine):
     # n_batch is 256: the long prompt takes three steps. In arrival order the short one would have waited for it.
     long_prompt = prompt(engine, f"{FACTS} {FACTS} {FACTS}\nWhen does ferry 4 leave?")
