@@ -36,6 +36,18 @@ FORCED_TOKENS = Counter(
     "step each (jump-forward decoding: a tool call's head, a schema's fixed keys)",
     ["model"],
 )
+KV_CELLS = Gauge(
+    "ark_chat_kv_cells",
+    "The engine's KV cache (llama.cpp): cells in use, and cells every decoded row walks (up to the highest in use: "
+    "free cells below it cost a row as much as used ones)",
+    ["model", "part"],
+)
+KV_MOVES = Counter(
+    "ark_chat_kv_moves",
+    "Times an idle worker moved its sequences down to the start of its KV cache, the cells in use having spread far "
+    "above free ones (llama.cpp)",
+    ["model"],
+)
 ENGINE_CPU = Counter(
     "ark_chat_engine_cpu_seconds",
     "CPU time of the engine's decode loop (llama.cpp): inside llama_decode, and the rest of its steps (planning the "

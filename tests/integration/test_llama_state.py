@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.chat.constraints import ConstraintCompiler
 from services.chat.domain import GenerationRequest, Message, ResponseFormat, ResponseFormatType, Role, Sampling
@@ -198,11 +199,14 @@ async def test_idle_sequences_far_above_free_cells_move_down_and_decode_as_befor
     held = len(top.tokens)
     assert batch.call(lambda: cells.top(top.seq_id)) > 2 * held
 
+    moves = REGISTRY.get_sample_value("ark_chat_kv_moves_total", {"model": "smollm2"}) or 0
     for seq in batch._scratch:  # the two below it leave
         if seq.owner in ("layout 0", "layout 1"):
             batch.clear(seq)
     await _until(lambda: batch.call(lambda: cells.walk) == held, "the cells were not moved down")
     assert top.tokens and len(top.tokens) == held and batch.call(lambda: cells.used) == held
+    assert REGISTRY.get_sample_value("ark_chat_kv_moves_total", {"model": "smollm2"}) == moves + 1
+    assert REGISTRY.get_sample_value("ark_chat_kv_cells", {"model": "smollm2", "part": "walked"}) == held
     # It starts from every cell it kept, and computes what it computed before the move. (Not always to the last
     # bit: with two threads ggml splits a lone row's attention over the cells in use into one part per thread, and
     # the parts now end elsewhere; the first tokens agree, as batched and lone decoding do.)

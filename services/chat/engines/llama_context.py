@@ -47,7 +47,7 @@ from llama_cpp import _internals as internals
 from services.chat.domain import Sampling
 from services.chat.engines.base import EndReason, EngineRun, PromptReuse, SequenceEnd, TokenSample, TopLogprob
 from services.chat.engines.kv_cells import CellMap, saved_positions
-from services.chat.metrics import ENGINE_CPU, FORCED_TOKENS
+from services.chat.metrics import ENGINE_CPU, FORCED_TOKENS, KV_CELLS, KV_MOVES
 from services.chat.transcript import shared_prefix
 from services.common.errors import ArkError, OverloadedError
 
@@ -164,6 +164,10 @@ class BatchContext:
         self._cpu_decode = ENGINE_CPU.labels(name, "decode")
         self._cpu_rest = ENGINE_CPU.labels(name, "rest")
         self._forced = FORCED_TOKENS.labels(name)
+        self._moves = KV_MOVES.labels(name)
+        # Read when scraped, from another thread: the map's counters, a moment old at worst.
+        KV_CELLS.labels(name, "in use").set_function(lambda: self._cells.used)
+        KV_CELLS.labels(name, "walked").set_function(lambda: self._cells.walk)
         self._decode_seconds = 0.0  # this step's, inside llama_decode
         # Called on the loop thread after every step: a job's `post` may hold what it was given until then.
         self._after_step = after_step or (lambda: None)
@@ -537,6 +541,7 @@ class BatchContext:
                 cells.remove(seq.seq_id, 0, shared)
                 llama_cpp.llama_memory_seq_cp(self._memory, source, seq.seq_id, 0, shared)
                 cells.copy(source, seq.seq_id, 0, shared)
+        self._moves.inc()
         log.debug("moved %d sequences' cells down: the highest in use %d -> %d", len(order), walk, cells.walk)
 
     def _over_budget(self) -> bool:
