@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 _PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama-cpp-python's default)
 _DECODE_NO_ROOM = 1  # llama_decode: no KV cells left for the batch
+# llama_decode failed after placing the batch's cells (aborted, allocation or computation failed), and removed them.
+_DECODE_PLACED_THEN_FAILED = frozenset({2, -2, -3})
 # ggml's CPU flash attention computes a batch of at least this many query rows in tiles (GGML_FA_TILE_Q), a smaller
 # one row by row over every cell the row attends to (`_widen`).
 _TILE_ROWS = 64
@@ -460,11 +462,11 @@ class BatchContext:
         started = time.thread_time()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         self._decode_seconds += time.thread_time() - started
-        if status != _DECODE_NO_ROOM:  # placed; a failed computation then takes its tokens out again
+        if status == 0 or status in _DECODE_PLACED_THEN_FAILED:
             self._cells.place(placed)
-            if status != 0:
-                for choice, _ in planned:
-                    self._cells.remove(choice.seq.seq_id, len(choice.seq.tokens))
+        if status in _DECODE_PLACED_THEN_FAILED:  # llama.cpp takes the failed batch's tokens out again
+            for choice, _ in planned:
+                self._cells.remove(choice.seq.seq_id, len(choice.seq.tokens))
         return status
 
     def _keep_idle_budget(self) -> None:
