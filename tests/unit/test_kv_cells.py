@@ -112,3 +112,16 @@ def test_no_move_is_planned_when_it_would_not_bring_the_walk_down():
     cells = CellMap(100)
     cells.place(_tokens(0, 0, 20))
     assert _repack(cells, [0]) is None
+
+
+def test_a_moved_sequence_shares_its_prefix_again_with_one_that_stays():
+    cells = CellMap(400)
+    cells.place(_tokens(0, 0, 100))  # cleared below
+    cells.place(_tokens(1, 0, 60))  # a conversation: stays at 100-159
+    cells.copy(1, 2, 0, 40)  # a prompt cache borrowed its first 40 cells
+    cells.place(_tokens(2, 40, 30))  # 160-189
+    cells.place(_tokens(3, 0, 100))  # 190-289, cleared below
+    cells.place(_tokens(4, 0, 30))  # 290-319
+    cells.remove(0)
+    cells.remove(3)
+    assert _repack(cells, [4, 2], staying=[1]) == [(-1, 0), (1, 40)]

@@ -29,6 +29,7 @@ class CellMap:
     def __init__(self, n_cells: int) -> None:
         self.size = n_cells
         self.used = 0  # cells held by at least one sequence
+        self.changes = 0  # counts the operations that changed the map: its version
         self.head = 0  # where llama.cpp's next search for free cells starts
         self._holders = np.zeros(n_cells, dtype=np.int32)  # how many sequences hold each cell
         self._cells: dict[int, dict[int, int]] = {}  # sequence -> position -> cell
@@ -53,7 +54,7 @@ class CellMap:
     def clone(self) -> CellMap:
         """An independent copy, to try a plan on."""
         other = CellMap(self.size)
-        other.used, other.head = self.used, self.head
+        other.used, other.head, other.changes = self.used, self.head, self.changes
         other._holders = self._holders.copy()
         other._cells = {seq: dict(cells) for seq, cells in self._cells.items()}
         return other
@@ -86,6 +87,7 @@ class CellMap:
             self._cells.setdefault(seq, {})[pos] = cell
         self.used += n
         self.head = int(chosen[-1]) + 1
+        self.changes += 1
         return True
 
     def remove(self, seq: int, p0: int = 0, p1: int = _END) -> None:
@@ -104,6 +106,7 @@ class CellMap:
         if not cells:
             del self._cells[seq]
         self.head = min(self.head, lowest)
+        self.changes += 1
 
     def copy(self, source: int, target: int, p0: int = 0, p1: int = _END) -> None:
         """`llama_memory_seq_cp(source, target, p0, p1)`: `target` also holds `source`'s cells in the range (one
@@ -117,6 +120,7 @@ class CellMap:
                 self._holders[cell] += 1
         if not into:
             del self._cells[target]
+        self.changes += 1
 
     def load(self, seq: int, positions: Iterable[int]) -> bool:
         """A state import into `seq` went through: llama.cpp cleared the sequence, then placed the saved cells (in

@@ -148,6 +148,7 @@ class BatchContext:
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
         self.n_cells = llama_cpp.llama_n_ctx(self._ctx.ctx)
         self._cells = CellMap(self.n_cells)  # where the cache keeps each sequence's cells (kv_cells.py)
+        self._planned_at = -1  # the cells' version when `_compact` last found no move worth making
         self._n_batch = n_batch
         head_size = llama_cpp.llama_model_n_embd(model.model) // llama_cpp.llama_model_n_head(model.model)
         attention = llama_cpp.llama_model_n_layer(model.model) * llama_cpp.llama_model_n_head(model.model) * head_size
@@ -503,9 +504,9 @@ class BatchContext:
             pass
 
     def _compact(self) -> None:
-        """With nothing running, move every sequence's cells down to the start of the cache when those in use are
-        spread far above their number: at least `_COMPACT_WASTE` free cells below the highest in use, and at
-        least half as many as are in use (the cell map says, `kv_cells.py`).
+        """With nothing running, move the idle prompt caches' cells down to the start of the cache when the cells
+        in use are spread far above their number: at least `_COMPACT_WASTE` free cells below the highest in use,
+        and at least half as many as are in use (the cell map says, `kv_cells.py`).
 
         Every row walks the cache up to the highest cell in use, and llama.cpp places new cells after the last ones
         it placed, so after a burst the idle sequences the budget keeps (the most recent) sit at the top: in an
@@ -513,20 +514,26 @@ class BatchContext:
         cells in use reaching 2,323 where fewer than 1,000 were in use, and ARK's 8-stream level served 0.80-0.84x
         of llama-server against 0.99x on an empty cache (docs/benchmarks.md).
 
-        Every sequence holding cells is exported, cleared and imported back, the most recent first (the least
-        recent, which the budget frees first, end up highest); one that shared its first cells with a sequence
-        already back (a borrowed prefix, `_borrow`, or a copied choice, `_copy`) shares them again rather than
-        keep a copy. The plan is tried on a copy of the cell map first and carried out only if every sequence fits
-        back lower than it was. The cells' values are copied, never recomputed. Once begun it runs to its end
-        (about a tenth of a second for 2,000 cells, after bursts), so whether it happened never depends on when
-        the next request arrived."""
+        Every scratch sequence holding cells is exported, cleared and imported back, the most recent first (the
+        least recent, which the budget frees first, end up highest); one that shared its first cells with a
+        sequence already back or staying (a borrowed prefix, `_borrow`, or a copied choice, `_copy`) shares them
+        again rather than keep a copy. Conversations stay where they are: the conversation store moves them
+        itself, saving the least recent to host memory and loading them back (into the lowest free cells), and
+        moving one the store is about to save was wasted work: in a run of `bench.session_ttft` the worker moved
+        its conversations after 11 of its 12 turns. The plan is tried on a copy of the cell map first and carried
+        out only if every sequence fits back and the highest cell in use comes down; a plan that would not is not
+        tried again until the cells change. The cells' values are copied, never recomputed. Once begun it runs to
+        its end (about a tenth of a second for 2,000 cells, after bursts), so whether it happened never depends on
+        when the next request arrived."""
         cells = self._cells
         walk = cells.walk
-        if walk - cells.used < max(_COMPACT_WASTE, cells.used // 2):
+        if walk - cells.used < max(_COMPACT_WASTE, cells.used // 2) or cells.changes == self._planned_at:
             return
-        order = sorted((s for s in (*self._resident, *self._scratch) if s.tokens), key=lambda s: -s.last_used)
-        plan = _repack(cells, [s.seq_id for s in order])
+        order = sorted((s for s in self._scratch if s.tokens), key=lambda s: -s.last_used)
+        staying = [s.seq_id for s in self._resident if s.tokens]
+        plan = _repack(cells, [s.seq_id for s in order], staying)
         if plan is None:
+            self._planned_at = cells.changes
             return
         saved = [self._export(seq) for seq in order]
         for seq in order:
@@ -765,15 +772,18 @@ def _passes(planned: list[tuple[_Choice, int]]) -> list[list[tuple[_Choice, int]
     return [*passes, prompts] if prompts else passes
 
 
-def _repack(cells: CellMap, order: list[int]) -> list[tuple[int, int]] | None:
-    """For `_compact`: each sequence's (source, n) to share its first n cells with again once back (n = 0:
-    none), tried on a copy of the map: None unless every sequence fits back and the highest cell in use comes
-    down."""
+def _repack(cells: CellMap, order: list[int], staying: Sequence[int] = ()) -> list[tuple[int, int]] | None:
+    """For `_compact`: each of the `order` sequences' (source, n) to share its first n cells with again once back
+    (n = 0: none), a sequence back before it or one of the `staying` ones, tried on a copy of the map: None unless
+    every sequence fits back and the highest cell in use comes down."""
     trial = cells.clone()
     for seq in order:
         trial.remove(seq)
     plan: list[tuple[int, int]] = []
-    back: dict[int, list[int]] = {}  # first cell before the move -> the sequences back that started there
+    back: dict[int, list[int]] = {}  # first cell before the move -> the sequences back or staying that start there
+    for seq in staying:
+        if (first := cells.cells(seq).get(0)) is not None:
+            back.setdefault(first, []).append(seq)
     for seq in order:
         mine = cells.cells(seq)
         first = mine.get(0)
