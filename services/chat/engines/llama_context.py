@@ -451,8 +451,8 @@ class BatchContext:
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq.seq_id
                 batch.logits[n] = False
+                placed.append((seq.seq_id, start + offset))
                 n += 1
-            placed += [(seq.seq_id, start + offset) for offset in range(count)]
             # Logits for the last token of a finished prompt, and for every generating sequence's token.
             wants = count == len(choice.pending)
             batch.logits[n - 1] = wants
@@ -526,8 +526,10 @@ class BatchContext:
         its end (about a tenth of a second for 2,000 cells, after bursts), so whether it happened never depends on
         when the next request arrived."""
         cells = self._cells
+        if cells.changes == self._planned_at:
+            return
         walk = cells.walk
-        if walk - cells.used < max(_COMPACT_WASTE, cells.used // 2) or cells.changes == self._planned_at:
+        if walk - cells.used < max(_COMPACT_WASTE, cells.used // 2):
             return
         order = sorted((s for s in self._scratch if s.tokens), key=lambda s: -s.last_used)
         staying = [s.seq_id for s in self._resident if s.tokens]
@@ -537,19 +539,16 @@ class BatchContext:
             return
         saved = [self._export(seq) for seq in order]
         for seq in order:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
-            cells.remove(seq.seq_id)
+            self._seq_rm(seq.seq_id)
         for seq, data, (source, shared) in zip(order, saved, plan, strict=True):
             read = self._load(seq, data)
             if read == 0 or llama_cpp.llama_memory_seq_pos_max(self._memory, seq.seq_id) + 1 != len(seq.tokens):
                 log.warning("a sequence's cells could not be moved; its next request computes them again")
                 self._clear(seq)
                 continue
-            if shared and self._cells.top(source):
-                llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, 0, shared)
-                cells.remove(seq.seq_id, 0, shared)
-                llama_cpp.llama_memory_seq_cp(self._memory, source, seq.seq_id, 0, shared)
-                cells.copy(source, seq.seq_id, 0, shared)
+            if shared and cells.top(source):
+                self._seq_rm(seq.seq_id, 0, shared)
+                self._seq_cp(source, seq.seq_id, 0, shared)
         self._moves.inc()
         log.debug("moved %d sequences' cells down: the highest in use %d -> %d", len(order), walk, cells.walk)
 
@@ -668,9 +667,19 @@ class BatchContext:
 
     # -- cells ---------------------------------------------------------------------------------------------------------
 
+    def _seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> None:
+        """`llama_memory_seq_rm` (p1 -1: to the end), followed on the cell map: every cell operation goes through
+        here or `_seq_cp`, decodes and imports through `_decode` and `_load`."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, p0, p1)
+        self._cells.remove(seq_id, p0, p1 if p1 >= 0 else self.n_cells)
+
+    def _seq_cp(self, source: int, target: int, p0: int = 0, p1: int = -1) -> None:
+        """`llama_memory_seq_cp` (the cells shared, not copied), followed on the cell map."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, p0, p1)
+        self._cells.copy(source, target, p0, p1 if p1 >= 0 else self.n_cells)
+
     def _clear(self, seq: KvSequence) -> None:
-        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
-        self._cells.remove(seq.seq_id)
+        self._seq_rm(seq.seq_id)
         seq.tokens = []
         seq.owner = None
 
@@ -691,20 +700,17 @@ class BatchContext:
         if source is None:
             return held
         self._clear(seq)
-        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, seq.seq_id, 0, best)
-        self._cells.copy(source.seq_id, seq.seq_id, 0, best)
+        self._seq_cp(source.seq_id, seq.seq_id, 0, best)
         seq.tokens = source.tokens[:best]
         return best
 
     def _truncate(self, seq: KvSequence, keep: int) -> None:
-        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, keep, -1)
-        self._cells.remove(seq.seq_id, keep)
+        self._seq_rm(seq.seq_id, keep)
         del seq.tokens[keep:]
 
     def _copy(self, source: KvSequence, target: KvSequence) -> None:
         self._clear(target)
-        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, target.seq_id, -1, -1)
-        self._cells.copy(source.seq_id, target.seq_id)
+        self._seq_cp(source.seq_id, target.seq_id)
         target.tokens = list(source.tokens)
 
     def _export(self, seq: KvSequence) -> bytearray:
